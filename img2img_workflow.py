@@ -1,0 +1,212 @@
+"""Building ComfyUI API-format workflows for img2img and inpainting.
+
+Pure functions: a workflow (dict) and parameters in, a new workflow out; nothing here touches
+the disk except ``load_template``, which reads a JSON template from workflows/img2img/.
+Nodes are found by their role in the graph (what links to what), not by fixed ids, so the same
+functions work on templates and on users' own workflows.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "workflows" / "img2img"
+CORE_TEMPLATE = "core_generation_workflow"
+SAMPLER_CLASSES = ("KSampler", "KSamplerAdvanced")
+
+
+class WorkflowError(ValueError):
+    """The workflow cannot be built or modified as asked (e.g. no place to inject a mask)."""
+
+
+@lru_cache(maxsize=None)
+def _read_template(name: str) -> str:
+    path = (TEMPLATE_DIR / f"{name}.json").resolve()
+    if path.parent != TEMPLATE_DIR.resolve():
+        raise WorkflowError(f"invalid template name {name!r}")
+    return path.read_text(encoding="utf-8")
+
+
+def load_template(name: str = CORE_TEMPLATE) -> dict:
+    """A fresh copy of a template (API format: node id -> {class_type, inputs})."""
+    data = json.loads(_read_template(name))
+    return data.get("prompt", data)
+
+
+# --- graph helpers ------------------------------------------------------------------------
+
+def is_link(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def nodes_of(workflow: dict, *class_types: str) -> list:
+    """Ids of the nodes of these classes, in the workflow's order."""
+    return [nid for nid, node in workflow.items() if node.get("class_type") in class_types]
+
+
+def consumers(workflow: dict, node_id: str, output: int = 0) -> list:
+    """(node id, input name) of every input linked to ``node_id``'s output ``output``."""
+    return [(nid, name) for nid, node in workflow.items()
+            for name, value in node.get("inputs", {}).items()
+            if is_link(value) and value[0] == node_id and value[1] == output]
+
+
+def linked(workflow: dict, node_id: str, input_name: str):
+    """The node id an input is linked to, or None."""
+    value = workflow.get(node_id, {}).get("inputs", {}).get(input_name)
+    return value[0] if is_link(value) else None
+
+
+def new_node_id(workflow: dict) -> str:
+    """An unused id: one more than the largest numeric id (ids are strings of any shape)."""
+    numbers = [int(k) for k in workflow if k.isdigit()]
+    candidate = max(numbers, default=0) + 1
+    while str(candidate) in workflow:
+        candidate += 1
+    return str(candidate)
+
+
+def add_node(workflow: dict, class_type: str, inputs: dict) -> str:
+    node_id = new_node_id(workflow)
+    workflow[node_id] = {"class_type": class_type, "inputs": inputs}
+    return node_id
+
+
+def relink(workflow: dict, old: list, new: list, *, skip: str | None = None) -> list:
+    """Point every input linked to ``old`` at ``new`` (except in node ``skip``); returns them."""
+    changed = []
+    for nid, name in consumers(workflow, old[0], old[1]):
+        if nid != skip:
+            workflow[nid]["inputs"][name] = list(new)
+            changed.append((nid, name))
+    return changed
+
+
+def _upstream(workflow: dict, node_id: str, class_types, seen=None):
+    """The first node of one of ``class_types`` found walking the links upstream of node_id."""
+    seen = set() if seen is None else seen
+    if node_id in seen or node_id not in workflow:
+        return None
+    seen.add(node_id)
+    if workflow[node_id].get("class_type") in class_types:
+        return node_id
+    for value in workflow[node_id].get("inputs", {}).values():
+        if is_link(value):
+            found = _upstream(workflow, value[0], class_types, seen)
+            if found:
+                return found
+    return None
+
+
+# --- img2img ------------------------------------------------------------------------------
+
+def transform_to_img2img_workflow(params, *, image_name: str, filename_prefix: str, seed: int,
+                                  template: dict | None = None) -> dict:
+    """Fill the core template with the request's parameters.
+
+    ``params`` is a resolved GenerationParams (model, sampler and scheduler already checked).
+    """
+    wf = copy.deepcopy(template) if template is not None else load_template()
+    samplers = nodes_of(wf, *SAMPLER_CLASSES)
+    if not samplers:
+        raise WorkflowError("the workflow has no KSampler")
+    for sid in samplers:
+        inputs = wf[sid]["inputs"]
+        inputs.update(seed=seed, steps=params.steps, cfg=params.cfg_scale, sampler_name=params.sampler_name,
+                      scheduler=params.scheduler, denoise=params.denoising_strength)
+        for role, text in (("positive", params.prompt), ("negative", params.negative_prompt)):
+            encoder = _upstream(wf, linked(wf, sid, role) or "", ("CLIPTextEncode",))
+            if encoder:
+                wf[encoder]["inputs"]["text"] = text
+    for nid in nodes_of(wf, "CheckpointLoaderSimple"):
+        wf[nid]["inputs"]["ckpt_name"] = params.model_name
+    loaders = input_image_loaders(wf)
+    if not loaders:
+        raise WorkflowError("the workflow has no LoadImage feeding a VAEEncode")
+    for nid in loaders:
+        wf[nid]["inputs"]["image"] = image_name
+    for nid in nodes_of(wf, "RepeatLatentBatch"):
+        wf[nid]["inputs"]["amount"] = params.batch_size
+    for nid in nodes_of(wf, "SaveImage"):
+        wf[nid]["inputs"]["filename_prefix"] = filename_prefix
+    if params.clip_skip > 1:
+        wf = apply_clip_skip(wf, params.clip_skip)
+    return wf
+
+
+def input_image_loaders(workflow: dict) -> list:
+    """LoadImage nodes whose pixels are encoded into a latent: the img2img input image(s)."""
+    found = []
+    for eid in nodes_of(workflow, "VAEEncode", "VAEEncodeForInpaint"):
+        loader = _upstream(workflow, linked(workflow, eid, "pixels") or "", ("LoadImage",))
+        if loader and loader not in found:
+            found.append(loader)
+    return found
+
+
+def apply_clip_skip(workflow: dict, clip_skip: int) -> dict:
+    """Insert CLIPSetLastLayer after each checkpoint's CLIP output (AUTOMATIC1111's clip skip)."""
+    wf = copy.deepcopy(workflow)
+    for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
+        users = consumers(wf, ckpt, 1)
+        if not users:
+            continue
+        layer = add_node(wf, "CLIPSetLastLayer", {"clip": [ckpt, 1], "stop_at_clip_layer": -clip_skip})
+        for nid, name in users:
+            wf[nid]["inputs"][name] = [layer, 0]
+    return wf
+
+
+def inject_mask_into_workflow(workflow: dict, mask_name: str, *, grow_mask_by: int = 6,
+                              mode: str = "fill") -> dict:
+    """Add the inpainting mask: LoadImageMask(channel "alpha") and an inpainting encode.
+
+    mode "fill": VAEEncodeForInpaint replaces the VAEEncode of the input image (masked pixels are
+    filled grey before encoding; needs denoise 1.0, which is set on the samplers it feeds).
+    mode "original": SetLatentNoiseMask on the input image's latent (denoise is kept).
+    Every consumer of the input image's latent is rewired. Raises WorkflowError when the
+    workflow has no VAEEncode of a loaded image: a mask is never silently dropped.
+    """
+    if mode not in ("fill", "original"):
+        raise WorkflowError(f"unknown inpaint mode {mode!r}")
+    wf = copy.deepcopy(workflow)
+    encoders = [eid for eid in nodes_of(wf, "VAEEncode")
+                if _upstream(wf, linked(wf, eid, "pixels") or "", ("LoadImage",))]
+    if not encoders:
+        raise WorkflowError("cannot inject the mask: the workflow has no VAEEncode of the input image")
+    mask_node = add_node(wf, "LoadImageMask", {"image": mask_name, "channel": "alpha"})
+    for eid in encoders:
+        encode = wf[eid]["inputs"]
+        if mode == "fill":
+            new = add_node(wf, "VAEEncodeForInpaint", {"pixels": encode["pixels"], "vae": encode["vae"],
+                                                       "mask": [mask_node, 0], "grow_mask_by": grow_mask_by})
+            rewired = relink(wf, [eid, 0], [new, 0])
+            del wf[eid]
+        else:
+            new = add_node(wf, "SetLatentNoiseMask", {"samples": [eid, 0], "mask": [mask_node, 0]})
+            rewired = relink(wf, [eid, 0], [new, 0], skip=new)
+        if not rewired:
+            raise WorkflowError(f"cannot inject the mask: nothing consumes the latent of node {eid}")
+        if mode == "fill":
+            for sid in _samplers_downstream(wf, new):
+                if "denoise" in wf[sid]["inputs"]:
+                    wf[sid]["inputs"]["denoise"] = 1.0
+    return wf
+
+
+def _samplers_downstream(workflow: dict, node_id: str) -> list:
+    found, todo, seen = [], [node_id], set()
+    while todo:
+        current = todo.pop()
+        for nid, _ in consumers(workflow, current, 0):
+            if nid in seen:
+                continue
+            seen.add(nid)
+            if workflow[nid].get("class_type") in SAMPLER_CLASSES:
+                found.append(nid)
+            else:
+                todo.append(nid)
+    return found

@@ -1,0 +1,249 @@
+"""Validation of generation parameters (pure: dict in, GenerationParams out, no I/O).
+
+Both request forms (multipart ``params`` and the JSON body) go through ``parse_params``; the
+values that depend on the ComfyUI server (checkpoints, samplers, schedulers) are checked by
+``resolve_choices`` against its object_info.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional
+
+from errors import InvalidParameter
+
+MAX_SEED = 2**64 - 1  # KSampler's own maximum
+MAX_PROMPT_CHARS = 20_000
+
+#: AUTOMATIC1111 sampler labels (as DreamLayer's frontend shows them), and the frontend's ids for
+#: them, mapped to ComfyUI's (sampler_name, scheduler). None keeps the requested scheduler.
+A1111_SAMPLERS = {
+    "euler a": ("euler_ancestral", None),
+    "euler": ("euler", None),
+    "lms": ("lms", None),
+    "heun": ("heun", None),
+    "dpm2": ("dpm_2", None),
+    "dpm2 a": ("dpm_2_ancestral", None),
+    "dpm++ 2s a": ("dpmpp_2s_ancestral", None),
+    "dpm++ 2m": ("dpmpp_2m", None),
+    "dpm++ sde": ("dpmpp_sde", None),
+    "dpm++ 2m sde": ("dpmpp_2m_sde", None),
+    "dpm++ 3m sde": ("dpmpp_3m_sde", None),
+    "dpm fast": ("dpm_fast", None),
+    "dpm adaptive": ("dpm_adaptive", None),
+    "ddim": ("ddim", None),
+    "unipc": ("uni_pc", None),
+    "lcm": ("lcm", None),
+    # DreamLayer frontend ids (RenderSettings.tsx)
+    "dpm 2s a": ("dpmpp_2s_ancestral", None),
+    "dpm 2m": ("dpmpp_2m", None),
+    "dpm sde": ("dpmpp_sde", None),
+}
+SCHEDULER_SUFFIXES = {"karras": "karras", "exponential": "exponential", "sgm uniform": "sgm_uniform"}
+
+#: Keys the DreamLayer frontend sends that this service does not implement yet, with the values
+#: that mean "off". An "on" value is accepted and reported in ``warnings``; never a 400.
+NOT_IMPLEMENTED = {
+    "tiling": (False, None),
+    "hires_fix": (False, None),
+    "hires_fix_enabled": (False, None),
+    "restore_faces": (False, None),
+    "refiner_enabled": (False, None),
+    "lora": (None, False),
+    "controlnet": (None, False),
+    "custom_workflow": (None, "", False),
+    "vae_name": (None, "", "none", "None"),
+}
+#: Settings of features above; they only matter when the feature is on, so they never warn.
+DEPENDENT_KEYS = {
+    "tile_size", "tile_overlap", "face_restoration_model", "codeformer_weight", "gfpgan_weight",
+    "refiner_model", "refiner_switch_at", "hires_fix_upscale_method", "hires_fix_upscale_factor",
+    "hires_fix_hires_steps", "hires_fix_denoising_strength", "hires_fix_resize_width",
+    "hires_fix_resize_height", "hires_fix_upscaler", "resize_mode",
+}
+#: Keys that carry the images in the JSON form; handled by the request parser, not here.
+IMAGE_KEYS = {"input_image", "mask_image", "mask"}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    denoising_strength: float = 0.75
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 0
+    random_seed: bool = False
+    batch_size: int = 1
+    batch_count: int = 1
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    model_name: str = ""
+    width: Optional[int] = None
+    height: Optional[int] = None
+    grow_mask_by: int = 6
+    clip_skip: int = 1
+    warnings: tuple = field(default_factory=tuple)
+
+    def seeds(self) -> list:
+        """One seed per run of the batch: seed, seed + 1, ... (wrapping at KSampler's maximum)."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_count)]
+
+
+def _number(data, key, *, integer, lo, hi, default):
+    value = data.get(key)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(key, f"'{key}' must be {kind} between {lo} and {hi}; got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidParameter(key, f"'{key}' must be a finite number between {lo} and {hi}; got {value}")
+    if integer:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidParameter(key, f"'{key}' must be an integer between {lo} and {hi}; got {value}")
+            value = int(value)
+    else:
+        value = float(value)
+    if not lo <= value <= hi:
+        raise InvalidParameter(key, f"'{key}' must be between {lo} and {hi}; got {_show(value)}",
+                               minimum=lo, maximum=hi)
+    return value
+
+
+def _string(data, key, *, default, max_len=MAX_PROMPT_CHARS, required=False):
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise InvalidParameter(key, f"'{key}' is required (a string)", code="missing_parameter")
+        return default
+    if not isinstance(value, str):
+        raise InvalidParameter(key, f"'{key}' must be a string; got {_show(value)}")
+    if "\x00" in value:
+        raise InvalidParameter(key, f"'{key}' must not contain NUL characters")
+    if len(value) > max_len:
+        raise InvalidParameter(key, f"'{key}' is {len(value)} characters long; the limit is {max_len}",
+                               maximum=max_len)
+    return value
+
+
+def _bool(data, key, default=False):
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidParameter(key, f"'{key}' must be true or false; got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _dimension(data, key):
+    value = _number(data, key, integer=True, lo=64, hi=2048, default=None)
+    return value
+
+
+def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationParams:
+    """Validate ``data`` (the request's parameters) into GenerationParams.
+
+    Wrong types and out-of-range values raise InvalidParameter naming the field and the range.
+    ``null`` means "not set". Unknown and not-yet-implemented keys only add warnings.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidParameter("params", "The parameters must be a JSON object", code="invalid_params")
+    warnings = []
+    prompt = _string(data, "prompt", default="", required=True)
+    negative = _string(data, "negative_prompt", default="")
+    denoise = _number(data, "denoising_strength", integer=False, lo=0.0, hi=1.0, default=0.75)
+    steps = _number(data, "steps", integer=True, lo=1, hi=150, default=20)
+    cfg = _number(data, "cfg_scale", integer=False, lo=1.0, hi=20.0, default=7.0)
+    batch_size = _number(data, "batch_size", integer=True, lo=1, hi=8, default=1)
+    batch_count = _number(data, "batch_count", integer=True, lo=1, hi=8, default=1)
+    grow = _number(data, "grow_mask_by", integer=True, lo=0, hi=64, default=6)
+    clip_skip = _number(data, "clip_skip", integer=True, lo=1, hi=12, default=1)
+    width = _dimension(data, "width")
+    height = _dimension(data, "height")
+    random_seed = _bool(data, "random_seed")
+    seed = data.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (
+                isinstance(seed, float) and not (math.isfinite(seed) and seed.is_integer())):
+            raise InvalidParameter("seed", f"'seed' must be an integer (0 or less = random) up to {MAX_SEED}; "
+                                           f"got {_show(seed)}")
+        seed = int(seed)
+        if seed > MAX_SEED:
+            raise InvalidParameter("seed", f"'seed' must be at most {MAX_SEED}; got {seed}", maximum=MAX_SEED)
+    if random_seed or seed is None or seed <= 0:
+        seed = rng.randint(1, 2**31 - 1)
+        random_seed = True
+    model = _string(data, "model_name", default="", max_len=1024)
+    sampler = _string(data, "sampler_name", default="euler", max_len=200)
+    scheduler = _string(data, "scheduler", default="", max_len=200)
+    if _bool(data, "karras_sigmas") and not scheduler:
+        scheduler = "karras"
+    for key, value in data.items():
+        if key in NOT_IMPLEMENTED:
+            if not any(value is off or value == off and type(value) is type(off) for off in NOT_IMPLEMENTED[key]):
+                warnings.append(f"'{key}' is not implemented by this service yet and was ignored")
+        elif key not in _KNOWN_KEYS and key not in DEPENDENT_KEYS and key not in IMAGE_KEYS:
+            warnings.append(f"Unknown parameter '{key}' was ignored")
+    return GenerationParams(
+        prompt=prompt, negative_prompt=negative, denoising_strength=denoise, steps=steps, cfg_scale=cfg,
+        seed=seed, random_seed=random_seed, batch_size=batch_size, batch_count=batch_count,
+        sampler_name=sampler, scheduler=scheduler, model_name=model, width=width, height=height,
+        grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings),
+    )
+
+
+_KNOWN_KEYS = {
+    "prompt", "negative_prompt", "denoising_strength", "steps", "cfg_scale", "batch_size", "batch_count",
+    "grow_mask_by", "clip_skip", "width", "height", "random_seed", "seed", "model_name", "sampler_name",
+    "scheduler", "karras_sigmas",
+}
+
+
+def _norm_label(text: str) -> str:
+    return " ".join(text.replace("-", " ").replace("_", " ").lower().split())
+
+
+def map_sampler(name: str, comfy_samplers) -> tuple:
+    """(ComfyUI sampler_name, scheduler or None) for a ComfyUI name or an AUTOMATIC1111 label."""
+    if name in comfy_samplers:
+        return name, None
+    label = _norm_label(name)
+    scheduler = None
+    for suffix, sched in SCHEDULER_SUFFIXES.items():
+        if label.endswith(" " + suffix):
+            label, scheduler = label[: -len(suffix) - 1], sched
+            break
+    mapped = A1111_SAMPLERS.get(label)
+    if mapped is None:
+        return None, None
+    return mapped[0], scheduler or mapped[1]
+
+
+def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedulers, default_model=""):
+    """Check model, sampler and scheduler against the server's lists; fill in the defaults."""
+    model = params.model_name or default_model or (checkpoints[0] if checkpoints else "")
+    if not model:
+        raise InvalidParameter("model_name", "ComfyUI has no checkpoint installed; put one in its "
+                                             "models/checkpoints folder", code="no_models_installed")
+    if model not in checkpoints:
+        raise InvalidParameter("model_name", f"Unknown model '{model}'. Installed checkpoints: "
+                                             f"{', '.join(checkpoints) or '(none)'}",
+                               code="unknown_model", allowed=list(checkpoints))
+    sampler, label_scheduler = map_sampler(params.sampler_name, samplers)
+    if sampler is None or sampler not in samplers:
+        raise InvalidParameter("sampler_name", f"Unknown sampler '{params.sampler_name}'. Valid: "
+                                               f"{', '.join(samplers)}",
+                               code="unknown_sampler", allowed=list(samplers))
+    scheduler = label_scheduler or params.scheduler or "normal"
+    if scheduler not in schedulers:
+        raise InvalidParameter("scheduler", f"Unknown scheduler '{scheduler}'. Valid: {', '.join(schedulers)}",
+                               code="unknown_scheduler", allowed=list(schedulers))
+    return replace(params, model_name=model, sampler_name=sampler, scheduler=scheduler)

@@ -1,0 +1,182 @@
+"""Decoding and validation of uploaded images and masks (Pillow only, each upload decoded once).
+
+The service never trusts a declared type or file name: the format is judged by content, the
+pixel count is checked before decoding, and every file handed to ComfyUI is re-encoded by us.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings as _warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Formats accepted for the input image (judged by content). MPO is what many cameras call JPEG.
+IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WEBP"}
+IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
+MASK_MIME_TYPES = {"image/png"}
+#: Fast PNG encoding: the files only travel to ComfyUI and are deleted afterwards.
+PNG_COMPRESS_LEVEL = 1
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.I)
+
+
+@dataclass
+class Decoded:
+    """A decoded upload, plus what the client should be told about it."""
+
+    image: Image.Image
+    warnings: list = field(default_factory=list)
+    format: str = ""
+
+
+def decode_base64_image(value, field_name: str, *, mask: bool = False) -> bytes:
+    """Bytes of a base64 string or a data URL (as the DreamLayer frontend sends them)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"'{field_name}' must be a base64 string or a data URL", code="invalid_parameter",
+                         field=field_name)
+    text = value.strip()
+    match = _DATA_URL.match(text)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        allowed = MASK_MIME_TYPES if mask else IMAGE_MIME_TYPES
+        if mime not in allowed:
+            raise UnsupportedMediaType(
+                f"'{field_name}' is a data URL of type '{mime or 'unspecified'}'; expected one of "
+                f"{', '.join(sorted(allowed))}", code="unsupported_media_type", field=field_name)
+        if not match.group("b64"):
+            raise BadRequest(f"'{field_name}' data URL must be base64-encoded (';base64,')",
+                             code="invalid_base64", field=field_name)
+        text = text[match.end():]
+    text = "".join(text.split())  # tolerate line breaks inside the base64
+    if not text:
+        raise BadRequest(f"'{field_name}' is empty", code="missing_image" if not mask else "invalid_mask",
+                         field=field_name)
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"'{field_name}' is not valid base64", code="invalid_base64", field=field_name) from None
+
+
+def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.Image:
+    """Open and fully decode ``data``; reject bombs before the pixels are decoded."""
+    try:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"The {what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                    code=f"{what}_too_large_pixels" if what != "image" else "image_too_large")
+            im.load()
+    except ApiError:
+        raise
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"The {what} declares more pixels than this service accepts (limit {max_pixels})",
+                              code="image_too_large" if what == "image" else "mask_too_large") from None
+    except UnidentifiedImageError:
+        raise BadRequest(f"The {what} is not an image Pillow can read", code=invalid_code) from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise BadRequest(f"The {what} could not be decoded ({_short(exc)}): it is truncated or corrupt",
+                         code=invalid_code) from None
+    return im
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "…"
+
+
+def _first_frame(im: Image.Image, what: str, warnings: list) -> Image.Image:
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+        warnings.append(f"The {what} is animated ({im.n_frames} frames); its first frame was used")
+        im = im.copy()
+    return im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale 16/32-bit greyscale to 8 bits instead of clipping it (Pillow's convert clips)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        im = im.convert("I")
+    if im.mode == "I":
+        return im.point(lambda v: v * (1 / 257)).convert("L")
+    if im.mode == "F":
+        return im.point(lambda v: v * 255).convert("L") if im.getextrema()[1] <= 1.0 else im.convert("L")
+    return im
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
+    """Decode the input image into RGB: EXIF orientation applied, first frame, 8 bits per channel."""
+    if not data:
+        raise BadRequest("The image file is empty", code="invalid_image")
+    im = _open(data, "image", max_pixels, "invalid_image")
+    fmt = IMAGE_FORMATS.get(im.format or "")
+    if fmt is None:
+        raise UnsupportedMediaType(
+            f"The image is {im.format or 'of an unknown format'}; send PNG, JPEG or WebP",
+            code="unsupported_image_type")
+    warnings: list = []
+    im = _first_frame(im, "image", warnings)
+    im = ImageOps.exif_transpose(im)
+    im = _to_8bit(im)
+    if im.mode != "RGB":
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA").convert("RGB")
+        else:
+            im = im.convert("RGB")
+    return Decoded(im, warnings, fmt)
+
+
+def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int) -> Decoded:
+    """Decode a mask into 'keep' luminance (mode L, 255 = keep, 0 = inpaint) at ``size``.
+
+    White keeps, black inpaints, grey is partial; a transparent pixel counts as white (keep).
+    """
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"The mask is {len(data)} bytes; the limit is {max_bytes} bytes",
+                              code="mask_too_large")
+    if not data.startswith(PNG_SIGNATURE):
+        raise UnsupportedMediaType("The mask must be a PNG file (its content is not PNG)", code="mask_not_png")
+    im = _open(data, "mask", max_pixels, "invalid_mask")
+    warnings: list = []
+    im = _first_frame(im, "mask", warnings)
+    im = ImageOps.exif_transpose(im)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        keep = Image.composite(rgba.convert("L"), Image.new("L", im.size, 255), rgba.getchannel("A"))
+    else:
+        keep = _to_8bit(im).convert("L")
+    if keep.size != tuple(size):
+        iw, ih = size
+        mw, mh = keep.size
+        ratio_note = "" if abs(mw * ih - mh * iw) <= max(iw, ih) else " (its aspect ratio differs, so it was stretched)"
+        warnings.append(f"The mask is {mw}x{mh} and the image {iw}x{ih}; the mask was resized to the image{ratio_note}")
+        keep = keep.resize((iw, ih), Image.BILINEAR)
+    if keep.getextrema()[0] == 255:
+        raise BadRequest("The mask has nothing to inpaint: it is all white (white = keep, black = inpaint)",
+                         code="mask_empty")
+    return Decoded(keep, warnings, "PNG")
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def comfy_mask_png(keep: Image.Image) -> bytes:
+    """The mask as ComfyUI's LoadImageMask(channel="alpha") needs it.
+
+    LoadImageMask yields 1 - alpha/255 for "alpha", so the alpha channel carries the 'keep'
+    luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque mask would mask nothing.
+    """
+    return png_bytes(Image.merge("LA", (keep, keep)))
