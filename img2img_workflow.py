@@ -210,3 +210,13 @@ def _samplers_downstream(workflow: dict, node_id: str) -> list:
             else:
                 todo.append(nid)
     return found
+
+
+def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, filename_prefix: str,
+                           seed: int, inpaint_mode: str = "fill") -> dict:
+    """The whole workflow for one run: the core template, filled, with the mask injected."""
+    wf = transform_to_img2img_workflow(params, image_name=image_name, filename_prefix=filename_prefix,
+                                       seed=seed)
+    if mask_name is not None:
+        wf = inject_mask_into_workflow(wf, mask_name, grow_mask_by=params.grow_mask_by, mode=inpaint_mode)
+    return wf

@@ -1,0 +1,183 @@
+"""One img2img request from validated input to served images: the service's core, free of Flask.
+
+The order is deliberate: cheap parameter checks first, then the uploads are decoded (once),
+then the values that need ComfyUI (models, samplers) are checked, then files are staged, the
+workflow runs and the results are copied to the served folder. Staged inputs are removed in
+every case.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+
+import comfy_client
+from img2img_workflow import WorkflowError, build_img2img_workflow
+from errors import ApiError
+from params import parse_params, resolve_choices
+from staging import SAFE_NAME, InputStager, ServedImages
+from uploads import comfy_mask_png, decode_image, decode_mask, png_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Img2ImgRequest:
+    """What a client sent, before validation: raw file bytes and the parameter object."""
+
+    image: bytes
+    mask: bytes | None
+    params: dict
+    warnings: tuple = ()
+
+
+class ActiveRuns:
+    """The generations this service is running, so that /api/img2img/interrupt can stop them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._runs: dict = {}  # run_id -> {"prompt_id": str|None, "cancelled": bool}
+
+    def start(self, run_id: str) -> None:
+        with self._lock:
+            self._runs[run_id] = {"prompt_id": None, "cancelled": False}
+
+    def finish(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def set_prompt(self, run_id: str, prompt_id: str | None) -> bool:
+        """Record the prompt now running for run_id; False if the run was cancelled meanwhile."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                return False
+            run["prompt_id"] = prompt_id
+            return not run["cancelled"]
+
+    def cancelled(self, run_id: str) -> bool:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return bool(run and run["cancelled"])
+
+    def cancel_all(self) -> list:
+        """Mark every run cancelled; returns the prompt ids they are running."""
+        with self._lock:
+            for run in self._runs.values():
+                run["cancelled"] = True
+            return [r["prompt_id"] for r in self._runs.values() if r["prompt_id"]]
+
+    def __len__(self):
+        with self._lock:
+            return len(self._runs)
+
+
+class Img2ImgService:
+    def __init__(self, config, client: comfy_client.ComfyClient, served: ServedImages):
+        self.config = config
+        self.client = client
+        self.served = served
+        self.active = ActiveRuns()
+
+    # -- choices that depend on the ComfyUI server ------------------------------------------
+    def _choices(self) -> dict:
+        try:
+            return {
+                "checkpoints": self.client.input_choices("CheckpointLoaderSimple", "ckpt_name"),
+                "samplers": self.client.input_choices("KSampler", "sampler_name"),
+                "schedulers": self.client.input_choices("KSampler", "scheduler"),
+            }
+        except KeyError as exc:
+            raise comfy_client.ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
+
+    def generate(self, request: Img2ImgRequest) -> dict:
+        params = parse_params(request.params)
+        warnings = list(request.warnings) + list(params.warnings)
+        image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
+        warnings += image.warnings
+        mask = None
+        if request.mask is not None:
+            mask = decode_mask(request.mask, size=image.image.size, max_bytes=self.config.max_mask_bytes,
+                               max_pixels=self.config.max_image_pixels)
+            warnings += mask.warnings
+        params = resolve_choices(params, default_model=self.config.default_model, **self._choices())
+        inpaint_mode = "fill"
+        if mask is not None and inpaint_mode == "fill" and params.denoising_strength < 1.0:
+            warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: "
+                            "inpainting with VAEEncodeForInpaint needs full denoise")
+
+        run_id = uuid.uuid4().hex
+        self.active.start(run_id)
+        try:
+            with InputStager(self.client, self.config.comfyui_input_dir) as stager:
+                image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(image.image))
+                mask_ref = None
+                if mask is not None:
+                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(mask.image))
+                outputs, workflows, prompt_ids = [], [], []
+                for index, seed in enumerate(params.seeds()):
+                    try:
+                        workflow = build_img2img_workflow(
+                            params, image_name=image_ref, mask_name=mask_ref, seed=seed,
+                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=inpaint_mode)
+                    except WorkflowError as exc:
+                        raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
+                                       status=400) from None
+                    workflows.append(workflow)
+                    result = self._run(run_id, workflow)
+                    prompt_ids.append(result.prompt_id)
+                    outputs += [self._serve(run_id, index, img) for img in result.images]
+        finally:
+            self.active.finish(run_id)
+        if not outputs:
+            raise comfy_client.ComfyBadResponse("ComfyUI finished the workflow but reported no images")
+        count = len(outputs)
+        return {
+            "status": "success",
+            "message": f"Generated {count} image{'s' if count != 1 else ''}",
+            "run_id": run_id,
+            "seed": params.seed,
+            "seeds": params.seeds(),
+            "warnings": warnings,
+            "comfy_response": {
+                "prompt_id": prompt_ids[0],
+                "prompt_ids": prompt_ids,
+                "generated_images": outputs,
+                "all_images": [dict(o) for o in outputs],
+            },
+            "workflow": workflows[0],
+        }
+
+    def _run(self, run_id: str, workflow: dict):
+        if self.active.cancelled(run_id):
+            raise comfy_client.ComfyInterrupted(message="The generation was interrupted")
+
+        def on_queued(prompt_id):
+            if not self.active.set_prompt(run_id, prompt_id):
+                # interrupted between queueing and now: cancel what we just queued
+                self.client.cancel(prompt_id)
+
+        try:
+            return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued)
+        finally:
+            self.active.set_prompt(run_id, None)
+
+    def _serve(self, run_id: str, index: int, image) -> dict:
+        data = self.client.view(image)
+        name = image.filename
+        if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
+            base = name.rsplit("/", 1)[-1]
+            name = f"img2img_{run_id}_{index}_{base if SAFE_NAME.match(base) else 'image.png'}"
+        self.served.save(name, data)
+        return {"filename": name, "url": f"{self.config.public_base_url}/images/{name}",
+                "type": "output", "subfolder": ""}
+
+    def interrupt(self) -> dict:
+        """Stop every generation of this service (queued or running) — and nobody else's."""
+        prompt_ids = self.active.cancel_all()
+        outcomes = {}
+        for prompt_id in prompt_ids:
+            outcomes[prompt_id] = self.client.cancel(prompt_id)
+        return {"status": "success", "interrupted": [p for p, o in outcomes.items() if o != "not_found"],
+                "outcomes": outcomes}

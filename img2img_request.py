@@ -1,0 +1,87 @@
+"""Reading an img2img request (multipart or JSON) into raw bytes and a parameter object.
+
+Nothing from the client reaches the filesystem here: file names and declared types of the
+parts are ignored; sizes are checked on the bytes actually received.
+"""
+from __future__ import annotations
+
+import json
+
+from flask import Request
+
+from errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from generation import Img2ImgRequest
+from uploads import decode_base64_image
+
+
+def _read_limited(storage, limit: int, what: str, code: str) -> bytes:
+    """Read a file part, refusing (413) as soon as it exceeds ``limit`` bytes."""
+    data = storage.stream.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"The {what} exceeds {limit} bytes", code=code)
+    return data
+
+
+def parse_multipart(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
+    image_part = request.files.get("image")
+    if image_part is None:
+        raise BadRequest("The multipart request has no 'image' file part", code="missing_image")
+    image = image_part.read()
+    if not image:
+        raise BadRequest("The 'image' file part is empty", code="missing_image")
+    mask = None
+    mask_part = request.files.get("mask")
+    if mask_part is not None:
+        mask = _read_limited(mask_part, max_mask_bytes, "mask", "mask_too_large")
+        if not mask:
+            raise BadRequest("The 'mask' file part is empty", code="invalid_mask")
+    raw = request.form.get("params")
+    if raw is None:
+        if "params" in request.files:
+            raw = request.files["params"].read().decode("utf-8", "replace")
+        else:
+            raise BadRequest("The multipart request has no 'params' field: send the parameters as a JSON "
+                             "object string in 'params'", code="missing_params")
+    try:
+        params = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"'params' is not valid JSON ({exc})", code="invalid_params") from None
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be a JSON object", code="invalid_params")
+    return Img2ImgRequest(image=image, mask=mask, params=params)
+
+
+def parse_json(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
+    try:
+        body = json.loads(request.get_data(cache=False))
+    except ValueError as exc:
+        raise BadRequest(f"The body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The JSON body must be an object", code="invalid_params")
+    value = body.get("input_image")
+    if value is None or value == "":
+        raise BadRequest("The JSON body has no 'input_image' (base64 or data URL)", code="missing_image")
+    image = decode_base64_image(value, "input_image")
+    mask = None
+    mask_key = "mask_image" if body.get("mask_image") not in (None, "") else "mask"
+    mask_value = body.get(mask_key)
+    if mask_value not in (None, ""):
+        if isinstance(mask_value, str) and len(mask_value) > (max_mask_bytes * 4) // 3 + 4096:
+            raise PayloadTooLarge(f"The mask exceeds {max_mask_bytes} bytes", code="mask_too_large")
+        mask = decode_base64_image(mask_value, mask_key, mask=True)
+        if len(mask) > max_mask_bytes:
+            raise PayloadTooLarge(f"The mask is {len(mask)} bytes; the limit is {max_mask_bytes} bytes",
+                                  code="mask_too_large")
+    params = {k: v for k, v in body.items() if k not in ("input_image", "mask_image", "mask")}
+    return Img2ImgRequest(image=image, mask=mask, params=params)
+
+
+def parse_request(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        return parse_multipart(request, max_mask_bytes=max_mask_bytes)
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        return parse_json(request, max_mask_bytes=max_mask_bytes)
+    raise UnsupportedMediaType(
+        f"Content-Type '{mimetype or '(none)'}' is not supported: send multipart/form-data (image, mask, "
+        "params) or application/json (input_image, mask_image and parameters)", code="unsupported_content_type")

@@ -1,0 +1,150 @@
+"""DreamLayer's img2img + inpainting service (port 5004).
+
+``python img2img_server.py`` serves the app with waitress on IMG2IMG_HOST:IMG2IMG_PORT;
+``create_app(config)`` builds it for tests. See docs/api.md for the HTTP interface.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+
+from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException
+
+import comfy_client
+from config import Config, ConfigError
+from errors import ApiError
+from generation import Img2ImgService
+from img2img_request import parse_request
+from staging import ServedImages
+
+log = logging.getLogger("img2img_server")
+
+bp = Blueprint("img2img", __name__)
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "request_too_large", 415: "unsupported_content_type"}
+
+
+def service() -> Img2ImgService:
+    return current_app.extensions["img2img"]
+
+
+@bp.post("/api/img2img")
+def img2img():
+    req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
+    return jsonify(service().generate(req))
+
+
+@bp.post("/api/img2img/interrupt")
+def interrupt():
+    return jsonify(service().interrupt())
+
+
+@bp.get("/images/<path:filename>")
+@bp.get("/api/images/<path:filename>")
+def served_image(filename):
+    path = service().served.resolve(filename)
+    if path is None:
+        raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
+    return send_file(path, mimetype="image/png", max_age=3600)
+
+
+@bp.get("/health")
+def health():
+    client = service().client
+    up = client.is_up()
+    return jsonify({"status": "ok", "service": "img2img", "active_generations": len(service().active),
+                    "comfyui": {"url": client.base_url, "reachable": up,
+                                **({} if up else {"hint": "Start ComfyUI or set COMFY_API_URL to its address"})}})
+
+
+@bp.get("/")
+def index():
+    return jsonify({"status": "ok", "service": "img2img"})
+
+
+def _error_response(status: int, code: str, message: str, **details):
+    body = {"status": "error", "code": code, "message": message, **details}
+    return jsonify(body), status
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(comfy_client.ComfyError)
+    def comfy_error(exc: comfy_client.ComfyError):
+        log.warning("ComfyUI error (%s): %s", exc.code, exc)
+        return _error_response(exc.status, exc.code, str(exc), **exc.details())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = HTTP_CODES.get(exc.code, "http_error")
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = (f"The request is larger than this service accepts "
+                       f"({current_app.config['MAX_CONTENT_LENGTH']} bytes)")
+        return _error_response(exc.code or 500, code, message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return _error_response(500, "internal_error", "The service failed unexpectedly; see its log")
+
+
+def _require_api_key(app: Flask, key: str) -> None:
+    @app.before_request
+    def check_key():
+        if request.method == "OPTIONS" or request.path == "/health":
+            return None
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            return _error_response(401, "unauthorized", "A valid API key is required "
+                                   "(Authorization: Bearer <key> or X-API-Key: <key>)")
+        return None
+
+
+def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient | None = None) -> Flask:
+    """Build the app. Tests pass their own Config (directories, ComfyUI address)."""
+    config = config or Config.from_env()
+    app = Flask(__name__, static_folder=None)
+    app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
+                      MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
+    client = client or comfy_client.ComfyClient(config.comfy_api_url)
+    app.extensions["img2img"] = Img2ImgService(config, client, ServedImages(config.served_images_dir))
+    CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
+         allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
+    if config.api_key:
+        _require_api_key(app, config.api_key)
+    _register_error_handlers(app)
+    app.register_blueprint(bp)
+    return app
+
+
+def main(argv=None) -> int:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"img2img_server: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from waitress import serve
+
+    app = create_app(config)
+    client = app.extensions["img2img"].client
+    mode = (f"copying uploads into {config.comfyui_input_dir}" if config.comfyui_input_dir
+            else "uploading inputs over HTTP (no shared disk)")
+    log.info("img2img service on http://%s:%d — ComfyUI at %s (%s), %s", config.host, config.port,
+             config.comfy_api_url, "reachable" if client.is_up() else "NOT reachable yet", mode)
+    serve(app, host=config.host, port=config.port, threads=config.threads, ident="dreamlayer-img2img",
+          max_request_body_size=config.max_content_length + 1024 * 1024)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Where files go: the request's inputs into ComfyUI's input folder, results into our own.
+
+Inputs are written atomically (temporary name, then rename) and removed when the request ends.
+Without a shared disk they are uploaded over POST /upload/image into a dedicated subfolder,
+because ComfyUI offers no way to delete an upload. Every name is chosen by the server.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from config import HTTP_UPLOAD_SUBFOLDER
+
+log = logging.getLogger(__name__)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+def write_atomic(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to directory/name so that readers never see a half-written file."""
+    if not SAFE_NAME.match(name):
+        raise ValueError(f"unsafe file name {name!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        _remove(Path(tmp))
+        raise
+    return directory / name
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+class InputStager:
+    """Puts one request's input files where ComfyUI's LoadImage can find them; a context manager
+    that removes them again (success or failure)."""
+
+    def __init__(self, client, input_dir: Path | None):
+        self.client = client
+        self.input_dir = Path(input_dir) if input_dir is not None else None
+        self._written: list = []
+
+    def put(self, name: str, data: bytes) -> str:
+        """Stage ``data`` as ``name``; returns the value for LoadImage's ``image`` input."""
+        if self.input_dir is not None:
+            self._written.append(write_atomic(self.input_dir, name, data))
+            return name
+        answer = self.client.upload_image(data, name, subfolder=HTTP_UPLOAD_SUBFOLDER, type="input",
+                                          overwrite=True)
+        sub = answer.get("subfolder") or ""
+        return f"{sub}/{answer['name']}" if sub else answer["name"]
+
+    def cleanup(self) -> None:
+        while self._written:
+            _remove(self._written.pop())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+        return False
+
+
+class ServedImages:
+    """The folder of generated images this service serves at /images/<name>."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, name: str, data: bytes) -> str:
+        write_atomic(self.directory, name, data)
+        return name
+
+    def resolve(self, name: str) -> Path | None:
+        """The file for a served name, or None: no traversal, no absolute paths, no symlinks
+        leading out of the folder, no hidden or temporary files."""
+        if not isinstance(name, str) or not SAFE_NAME.match(name) or name.startswith(".tmp-"):
+            return None
+        root = self.directory.resolve()
+        path = self.directory / name
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if real.parent != root or not real.is_file():
+            return None
+        return real
