@@ -1,0 +1,744 @@
+"""A small client for one ComfyUI server (HTTP + WebSocket), modelled on ComfyUI's
+script_examples/websockets_api_example.py: one small method per endpoint and one loop that waits
+for our prompt. See docs/comfyui.md for the protocol details this code relies on.
+
+One ComfyClient is meant to be shared by all request threads of the service.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+from urllib.parse import quote, urlsplit
+
+import requests
+import websocket  # websocket-client
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ComfyError", "ComfyUnreachable", "ComfyRejected", "ComfyExecutionFailed", "ComfyInterrupted",
+    "ComfyTimeout", "ComfyBadResponse", "OutputImage", "Progress", "Done", "RunResult",
+    "PromptWatch", "ComfyClient",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: each carries the HTTP status the service should answer and a stable code.
+# --------------------------------------------------------------------------------------------
+
+class ComfyError(Exception):
+    """Base of every error this client raises."""
+    status = 502
+    code = "comfyui_error"
+
+    def details(self) -> dict:
+        """JSON-safe extra fields for an error response (subclasses add theirs)."""
+        return {}
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": str(self), **self.details()}
+
+
+class ComfyUnreachable(ComfyError):
+    """ComfyUI cannot be reached (refused, DNS, connect timeout) or went away mid-run."""
+    status = 503
+    code = "comfyui_unreachable"
+
+    def __init__(self, url: str, reason: str = "", message: Optional[str] = None):
+        self.url = url
+        self.reason = reason
+        super().__init__(message or f"ComfyUI is unreachable at {url}" + (f" ({reason})" if reason else ""))
+
+    def details(self):
+        return {"url": self.url}
+
+
+class ComfyRejected(ComfyError):
+    """POST /prompt answered 400: the workflow failed ComfyUI's validation."""
+    status = 502
+    code = "comfyui_rejected_workflow"
+
+    def __init__(self, error, node_errors):
+        self.error = error              # ComfyUI's `error`, unchanged
+        self.node_errors = node_errors  # ComfyUI's `node_errors`, unchanged
+        super().__init__(_describe_rejection(error, node_errors))
+
+    def details(self):
+        return {"error": self.error, "node_errors": self.node_errors}
+
+
+class ComfyExecutionFailed(ComfyError):
+    """A node raised while ComfyUI ran the prompt (`execution_error`)."""
+    status = 502
+    code = "comfyui_execution_error"
+
+    def __init__(self, node_id=None, node_type=None, exception_message="", exception_type="",
+                 traceback=None, prompt_id=None):
+        self.node_id = node_id
+        self.node_type = node_type
+        self.exception_message = exception_message
+        self.exception_type = exception_type
+        self.traceback = traceback or []
+        self.prompt_id = prompt_id
+        where = f"node {node_id} ({node_type})" if node_id is not None else "an unknown node"
+        what = f"{exception_type}: {exception_message}" if exception_type else (exception_message or "no details")
+        super().__init__(f"ComfyUI failed at {where}: {what}")
+
+    def details(self):
+        return {"node_id": self.node_id, "node_type": self.node_type,
+                "exception_type": self.exception_type, "exception_message": self.exception_message}
+
+
+class ComfyInterrupted(ComfyError):
+    """The prompt was interrupted, or removed from the queue before it ran."""
+    status = 409
+    code = "interrupted"
+
+    def __init__(self, node_id=None, node_type=None, prompt_id=None, message=None):
+        self.node_id = node_id
+        self.node_type = node_type
+        self.prompt_id = prompt_id
+        if message is None:
+            where = f" at node {node_id} ({node_type})" if node_id is not None else ""
+            message = f"ComfyUI prompt {prompt_id} was interrupted{where}"
+        super().__init__(message)
+
+    def details(self):
+        return {"node_id": self.node_id, "node_type": self.node_type}
+
+
+class ComfyTimeout(ComfyError):
+    """The prompt (or one HTTP call) did not finish in time."""
+    status = 504
+    code = "comfyui_timeout"
+
+    def __init__(self, timeout: float, message: Optional[str] = None):
+        self.timeout = timeout
+        super().__init__(message or f"ComfyUI did not finish within {timeout:g}s")
+
+    def details(self):
+        return {"timeout": self.timeout}
+
+
+class ComfyBadResponse(ComfyError):
+    """ComfyUI answered with a status or body this client does not understand."""
+    status = 502
+    code = "comfyui_bad_response"
+
+
+def _describe_rejection(error, node_errors) -> str:
+    if isinstance(error, dict):
+        head = error.get("message") or error.get("type") or "invalid prompt"
+        if error.get("details"):
+            head += f" ({error['details']})"
+    else:
+        head = str(error)
+    parts = []
+    if isinstance(node_errors, dict):
+        for node_id, info in node_errors.items():
+            for err in (info or {}).get("errors", []):
+                parts.append(f"node {node_id} ({info.get('class_type')}): "
+                             f"{err.get('message')}: {err.get('details')}")
+    return "ComfyUI rejected the workflow: " + head + ("; " + "; ".join(parts) if parts else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputImage:
+    node_id: str
+    filename: str
+    subfolder: str
+    type: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    prompt_id: str
+    kind: str  # "queued" | "started" | "cached" | "executing" | "progress"
+    value: Optional[int] = None
+    max: Optional[int] = None
+    node: Optional[str] = None
+    queue_remaining: Optional[int] = None
+    nodes: tuple = ()  # for "cached": the node ids served from cache
+
+
+@dataclass(frozen=True)
+class Done:
+    """Our prompt finished successfully; `signal` says which message told us."""
+    prompt_id: str
+    signal: str  # "execution_success" | "executing_null"
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    images: list
+    history: dict
+    source: str = "websocket"  # how completion was learned: "websocket" or "polling"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure message handling (replayable from captured traces, no sockets)
+# --------------------------------------------------------------------------------------------
+
+class PromptWatch:
+    """Interprets ComfyUI WebSocket frames for one prompt_id.
+
+    handle() returns None (ignore), a Progress, or Done, and raises ComfyExecutionFailed /
+    ComfyInterrupted. It does no I/O so captured traces can be replayed through it in tests.
+    Other prompts' messages matter because execution_interrupted is broadcast to every socket.
+    """
+
+    def __init__(self, prompt_id: str):
+        self.prompt_id = prompt_id
+        self.started = False
+        self.outputs: dict = {}  # node_id -> output of `executed`; a fallback if /history stays empty
+
+    def handle(self, message) -> Union[None, Progress, Done]:
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return None  # binary preview frames
+        if isinstance(message, str):
+            try:
+                message = json.loads(message)
+            except ValueError:
+                log.warning("ignoring a WebSocket text frame that is not JSON: %.80r", message)
+                return None
+        if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
+            return None
+        mtype, data = message.get("type"), message["data"]
+        pid = self.prompt_id
+
+        if mtype == "status":
+            # Broadcast queue size; the greeting (with "sid") predates our prompt, so skip it.
+            if self.started or "sid" in data:
+                return None
+            remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+            return Progress(pid, "queued", queue_remaining=remaining)
+
+        if data.get("prompt_id") != pid:
+            return None
+
+        if mtype == "execution_start":
+            self.started = True
+            return Progress(pid, "started")
+        if mtype == "execution_cached":
+            self.started = True
+            return Progress(pid, "cached", nodes=tuple(data.get("nodes") or ()))
+        if mtype == "executing":
+            if data.get("node") is None:
+                return Done(pid, "executing_null")  # the classic end-of-prompt signal
+            self.started = True
+            return Progress(pid, "executing", node=str(data["node"]))
+        if mtype == "progress":
+            node = data.get("node")
+            return Progress(pid, "progress", value=data.get("value"), max=data.get("max"),
+                            node=None if node is None else str(node))
+        if mtype == "executed":
+            if data.get("node") is not None and isinstance(data.get("output"), dict):
+                self.outputs[str(data["node"])] = data["output"]
+            return None
+        if mtype == "execution_success":
+            return Done(pid, "execution_success")
+        if mtype == "execution_error":
+            raise execution_failed_from(data)
+        if mtype == "execution_interrupted":
+            raise ComfyInterrupted(data.get("node_id"), data.get("node_type"), prompt_id=pid)
+        return None  # e.g. progress_state on newer servers
+
+
+def execution_failed_from(data: dict) -> ComfyExecutionFailed:
+    """Build the exception from an execution_error payload (WebSocket or history)."""
+    return ComfyExecutionFailed(
+        node_id=data.get("node_id"), node_type=data.get("node_type"),
+        exception_message=data.get("exception_message", ""),
+        exception_type=data.get("exception_type", ""),
+        traceback=data.get("traceback"), prompt_id=data.get("prompt_id"))
+
+
+def raise_for_history(prompt_id: str, entry: dict) -> None:
+    """Map a finished /history entry with status "error" to the same exceptions as the WebSocket."""
+    status = entry.get("status") or {}
+    if status.get("status_str") != "error":
+        return
+    for name, data in status.get("messages") or []:
+        if name == "execution_error":
+            raise execution_failed_from({**data, "prompt_id": prompt_id})
+        if name == "execution_interrupted":
+            raise ComfyInterrupted(data.get("node_id"), data.get("node_type"), prompt_id=prompt_id)
+    raise ComfyExecutionFailed(exception_message="history says status 'error' without details",
+                               prompt_id=prompt_id)
+
+
+def _node_order(node_id: str):
+    return (0, int(node_id), "") if str(node_id).isdigit() else (1, 0, str(node_id))
+
+
+def _outputs_to_images(outputs: dict) -> list:
+    images = []
+    for node_id in sorted(outputs or {}, key=_node_order):
+        for img in (outputs[node_id] or {}).get("images") or []:
+            images.append(OutputImage(str(node_id), img["filename"], img.get("subfolder", ""),
+                                      img.get("type", "output")))
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------
+
+class ComfyClient:
+    """Client for one ComfyUI server; thread-safe, share one instance."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8188", *, connect_timeout: float = 3.0,
+                 read_timeout: float = 30.0, poll_interval: float = 0.05, history_grace: float = 2.0,
+                 unreachable_grace: float = 3.0, liveness_interval: float = 5.0,
+                 ws_tick: float = 0.1, pool_size: int = 32):
+        """unreachable_grace: how long HTTP may fail persistently during a run before
+        ComfyUnreachable; liveness_interval: how often a run checks /queue that its prompt still
+        exists when nothing arrives for it; ws_tick: how often the WebSocket wait looks at
+        cancellation and the deadline."""
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.poll_interval = poll_interval
+        self.history_grace = history_grace
+        self.unreachable_grace = unreachable_grace
+        self.liveness_interval = liveness_interval
+        self.ws_tick = ws_tick
+        self._session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._object_info: Optional[dict] = None
+        self._object_info_lock = threading.Lock()
+        self._active: dict = {}  # prompt_id -> Event set when cancel() removed it from the queue
+        self._active_lock = threading.Lock()
+
+    def __repr__(self):
+        return f"ComfyClient({self.base_url!r})"
+
+    def close(self):
+        self._session.close()
+
+    def ws_url(self, client_id: str) -> str:
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={quote(client_id)}"
+
+    # ---------------------------------------------------------------- HTTP plumbing
+
+    def _request(self, method: str, path: str, *, timeout=None, **kwargs) -> requests.Response:
+        """One HTTP call; transport failures become ComfyUnreachable / ComfyTimeout."""
+        url = self.base_url + path
+        if timeout is None:
+            timeout = (self.connect_timeout, self.read_timeout)
+        try:
+            return self._session.request(method, url, timeout=timeout, **kwargs)
+        except requests.exceptions.ConnectTimeout as e:
+            raise ComfyUnreachable(self.base_url, f"{method} {path}: no connection within "
+                                                  f"{timeout[0]:g}s") from e
+        except requests.exceptions.ReadTimeout as e:
+            raise ComfyTimeout(timeout[1], f"ComfyUI at {self.base_url} did not answer {method} "
+                                           f"{path} within {timeout[1]:g}s") from e
+        except requests.exceptions.RequestException as e:
+            raise ComfyUnreachable(self.base_url, f"{method} {path}: {_transport_reason(e)}") from e
+
+    def _bad(self, resp: requests.Response, what: str) -> ComfyBadResponse:
+        body = resp.text[:300] if resp.content else "<empty body>"
+        return ComfyBadResponse(f"ComfyUI at {self.base_url} answered {what} with HTTP "
+                                f"{resp.status_code}: {body}")
+
+    def _json(self, resp: requests.Response, what: str):
+        if resp.status_code != 200:
+            raise self._bad(resp, what)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ComfyBadResponse(f"ComfyUI at {self.base_url} answered {what} with a body that "
+                                   f"is not JSON: {resp.text[:200]!r}") from None
+
+    def _ok(self, resp: requests.Response, what: str) -> None:
+        if resp.status_code != 200:
+            raise self._bad(resp, what)
+
+    # ---------------------------------------------------------------- one method per endpoint
+
+    def upload_image(self, data: bytes, filename: str, *, subfolder: str = "", type: str = "input",
+                     overwrite: bool = True) -> dict:
+        """POST /upload/image, for servers that share no disk with us. Returns {"name","subfolder","type"}."""
+        mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        form = {"type": type, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
+        resp = self._request("POST", "/upload/image", files={"image": (filename, data, mime)}, data=form)
+        result = self._json(resp, "POST /upload/image")
+        log.info("uploaded %s (%d bytes) to ComfyUI as %s", filename, len(data), result.get("name"))
+        return result
+
+    def queue_prompt(self, prompt: dict, client_id: str, *, timeout=None) -> str:
+        """POST /prompt; returns the prompt_id. A 400 becomes ComfyRejected with ComfyUI's dicts unchanged."""
+        resp = self._request("POST", "/prompt", json={"prompt": prompt, "client_id": client_id},
+                             timeout=timeout)
+        if resp.status_code == 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and "error" in body:
+                err = ComfyRejected(body["error"], body.get("node_errors", {}))
+                log.warning("%s", err)
+                raise err
+        body = self._json(resp, "POST /prompt")
+        if not isinstance(body, dict) or not body.get("prompt_id"):
+            raise ComfyBadResponse(f"ComfyUI at {self.base_url} answered POST /prompt without a "
+                                   f"prompt_id: {str(body)[:200]}")
+        if body.get("node_errors"):
+            # 200 with node_errors: ComfyUI runs only the outputs that validated.
+            log.warning("ComfyUI queued prompt %s but some outputs failed validation: %s",
+                        body["prompt_id"], body["node_errors"])
+        log.info("queued prompt %s (client_id %s)", body["prompt_id"], client_id)
+        return body["prompt_id"]
+
+    def get_history(self, prompt_id: str, *, timeout=None) -> Optional[dict]:
+        """GET /history/{id}: the entry, or None while ComfyUI has not written it."""
+        body = self._json(self._request("GET", f"/history/{quote(prompt_id)}", timeout=timeout),
+                          "GET /history")
+        if not isinstance(body, dict):
+            raise ComfyBadResponse(f"ComfyUI answered GET /history with {str(body)[:200]}")
+        return body.get(prompt_id)
+
+    def wait_for_history(self, prompt_id: str, timeout: float) -> dict:
+        """Poll /history until the entry appears. 0.3.40 sends execution_success a few ms
+        before it writes history, so absence right after success is normal."""
+        deadline = time.monotonic() + timeout
+        return self._poll_history(prompt_id, deadline, lambda: ComfyTimeout(
+            timeout, f"ComfyUI wrote no /history entry for prompt {prompt_id} within {timeout:g}s"))
+
+    @staticmethod
+    def output_images(history_entry: dict) -> list:
+        """Every output node's images, in node order."""
+        return _outputs_to_images((history_entry or {}).get("outputs") or {})
+
+    def view(self, image: OutputImage) -> bytes:
+        """GET /view: the file's bytes."""
+        params = {"filename": image.filename, "subfolder": image.subfolder, "type": image.type}
+        resp = self._request("GET", "/view", params=params)
+        if resp.status_code == 404:
+            raise ComfyBadResponse(f"ComfyUI at {self.base_url} has no {image.type} image "
+                                   f"{image.subfolder + '/' if image.subfolder else ''}{image.filename}")
+        self._ok(resp, "GET /view")
+        return resp.content
+
+    def get_queue(self) -> dict:
+        return self._json(self._request("GET", "/queue"), "GET /queue")
+
+    def delete_from_queue(self, prompt_ids: list) -> None:
+        self._ok(self._request("POST", "/queue", json={"delete": list(prompt_ids)}), "POST /queue")
+
+    def interrupt(self, prompt_id: Optional[str] = None) -> None:
+        """POST /interrupt. Global on 0.3.x; newer servers honour {"prompt_id"} and only stop that one."""
+        kwargs = {"json": {"prompt_id": prompt_id}} if prompt_id else {}
+        self._ok(self._request("POST", "/interrupt", **kwargs), "POST /interrupt")
+        log.info("sent interrupt to ComfyUI%s", f" for prompt {prompt_id}" if prompt_id else "")
+
+    def system_stats(self) -> dict:
+        return self._json(self._request("GET", "/system_stats"), "GET /system_stats")
+
+    def is_up(self) -> bool:
+        """Quick health check; never raises."""
+        try:
+            resp = self._request("GET", "/system_stats",
+                                 timeout=(self.connect_timeout, min(self.read_timeout, 5.0)))
+            return resp.status_code == 200
+        except Exception:  # noqa: BLE001 - a health check must not raise
+            return False
+
+    def object_info(self, refresh: bool = False) -> dict:
+        """GET /object_info, cached (it is large and changes only when models are added)."""
+        with self._object_info_lock:
+            if self._object_info is None or refresh:
+                self._object_info = self._json(self._request("GET", "/object_info"), "GET /object_info")
+            return self._object_info
+
+    def input_choices(self, class_type: str, input_name: str) -> list:
+        """Enum values of one input (e.g. CheckpointLoaderSimple.ckpt_name). KeyError if unknown."""
+        info = self.object_info().get(class_type)
+        if info is None:
+            raise KeyError(f"ComfyUI has no node class {class_type!r}")
+        inputs = info.get("input") or {}
+        for section in ("required", "optional"):
+            spec = (inputs.get(section) or {}).get(input_name)
+            if spec is None:
+                continue
+            kind = spec[0] if isinstance(spec, (list, tuple)) and spec else None
+            if isinstance(kind, list):
+                return list(kind)
+            if kind == "COMBO" and len(spec) > 1:  # newer servers' combo format
+                return list((spec[1] or {}).get("options") or [])
+            raise KeyError(f"{class_type}.{input_name} is not a list input (type {kind!r})")
+        raise KeyError(f"ComfyUI node {class_type!r} has no input {input_name!r}")
+
+    # ---------------------------------------------------------------- cancel
+
+    def cancel(self, prompt_id: str) -> str:
+        """Stop one prompt: "removed" (was pending), "interrupted" (was running), or "not_found".
+
+        /interrupt is global on 0.3.x, so it is only sent after /queue shows that *our* prompt is
+        the running one (and carries {"prompt_id"} so newer servers can check it themselves).
+        """
+        queue = self.get_queue()
+        if prompt_id in _queue_ids(queue, "queue_pending"):
+            self.delete_from_queue([prompt_id])
+            queue = self.get_queue()
+            if prompt_id in _queue_ids(queue, "queue_pending"):
+                raise ComfyBadResponse(f"ComfyUI at {self.base_url} kept prompt {prompt_id} "
+                                       f"queued after POST /queue delete")
+            if prompt_id not in _queue_ids(queue, "queue_running"):
+                if self.get_history(prompt_id) is not None:
+                    return "not_found"  # it ran and finished between our two reads
+                log.info("removed pending prompt %s from the ComfyUI queue", prompt_id)
+                with self._active_lock:
+                    event = self._active.get(prompt_id)
+                if event is not None:
+                    event.set()
+                return "removed"
+            # it started running between our two reads: interrupt it below
+        if prompt_id in _queue_ids(queue, "queue_running"):
+            self.interrupt(prompt_id)
+            return "interrupted"
+        return "not_found"
+
+    # ---------------------------------------------------------------- run
+
+    def run(self, prompt: dict, *, timeout: float, on_progress: Optional[Callable] = None,
+            on_queued: Optional[Callable] = None, cancel_on_timeout: bool = True) -> RunResult:
+        """Queue `prompt` and wait for its outputs.
+
+        The WebSocket is opened before queueing so a fast prompt cannot finish unseen; if it
+        cannot connect or drops, /history is polled instead. `timeout` counts from this call;
+        on timeout the prompt is cancelled (unless cancel_on_timeout=False) and ComfyTimeout raised.
+        """
+        deadline = time.monotonic() + timeout
+        client_id = str(uuid.uuid4())
+        ws = self._open_ws(client_id, deadline)
+        prompt_id = None
+        cancelled = threading.Event()
+        try:
+            prompt_id = self.queue_prompt(prompt, client_id, timeout=self._call_timeout(deadline))
+            with self._active_lock:
+                self._active[prompt_id] = cancelled
+            _safe_call(on_queued, prompt_id)
+            watch = PromptWatch(prompt_id)
+            run = _Run(prompt_id, deadline, timeout, cancelled, watch, on_progress)
+            source = "websocket"
+            entry = None
+            if ws is not None:
+                finished = self._wait_ws(ws, run)
+                if finished:
+                    entry = self._history_after_success(run)
+                else:
+                    run.lost_contact = True
+            if entry is None:
+                source = "polling"
+                entry = self._poll_history(prompt_id, deadline, run.timeout_error, run=run)
+            raise_for_history(prompt_id, entry)
+            images = self.output_images(entry)
+            log.info("prompt %s finished (%s) with %d image(s)", prompt_id, source, len(images))
+            return RunResult(prompt_id, images, entry, source)
+        except ComfyTimeout:
+            if prompt_id is not None and cancel_on_timeout:
+                self._cancel_quietly(prompt_id)
+            raise
+        finally:
+            if prompt_id is not None:
+                with self._active_lock:
+                    self._active.pop(prompt_id, None)
+            if ws is not None:
+                _close_ws(ws)
+
+    def _call_timeout(self, deadline: float):
+        remaining = max(0.05, deadline - time.monotonic())
+        return (min(self.connect_timeout, remaining), min(self.read_timeout, remaining))
+
+    def _open_ws(self, client_id: str, deadline: float):
+        url = self.ws_url(client_id)
+        try:
+            return websocket.create_connection(
+                url, timeout=max(0.05, min(self.connect_timeout, deadline - time.monotonic())))
+        except (websocket.WebSocketException, OSError) as e:
+            log.warning("cannot open ComfyUI WebSocket %s (%s); will poll /history instead", url, e)
+            return None
+
+    def _wait_ws(self, ws, run: "_Run") -> bool:
+        """Read frames until our prompt finishes (True) or the socket fails (False)."""
+        last_news = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= run.deadline:
+                raise run.timeout_error()
+            run.raise_if_cancelled()
+            if now - last_news >= self.liveness_interval:
+                if self._prompt_vanished_or_done(run):
+                    return True  # finished without our seeing the signal; history tells how
+                last_news = now
+            try:
+                ws.settimeout(max(0.01, min(self.ws_tick, run.deadline - now)))
+                opcode, frame = ws.recv_data()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketException, OSError) as e:
+                log.warning("ComfyUI WebSocket dropped while waiting for prompt %s (%s); polling "
+                            "/history instead", run.prompt_id, e or type(e).__name__)
+                return False
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                log.warning("ComfyUI closed the WebSocket while waiting for prompt %s; polling "
+                            "/history instead", run.prompt_id)
+                return False
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                frame = frame.decode("utf-8", "replace")
+            event = run.watch.handle(frame)  # raises on execution_error / execution_interrupted
+            if event is None:
+                continue
+            last_news = time.monotonic()
+            if isinstance(event, Done):
+                log.debug("prompt %s done (%s)", run.prompt_id, event.signal)
+                return True
+            _safe_call(run.on_progress, event)
+
+    def _history_after_success(self, run: "_Run") -> dict:
+        """Read /history after the success signal, allowing for 0.3.40's late write."""
+        try:
+            return self.wait_for_history(run.prompt_id, self.history_grace)
+        except ComfyTimeout:
+            if run.watch.outputs:
+                log.warning("no /history entry for prompt %s %gs after it succeeded; using the "
+                            "outputs announced over the WebSocket", run.prompt_id, self.history_grace)
+                return {"outputs": dict(run.watch.outputs), "status": {
+                    "status_str": "success", "completed": True, "messages": []}}
+            raise ComfyBadResponse(f"ComfyUI at {self.base_url} reported prompt {run.prompt_id} "
+                                   f"done but wrote no /history entry within "
+                                   f"{self.history_grace:g}s") from None
+
+    def _poll_history(self, prompt_id: str, deadline: float, on_deadline: Callable,
+                      run: Optional["_Run"] = None) -> dict:
+        """Poll /history until the entry appears. Tolerates HTTP failures for unreachable_grace
+        seconds; with a `run`, also notices cancellation and a prompt that left the queue."""
+        failing_since = None
+        next_liveness = time.monotonic() + (self.liveness_interval if run else float("inf"))
+        while True:
+            try:
+                entry = self.get_history(prompt_id, timeout=self._call_timeout(deadline))
+                if entry is not None:
+                    return entry
+                failing_since = None
+                if run is not None:
+                    run.raise_if_cancelled()
+                    if time.monotonic() >= next_liveness:
+                        if self._prompt_vanished_or_done(run):
+                            continue  # finished meanwhile: the next read returns it
+                        next_liveness = time.monotonic() + self.liveness_interval
+            except (ComfyUnreachable, ComfyBadResponse, ComfyTimeout) as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if run is not None:
+                    run.lost_contact = True
+                log.debug("polling /history for %s failed: %s", prompt_id, e)
+                if now - failing_since >= self.unreachable_grace:
+                    raise ComfyUnreachable(self.base_url, message=(
+                        f"lost contact with ComfyUI at {self.base_url} while waiting for prompt "
+                        f"{prompt_id}: {e}")) from e
+            now = time.monotonic()
+            if now >= deadline:
+                raise on_deadline()
+            pause = min(self.poll_interval, deadline - now)
+            if run is not None:
+                run.cancelled.wait(pause)
+            else:
+                time.sleep(pause)
+
+    def _prompt_vanished_or_done(self, run: "_Run") -> bool:
+        """True if the prompt already has a history entry; raises if it left the queue without one."""
+        queue = self.get_queue()  # queue first: the move from queue to history is atomic in ComfyUI
+        if run.prompt_id in _queue_ids(queue, "queue_running") | _queue_ids(queue, "queue_pending"):
+            return False
+        if self.get_history(run.prompt_id) is not None:
+            return True
+        if run.lost_contact:
+            raise ComfyUnreachable(self.base_url, message=(
+                f"ComfyUI at {self.base_url} lost prompt {run.prompt_id} (it is neither queued nor "
+                f"in history after the connection dropped; did ComfyUI restart?)"))
+        raise ComfyInterrupted(prompt_id=run.prompt_id, message=(
+            f"ComfyUI prompt {run.prompt_id} was removed from the queue before it finished"))
+
+    def _cancel_quietly(self, prompt_id: str) -> None:
+        try:
+            outcome = self.cancel(prompt_id)
+            log.info("timed-out prompt %s: cancel -> %s", prompt_id, outcome)
+        except ComfyError as e:
+            log.warning("could not cancel timed-out prompt %s: %s", prompt_id, e)
+
+
+class _Run:
+    """State of one run() shared by the WebSocket wait and the polling fallback."""
+
+    def __init__(self, prompt_id, deadline, timeout, cancelled, watch, on_progress):
+        self.prompt_id = prompt_id
+        self.deadline = deadline
+        self.timeout = timeout
+        self.cancelled = cancelled
+        self.watch = watch
+        self.on_progress = on_progress
+        self.lost_contact = False
+
+    def timeout_error(self) -> ComfyTimeout:
+        return ComfyTimeout(self.timeout, f"ComfyUI prompt {self.prompt_id} did not finish "
+                                          f"within {self.timeout:g}s")
+
+    def raise_if_cancelled(self):
+        if self.cancelled.is_set():
+            raise ComfyInterrupted(prompt_id=self.prompt_id, message=(
+                f"ComfyUI prompt {self.prompt_id} was cancelled before it ran"))
+
+
+def _queue_ids(queue: dict, key: str) -> set:
+    """Prompt ids in /queue's queue_running or queue_pending ([number, prompt_id, ...] items)."""
+    return {item[1] for item in (queue or {}).get(key) or [] if isinstance(item, list) and len(item) > 1}
+
+
+def _transport_reason(exc: Exception) -> str:
+    text = str(exc)
+    for needle, reason in (("Connection refused", "connection refused"),
+                           ("NameResolutionError", "DNS lookup failed"),
+                           ("Name or service not known", "DNS lookup failed"),
+                           ("nodename nor servname", "DNS lookup failed"),
+                           ("Temporary failure in name resolution", "DNS lookup failed"),
+                           ("Connection reset", "connection reset"),
+                           ("RemoteDisconnected", "connection closed by ComfyUI"),
+                           ("Connection aborted", "connection aborted")):
+        if needle in text:
+            return reason
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _safe_call(callback, arg) -> None:
+    """Callbacks report to the caller; a bug in one must not abort the generation."""
+    if callback is None:
+        return
+    try:
+        callback(arg)
+    except Exception:  # noqa: BLE001
+        log.exception("ComfyClient callback %r raised", callback)
+
+
+def _close_ws(ws) -> None:
+    try:
+        ws.close(timeout=0.5)
+    except Exception:  # noqa: BLE001 - closing a broken socket may fail; nothing to do about it
+        pass
