@@ -74,7 +74,10 @@ def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.I
             if width * height > max_pixels:
                 raise PayloadTooLarge(
                     f"The {what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                    code=f"{what}_too_large_pixels" if what != "image" else "image_too_large")
+                    code="image_too_large" if what == "image" else "mask_too_large")
+            if im.format == "PNG":
+                im.verify()  # checks every chunk's CRC, which decoding alone does not
+                im = Image.open(io.BytesIO(data))
             im.load()
     except ApiError:
         raise
