@@ -554,7 +554,9 @@ class ComfyClient:
             return RunResult(prompt_id, images, entry, source)
         except ComfyTimeout:
             if prompt_id is not None and cancel_on_timeout:
-                self._cancel_quietly(prompt_id)
+                # in the background: the caller gets its ComfyTimeout on time even if ComfyUI is slow
+                threading.Thread(target=self._cancel_quietly, args=(prompt_id,),
+                                 name=f"comfy-cancel-{prompt_id[:8]}", daemon=True).start()
             raise
         finally:
             if prompt_id is not None:
@@ -578,16 +580,17 @@ class ComfyClient:
 
     def _wait_ws(self, ws, run: "_Run") -> bool:
         """Read frames until our prompt finishes (True) or the socket fails (False)."""
-        last_news = time.monotonic()
+        next_liveness = time.monotonic() + self.liveness_interval
         while True:
             now = time.monotonic()
             if now >= run.deadline:
                 raise run.timeout_error()
             run.raise_if_cancelled()
-            if now - last_news >= self.liveness_interval:
-                if self._prompt_vanished_or_done(run):
-                    return True  # finished without our seeing the signal; history tells how
-                last_news = now
+            if now >= next_liveness:
+                # Nothing about our prompt for a while: was it deleted by someone else?
+                if self._check_liveness(run) == "finished":
+                    return True  # finished without our seeing the signal; history says how
+                next_liveness = now + self.liveness_interval
             try:
                 ws.settimeout(max(0.01, min(self.ws_tick, run.deadline - now)))
                 opcode, frame = ws.recv_data()
@@ -606,7 +609,7 @@ class ComfyClient:
             event = run.watch.handle(frame)  # raises on execution_error / execution_interrupted
             if event is None:
                 continue
-            last_news = time.monotonic()
+            next_liveness = time.monotonic() + self.liveness_interval
             if isinstance(event, Done):
                 log.debug("prompt %s done (%s)", run.prompt_id, event.signal)
                 return True
@@ -628,23 +631,17 @@ class ComfyClient:
 
     def _poll_history(self, prompt_id: str, deadline: float, on_deadline: Callable,
                       run: Optional["_Run"] = None) -> dict:
-        """Poll /history until the entry appears. Tolerates HTTP failures for unreachable_grace
-        seconds; with a `run`, also notices cancellation and a prompt that left the queue."""
+        """Poll /history until the entry appears. HTTP may fail for unreachable_grace seconds
+        before ComfyUnreachable; with a `run`, also notices cancellation and a vanished prompt."""
         failing_since = None
-        next_liveness = time.monotonic() + (self.liveness_interval if run else float("inf"))
+        next_liveness = time.monotonic() + self.liveness_interval
         while True:
             try:
                 entry = self.get_history(prompt_id, timeout=self._call_timeout(deadline))
                 if entry is not None:
                     return entry
                 failing_since = None
-                if run is not None:
-                    run.raise_if_cancelled()
-                    if time.monotonic() >= next_liveness:
-                        if self._prompt_vanished_or_done(run):
-                            continue  # finished meanwhile: the next read returns it
-                        next_liveness = time.monotonic() + self.liveness_interval
-            except (ComfyUnreachable, ComfyBadResponse, ComfyTimeout) as e:
+            except _TRANSIENT as e:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if run is not None:
@@ -654,6 +651,12 @@ class ComfyClient:
                     raise ComfyUnreachable(self.base_url, message=(
                         f"lost contact with ComfyUI at {self.base_url} while waiting for prompt "
                         f"{prompt_id}: {e}")) from e
+            if run is not None and failing_since is None:
+                run.raise_if_cancelled()
+                if time.monotonic() >= next_liveness:
+                    if self._check_liveness(run) == "finished":
+                        continue  # the next read returns the entry
+                    next_liveness = time.monotonic() + self.liveness_interval
             now = time.monotonic()
             if now >= deadline:
                 raise on_deadline()
@@ -663,19 +666,19 @@ class ComfyClient:
             else:
                 time.sleep(pause)
 
-    def _prompt_vanished_or_done(self, run: "_Run") -> bool:
-        """True if the prompt already has a history entry; raises if it left the queue without one."""
-        queue = self.get_queue()  # queue first: the move from queue to history is atomic in ComfyUI
-        if run.prompt_id in _queue_ids(queue, "queue_running") | _queue_ids(queue, "queue_pending"):
-            return False
-        if self.get_history(run.prompt_id) is not None:
-            return True
-        if run.lost_contact:
-            raise ComfyUnreachable(self.base_url, message=(
-                f"ComfyUI at {self.base_url} lost prompt {run.prompt_id} (it is neither queued nor "
-                f"in history after the connection dropped; did ComfyUI restart?)"))
-        raise ComfyInterrupted(prompt_id=run.prompt_id, message=(
-            f"ComfyUI prompt {run.prompt_id} was removed from the queue before it finished"))
+    def _check_liveness(self, run: "_Run") -> str:
+        """"queued", "finished", or "unknown" (HTTP failed); raises if the prompt vanished."""
+        try:
+            # queue first: ComfyUI moves a prompt from the queue to history atomically
+            queue = self.get_queue()
+            if run.prompt_id in _queue_ids(queue, "queue_running") | _queue_ids(queue, "queue_pending"):
+                return "queued"
+            if self.get_history(run.prompt_id) is not None:
+                return "finished"
+        except _TRANSIENT as e:
+            log.debug("liveness check of prompt %s failed: %s", run.prompt_id, e)
+            return "unknown"
+        raise run.vanished_error(self.base_url)
 
     def _cancel_quietly(self, prompt_id: str) -> None:
         try:
@@ -701,10 +704,21 @@ class _Run:
         return ComfyTimeout(self.timeout, f"ComfyUI prompt {self.prompt_id} did not finish "
                                           f"within {self.timeout:g}s")
 
+    def vanished_error(self, base_url: str) -> ComfyError:
+        if self.lost_contact:
+            return ComfyUnreachable(base_url, message=(
+                f"ComfyUI at {base_url} lost prompt {self.prompt_id}: it is neither queued nor in "
+                f"history after the connection failed (did ComfyUI restart?)"))
+        return ComfyInterrupted(prompt_id=self.prompt_id, message=(
+            f"ComfyUI prompt {self.prompt_id} was removed from the queue before it finished"))
+
     def raise_if_cancelled(self):
         if self.cancelled.is_set():
             raise ComfyInterrupted(prompt_id=self.prompt_id, message=(
                 f"ComfyUI prompt {self.prompt_id} was cancelled before it ran"))
+
+
+_TRANSIENT = (ComfyUnreachable, ComfyBadResponse, ComfyTimeout)  # HTTP failures worth retrying in a run
 
 
 def _queue_ids(queue: dict, key: str) -> set:
