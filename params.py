@@ -138,6 +138,15 @@ def _bool(data, key, default=False):
     return value
 
 
+def _is_off(value, off_values) -> bool:
+    """True when a not-implemented feature's value means "off" (``{"enabled": false}`` too)."""
+    if isinstance(value, dict):
+        return not value or value.get("enabled") is False
+    if isinstance(value, list):
+        return all(_is_off(v, off_values) for v in value)
+    return any(value is off or (type(value) is type(off) and value == off) for off in off_values)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:60] + "…"
@@ -188,7 +197,7 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         scheduler = "karras"
     for key, value in data.items():
         if key in NOT_IMPLEMENTED:
-            if not any(value is off or value == off and type(value) is type(off) for off in NOT_IMPLEMENTED[key]):
+            if not _is_off(value, NOT_IMPLEMENTED[key]):
                 warnings.append(f"'{key}' is not implemented by this service yet and was ignored")
         elif key not in _KNOWN_KEYS and key not in DEPENDENT_KEYS and key not in IMAGE_KEYS:
             warnings.append(f"Unknown parameter '{key}' was ignored")

@@ -1,0 +1,111 @@
+"""The pure workflow builder: template filling, mask injection, graph rewiring."""
+import copy
+
+import pytest
+
+import img2img_workflow as W
+import params as P
+
+CHOICES = dict(checkpoints=["tiny-sd15-random.safetensors"], samplers=["euler", "dpmpp_2m"],
+               schedulers=["normal", "karras"])
+
+
+def gp(**kw):
+    data = {"prompt": "a red apple", "negative_prompt": "blurry", "seed": 7, **kw}
+    return P.resolve_choices(P.parse_params(data), **CHOICES)
+
+
+def build(mask=None, mode="fill", **kw):
+    return W.build_img2img_workflow(gp(**kw), image_name="in.png", mask_name=mask, filename_prefix="img2img_x_0",
+                                    seed=7, inpaint_mode=mode)
+
+
+def only(wf, class_type):
+    ids = W.nodes_of(wf, class_type)
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0], wf[ids[0]]["inputs"]
+
+
+def test_template_is_filled():
+    wf = build(steps=12, cfg_scale=5.5, denoising_strength=0.4, batch_size=3, sampler_name="DPM++ 2M Karras")
+    sid, ks = only(wf, "KSampler")
+    assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"], ks["denoise"]) == \
+        (7, 12, 5.5, "dpmpp_2m", "karras", 0.4)
+    assert wf[ks["positive"][0]]["inputs"]["text"] == "a red apple"
+    assert wf[ks["negative"][0]]["inputs"]["text"] == "blurry"
+    assert only(wf, "CheckpointLoaderSimple")[1]["ckpt_name"] == "tiny-sd15-random.safetensors"
+    assert only(wf, "LoadImage")[1]["image"] == "in.png"
+    assert only(wf, "RepeatLatentBatch")[1]["amount"] == 3
+    assert only(wf, "SaveImage")[1]["filename_prefix"] == "img2img_x_0"
+
+
+def test_template_is_not_mutated_between_builds():
+    a = build(steps=3)
+    b = build(steps=9)
+    assert only(a, "KSampler")[1]["steps"] == 3 and only(b, "KSampler")[1]["steps"] == 9
+
+
+def test_fill_mask_replaces_the_encode_and_forces_denoise_1():
+    wf = build(mask="m.png", denoising_strength=0.5, grow_mask_by=9)
+    assert W.nodes_of(wf, "VAEEncode") == []
+    mid, lim = only(wf, "LoadImageMask")
+    assert lim == {"image": "m.png", "channel": "alpha"}
+    eid, enc = only(wf, "VAEEncodeForInpaint")
+    lid, _ = only(wf, "LoadImage")
+    ckpt, _ = only(wf, "CheckpointLoaderSimple")
+    assert enc == {"pixels": [lid, 0], "vae": [ckpt, 2], "mask": [mid, 0], "grow_mask_by": 9}
+    rid, rep = only(wf, "RepeatLatentBatch")
+    assert rep["samples"] == [eid, 0]
+    assert only(wf, "KSampler")[1]["denoise"] == 1.0
+
+
+def test_original_mode_keeps_denoise_and_adds_noise_mask():
+    wf = build(mask="m.png", mode="original", denoising_strength=0.3)
+    vid, enc = only(wf, "VAEEncode")
+    nid, nm = only(wf, "SetLatentNoiseMask")
+    assert nm["samples"] == [vid, 0] and wf[nm["mask"][0]]["class_type"] == "LoadImageMask"
+    assert only(wf, "RepeatLatentBatch")[1]["samples"] == [nid, 0]
+    assert only(wf, "KSampler")[1]["denoise"] == 0.3
+
+
+def test_every_sampler_consuming_the_latent_is_rewired():
+    wf = build()
+    sid, ks = only(wf, "KSampler")
+    second = copy.deepcopy(wf[sid])
+    wf["k2"] = second
+    wf["d2"] = {"class_type": "VAEDecode", "inputs": {"samples": ["k2", 0], "vae": ["1", 2]}}
+    wf["s2"] = {"class_type": "SaveImage", "inputs": {"images": ["d2", 0], "filename_prefix": "p"}}
+    out = W.inject_mask_into_workflow(wf, "m.png")
+    eid = W.nodes_of(out, "VAEEncodeForInpaint")[0]
+    rep = W.nodes_of(out, "RepeatLatentBatch")[0]
+    assert out[rep]["inputs"]["samples"] == [eid, 0]
+    assert out[sid]["inputs"]["denoise"] == 1.0 and out["k2"]["inputs"]["denoise"] == 1.0
+
+
+def test_injection_without_an_encoded_image_fails_loudly():
+    wf = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    with pytest.raises(W.WorkflowError):
+        W.inject_mask_into_workflow(wf, "m.png")
+
+
+def test_injection_does_not_mutate_its_input():
+    wf = build()
+    before = copy.deepcopy(wf)
+    W.inject_mask_into_workflow(wf, "m.png")
+    assert wf == before
+
+
+def test_new_ids_avoid_odd_existing_ids():
+    wf = {"3.5": {"class_type": "X", "inputs": {}}, "10:2": {"class_type": "Y", "inputs": {}},
+          "7": {"class_type": "Z", "inputs": {}}}
+    assert W.new_node_id(wf) == "8"
+    assert W.new_node_id({"a": {}}) == "1"
+
+
+def test_clip_skip_inserts_clip_set_last_layer():
+    wf = build(clip_skip=2)
+    lid, layer = only(wf, "CLIPSetLastLayer")
+    assert layer["stop_at_clip_layer"] == -2
+    for nid in W.nodes_of(wf, "CLIPTextEncode"):
+        assert wf[nid]["inputs"]["clip"] == [lid, 0]
+    assert W.nodes_of(build(), "CLIPSetLastLayer") == []
