@@ -160,6 +160,14 @@ class Img2ImgService:
 
         try:
             return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued)
+        except comfy_client.ComfyRejected:
+            # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
+            # the next request is checked against what ComfyUI really has.
+            try:
+                self.client.object_info(refresh=True)
+            except comfy_client.ComfyError:
+                pass
+            raise
         finally:
             self.active.set_prompt(run_id, None)
 

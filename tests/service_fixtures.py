@@ -1,0 +1,65 @@
+"""Fixtures for tests of the img2img service: the real Flask app, on a real port where it matters,
+talking to the fake ComfyUI over real sockets."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from waitress.server import create_server
+
+from config import Config
+from img2img_server import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def service_config(fake_comfy, tmp_path):
+    """Shares ComfyUI's input folder (as with COMFYUI_DIR); tests may .replace() it."""
+    port = free_port()
+    return Config(comfy_api_url=fake_comfy.url, comfyui_input_dir=fake_comfy.input_dir,
+                  served_images_dir=tmp_path / "served", public_base_url=f"http://127.0.0.1:{port}",
+                  port=port, comfy_timeout_s=20, cors_origins=("http://localhost:8080",))
+
+
+@pytest.fixture
+def app(service_config):
+    return create_app(service_config)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class LiveServer:
+    """The app served by waitress (the production server) on the config's port, in a thread."""
+
+    def __init__(self, app, port: int):
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=port, threads=24)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        """Close the listener and every open connection, and end waitress's worker threads."""
+        self.server.task_dispatcher.shutdown(timeout=5)
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_server(app, service_config):
+    server = LiveServer(app, service_config.port).start()
+    yield server
+    server.stop()

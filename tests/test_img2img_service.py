@@ -1,0 +1,343 @@
+"""The img2img service end to end: the real Flask app (over real HTTP where it matters) and the
+fake ComfyUI over real sockets. Pixel assertions rely on the fake's pixel model: the latent is the
+image itself and KSampler replaces exactly the noise-masked pixels."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from images import box_mask, gradient, png
+
+ROOT = Path(__file__).resolve().parent.parent
+BOX = (16, 16, 48, 40)  # the black (inpaint) area of the default mask
+
+
+def post_multipart(base_or_client, image: bytes, params: dict, mask: bytes | None = None):
+    files = {"image": ("whatever.jpg", image, "application/octet-stream")}
+    if mask is not None:
+        files["mask"] = ("../../etc/passwd", mask, "image/png")
+    if isinstance(base_or_client, str):
+        return requests.post(f"{base_or_client}/api/img2img", files=files, data={"params": json.dumps(params)},
+                             timeout=30)
+    data = {"params": json.dumps(params)}
+    data.update({k: (io.BytesIO(v[1]), v[0]) for k, v in files.items()})
+    return base_or_client.post("/api/img2img", data=data, content_type="multipart/form-data")
+
+
+def body(resp):
+    return resp.json() if hasattr(resp, "ok") else resp.get_json()
+
+
+def arr(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def leftovers(fake_comfy) -> list:
+    return sorted(p.name for p in fake_comfy.input_dir.rglob("*") if p.is_file())
+
+
+PARAMS = {"prompt": "a cabin", "steps": 3, "seed": 7, "grow_mask_by": 0}
+
+
+# --- success paths -----------------------------------------------------------------------
+
+def test_multipart_with_mask_inpaints_only_the_black_area(live_server, fake_comfy):
+    src = gradient(64, 48)
+    resp = post_multipart(live_server.url, png(src), PARAMS, png(box_mask((64, 48), BOX)))
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["status"] == "success" and data["seed"] == 7
+    images = data["comfy_response"]["generated_images"]
+    assert len(images) == 1 and images[0]["type"] == "output" and images[0]["subfolder"] == ""
+    got = requests.get(images[0]["url"], timeout=10)
+    assert got.status_code == 200 and got.headers["Content-Type"] == "image/png"
+    out, inp = arr(got.content), np.asarray(src, dtype=np.int16)
+    assert out.shape == inp.shape
+    inside = np.zeros(out.shape[:2], bool)
+    inside[BOX[1]:BOX[3], BOX[0]:BOX[2]] = True
+    assert (out[~inside] == inp[~inside]).all(), "white (keep) pixels must not change"
+    assert (out[inside] != inp[inside]).any(axis=-1).mean() > 0.9, "black (inpaint) pixels must change"
+    wf = data["workflow"]
+    classes = {n["class_type"] for n in wf.values()}
+    assert {"LoadImageMask", "VAEEncodeForInpaint"} <= classes and "VAEEncode" not in classes
+    assert data["comfy_response"]["all_images"] == images
+    assert leftovers(fake_comfy) == []
+
+
+def test_without_mask_the_whole_image_changes_and_denoise_is_honoured(client, fake_comfy):
+    src = png(gradient(64, 48))
+    diffs = {}
+    for denoise in (0.3, 0.9):
+        resp = post_multipart(client, src, {**PARAMS, "denoising_strength": denoise})
+        assert resp.status_code == 200, resp.get_json()
+        data = resp.get_json()
+        ks = [n for n in data["workflow"].values() if n["class_type"] == "KSampler"][0]["inputs"]
+        assert ks["denoise"] == denoise
+        name = data["comfy_response"]["generated_images"][0]["filename"]
+        out = client.get(f"/images/{name}")
+        assert out.status_code == 200 and out.mimetype == "image/png"
+        diffs[denoise] = np.abs(arr(out.data) - np.asarray(gradient(64, 48), dtype=np.int16)).mean()
+    assert 0 < diffs[0.3] < diffs[0.9]
+    assert leftovers(fake_comfy) == []
+
+
+def test_json_body_with_data_urls_and_cors_preflight(live_server):
+    origin = "http://localhost:8080"
+    pre = requests.options(f"{live_server.url}/api/img2img", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"}, timeout=5)
+    assert pre.status_code == 200
+    assert pre.headers.get("Access-Control-Allow-Origin") == origin
+    assert "content-type" in pre.headers.get("Access-Control-Allow-Headers", "").lower()
+    src = gradient(64, 48)
+    payload = {**PARAMS, "input_image": "data:image/png;base64," + base64.b64encode(png(src)).decode(),
+               "mask_image": base64.b64encode(png(box_mask((64, 48), BOX))).decode()}
+    resp = requests.post(f"{live_server.url}/api/img2img", json=payload, headers={"Origin": origin}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers.get("Access-Control-Allow-Origin") == origin
+    url = resp.json()["comfy_response"]["generated_images"][0]["url"]
+    out = arr(requests.get(url, timeout=5).content)
+    assert (out[0:10] == np.asarray(src, dtype=np.int16)[0:10]).all()
+
+
+def test_cors_only_for_configured_origins(client):
+    resp = client.get("/health", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    resp = client.options("/api/img2img", headers={"Origin": "http://evil.example",
+                                                   "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    resp = client.get("/health", headers={"Origin": "http://localhost:8080"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
+
+
+def test_batch_size_and_count_give_all_images_with_incrementing_seeds(client, fake_comfy):
+    resp = post_multipart(client, png(gradient(32, 32)), {**PARAMS, "batch_size": 2, "batch_count": 2, "seed": 100})
+    data = resp.get_json()
+    assert resp.status_code == 200, data
+    assert data["seeds"] == [100, 101]
+    names = [i["filename"] for i in data["comfy_response"]["generated_images"]]
+    assert len(names) == 4 and len(set(names)) == 4
+    seeds_sent = [n["inputs"]["seed"] for _, p, _ in fake_comfy.prompts for n in p.values()
+                  if n["class_type"] == "KSampler"]
+    assert seeds_sent == [100, 101]
+
+
+def test_unimplemented_frontend_keys_only_warn(client):
+    resp = post_multipart(client, png(gradient(32, 32)), {**PARAMS, "hires_fix": True, "tiling": False})
+    assert resp.status_code == 200
+    warnings = resp.get_json()["warnings"]
+    assert any("hires_fix" in w for w in warnings) and not any("tiling" in w for w in warnings)
+
+
+def test_fill_mode_warns_when_denoise_is_raised(client):
+    resp = post_multipart(client, png(gradient(32, 32)), {**PARAMS, "denoising_strength": 0.5},
+                          png(box_mask((32, 32), (0, 0, 8, 8))))
+    assert resp.status_code == 200
+    assert any("raised to 1.0" in w for w in resp.get_json()["warnings"])
+
+
+def test_http_upload_mode_without_shared_disk(fake_comfy, service_config, tmp_path):
+    from img2img_server import create_app
+    app = create_app(service_config.replace(comfyui_input_dir=None, comfyui_dir=None))
+    resp = post_multipart(app.test_client(), png(gradient(32, 32)), PARAMS, png(box_mask((32, 32), (0, 0, 8, 8))))
+    assert resp.status_code == 200, resp.get_json()
+    wf = resp.get_json()["workflow"]
+    names = [n["inputs"]["image"] for n in wf.values() if n["class_type"] in ("LoadImage", "LoadImageMask")]
+    assert all(n.startswith("dreamlayer_img2img/") for n in names)
+    assert sorted(p.parent.name for p in fake_comfy.input_dir.rglob("*.png")) == ["dreamlayer_img2img"] * 2
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def _check_error(resp, status, code):
+    data = body(resp)
+    assert resp.status_code == status, data
+    assert data["status"] == "error" and data["code"] == code and data["message"]
+    return data
+
+
+@pytest.mark.parametrize("params,status,code,field", [
+    ({"steps": 3}, 400, "missing_parameter", "prompt"),
+    ({**PARAMS, "steps": 0}, 400, "invalid_parameter", "steps"),
+    ({**PARAMS, "cfg_scale": "high"}, 400, "invalid_parameter", "cfg_scale"),
+    ({**PARAMS, "denoising_strength": 2}, 400, "invalid_parameter", "denoising_strength"),
+    ({**PARAMS, "model_name": "nope.safetensors"}, 400, "unknown_model", "model_name"),
+    ({**PARAMS, "sampler_name": "PLMS"}, 400, "unknown_sampler", "sampler_name"),
+])
+def test_parameter_errors(client, fake_comfy, params, status, code, field):
+    data = _check_error(post_multipart(client, png(gradient(32, 32)), params), status, code)
+    assert data["field"] == field
+    if code == "unknown_model":
+        assert "tiny-sd15-random.safetensors" in data["message"]
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_request_shape_errors(client):
+    img = png(gradient(32, 32))
+    _check_error(client.post("/api/img2img", data="hello", content_type="text/plain"), 415,
+                 "unsupported_content_type")
+    _check_error(client.post("/api/img2img", data={"params": "{}"}, content_type="multipart/form-data"), 400,
+                 "missing_image")
+    _check_error(client.post("/api/img2img", data={"image": (io.BytesIO(img), "a.png")},
+                             content_type="multipart/form-data"), 400, "missing_params")
+    _check_error(client.post("/api/img2img", data={"image": (io.BytesIO(img), "a.png"), "params": "{bad"},
+                             content_type="multipart/form-data"), 400, "invalid_params")
+    _check_error(client.post("/api/img2img", data={"image": (io.BytesIO(img), "a.png"), "params": "[1]"},
+                             content_type="multipart/form-data"), 400, "invalid_params")
+    _check_error(client.post("/api/img2img", data="{bad", content_type="application/json"), 400, "invalid_json")
+    _check_error(client.post("/api/img2img", json={"prompt": "x"}), 400, "missing_image")
+    _check_error(client.post("/api/img2img", json={"prompt": "x", "input_image": "%%%"}), 400, "invalid_base64")
+
+
+def test_upload_errors(client, fake_comfy):
+    img = png(gradient(32, 32))
+    _check_error(post_multipart(client, b"not an image", PARAMS), 400, "invalid_image")
+    jpeg_mask = io.BytesIO()
+    box_mask((32, 32), (0, 0, 8, 8)).convert("RGB").save(jpeg_mask, "JPEG")
+    _check_error(post_multipart(client, img, PARAMS, jpeg_mask.getvalue()), 415, "mask_not_png")
+    _check_error(post_multipart(client, img, PARAMS, png(Image.new("L", (32, 32), 255))), 400, "mask_empty")
+    assert leftovers(fake_comfy) == []
+
+
+def test_mask_over_10_mib_is_413(client, service_config):
+    mask = png(box_mask((32, 32), (0, 0, 8, 8)))
+    mask += b"\0" * (service_config.max_mask_bytes + 1 - len(mask))
+    _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS, mask), 413, "mask_too_large")
+
+
+def test_whole_request_limit_is_json_413(fake_comfy, service_config):
+    from img2img_server import create_app
+    small = create_app(service_config.replace(max_content_length=10_000)).test_client()
+    resp = post_multipart(small, png(gradient(200, 200)), PARAMS)
+    _check_error(resp, 413, "request_too_large")
+
+
+def test_unknown_routes_and_methods_are_json(client):
+    _check_error(client.get("/nope"), 404, "not_found")
+    _check_error(client.get("/api/img2img"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("name", ["../config.py", "..%2Fconfig.py", "%2Fetc%2Fpasswd", "sub/x.png", ".tmp-x.part",
+                                  "nothere.png"])
+def test_images_route_serves_nothing_outside_its_folder(client, name):
+    resp = client.get(f"/images/{name}")
+    assert resp.status_code == 404 and resp.get_json()["code"] in ("image_not_found", "not_found")
+
+
+def test_images_route_rejects_symlinks_out(client, service_config, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png(gradient(8, 8)))
+    service_config.served_images_dir.mkdir(parents=True, exist_ok=True)
+    (service_config.served_images_dir / "link.png").symlink_to(secret)
+    assert client.get("/images/link.png").status_code == 404
+
+
+# --- ComfyUI failures ----------------------------------------------------------------------
+
+def test_comfyui_down_is_503_naming_the_url(client, fake_comfy):
+    fake_comfy.refuse_connections()
+    start = time.monotonic()
+    data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 503, "comfyui_unreachable")
+    assert time.monotonic() - start < 5
+    assert fake_comfy.url in data["message"]
+    health = client.get("/health").get_json()
+    assert health["status"] == "ok" and health["comfyui"]["reachable"] is False
+
+
+def test_rejected_workflow_is_502_with_node_errors(client, fake_comfy):
+    client.get("/health")
+    assert post_multipart(client, png(gradient(32, 32)), PARAMS).status_code == 200  # caches object_info
+    ckpts = fake_comfy.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    ckpts.remove("tiny-sd15-random.safetensors")  # the model disappears from ComfyUI
+    ckpts.append("other.safetensors")
+    data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 502, "comfyui_rejected_workflow")
+    errors = [e for n in data["node_errors"].values() for e in n["errors"]]
+    assert any(e["type"] == "value_not_in_list" for e in errors)
+    # the service refreshed its view of the models: the next request is a clear 400
+    data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 400, "unknown_model")
+    assert "other.safetensors" in data["message"]
+    assert leftovers(fake_comfy) == []
+
+
+def test_execution_error_is_502_naming_the_node(client, fake_comfy):
+    fake_comfy.fail_next(node="KSampler", message="CUDA out of memory")
+    data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 502, "comfyui_execution_error")
+    assert data["node_type"] == "KSampler" and "CUDA out of memory" in data["message"]
+    assert leftovers(fake_comfy) == []
+    assert post_multipart(client, png(gradient(32, 32)), PARAMS).status_code == 200
+
+
+def test_interrupt_endpoint_stops_the_running_generation(live_server, fake_comfy):
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(post_multipart, live_server.url, png(gradient(32, 32)), PARAMS)
+        deadline = time.monotonic() + 10
+        while fake_comfy.running_prompt_id() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = requests.post(f"{live_server.url}/api/img2img/interrupt", json={}, timeout=10).json()
+        assert answer["status"] == "success" and answer["interrupted"]
+        resp = future.result(timeout=15)
+    _check_error(resp, 409, "interrupted")
+    assert leftovers(fake_comfy) == []
+    assert post_multipart(live_server.url, png(gradient(32, 32)), PARAMS).status_code == 200
+
+
+def test_timeout_is_504_and_cancels_the_prompt(fake_comfy, service_config):
+    from img2img_server import create_app
+    client = create_app(service_config.replace(comfy_timeout_s=1.0)).test_client()
+    fake_comfy.hang_next()
+    start = time.monotonic()
+    _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 504, "comfyui_timeout")
+    assert time.monotonic() - start < 5
+    fake_comfy.wait_idle(timeout=5)
+    assert fake_comfy.running_prompt_id() is None
+    assert leftovers(fake_comfy) == []
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+def test_concurrent_requests_get_their_own_images(live_server, fake_comfy):
+    colours = [(i * 30, 255 - i * 30, (i * 70) % 256) for i in range(6)]
+
+    def one(colour):
+        src = Image.new("RGB", (32, 32), colour)
+        resp = post_multipart(live_server.url, png(src), {**PARAMS, "seed": 1},
+                              png(box_mask((32, 32), (0, 0, 8, 8))))
+        assert resp.status_code == 200, resp.text
+        url = resp.json()["comfy_response"]["generated_images"][0]["url"]
+        out = arr(requests.get(url, timeout=5).content)
+        return colour, url, out
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, colours))
+    assert len({url for _, url, _ in results}) == len(colours)
+    for colour, _, out in results:
+        assert (out[16:, 16:] == np.array(colour)).all(), "each request gets its own image back"
+    assert leftovers(fake_comfy) == []
+
+
+# --- the smoke script ----------------------------------------------------------------------
+
+def test_smoke_script_against_the_served_app(live_server, fake_comfy):
+    proc = subprocess.run([sys.executable, str(ROOT / "test_mask_upload.py"), "--url", live_server.url,
+                           "--steps", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_smoke_script_fails_clearly_when_the_service_is_down():
+    proc = subprocess.run([sys.executable, str(ROOT / "test_mask_upload.py"), "--url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "cannot reach" in proc.stderr
