@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 import comfy_client
+import inpainting
 from img2img_workflow import WorkflowError, build_img2img_workflow
 from errors import ApiError
 from params import parse_params, resolve_choices
@@ -96,38 +97,42 @@ class Img2ImgService:
         warnings = list(request.warnings) + list(params.warnings)
         image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
         warnings += image.warnings
-        mask = None
+        keep = None
         if request.mask is not None:
             mask = decode_mask(request.mask, size=image.image.size, max_bytes=self.config.max_mask_bytes,
-                               max_pixels=self.config.max_image_pixels)
+                               max_pixels=self.config.max_image_pixels, invert=params.mask_invert)
             warnings += mask.warnings
+            keep = mask.image
         params = resolve_choices(params, default_model=self.config.default_model, **self._choices())
-        inpaint_mode = "fill"
-        if mask is not None and inpaint_mode == "fill" and params.denoising_strength < 1.0:
-            warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: "
-                            "inpainting with VAEEncodeForInpaint needs full denoise")
+        if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
+            warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
+                            "'fill' (VAEEncodeForInpaint) needs full denoise; use 'original' to keep it")
+        plan = inpainting.plan(image.image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
+                               width=params.width, height=params.height, paste_back=params.paste_back,
+                               mask_blur=params.mask_blur)
+        gen_image, gen_keep = inpainting.prepare(image.image, keep, plan)
 
         run_id = uuid.uuid4().hex
         self.active.start(run_id)
         try:
             with InputStager(self.client, self.config.comfyui_input_dir) as stager:
-                image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(image.image))
+                image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
                 mask_ref = None
-                if mask is not None:
-                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(mask.image))
+                if gen_keep is not None:
+                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep))
                 outputs, workflows, prompt_ids = [], [], []
                 for index, seed in enumerate(params.seeds()):
                     try:
                         workflow = build_img2img_workflow(
                             params, image_name=image_ref, mask_name=mask_ref, seed=seed,
-                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=inpaint_mode)
+                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode)
                     except WorkflowError as exc:
                         raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                        status=400) from None
                     workflows.append(workflow)
                     result = self._run(run_id, workflow)
                     prompt_ids.append(result.prompt_id)
-                    outputs += [self._serve(run_id, index, img) for img in result.images]
+                    outputs += [self._serve(run_id, index, img, image.image, keep, plan) for img in result.images]
         finally:
             self.active.finish(run_id)
         if not outputs:
@@ -171,8 +176,9 @@ class Img2ImgService:
         finally:
             self.active.set_prompt(run_id, None)
 
-    def _serve(self, run_id: str, index: int, image) -> dict:
-        data = self.client.view(image)
+    def _serve(self, run_id: str, index: int, image, original, keep, plan) -> dict:
+        """Download one output, map it back onto the original (see inpainting.py), serve it."""
+        data = inpainting.finish_png(self.client.view(image), original, keep, plan)
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]

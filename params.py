@@ -84,6 +84,12 @@ class GenerationParams:
     height: Optional[int] = None
     grow_mask_by: int = 6
     clip_skip: int = 1
+    inpaint_mode: str = "fill"
+    mask_blur: int = 4
+    mask_invert: bool = False
+    paste_back: bool = True
+    inpaint_area: str = "whole"
+    inpaint_padding: int = 32
     warnings: tuple = field(default_factory=tuple)
 
     def seeds(self) -> list:
@@ -152,6 +158,23 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:60] + "…"
 
 
+def _choice(data, key, options: dict, default: str) -> str:
+    """One of ``options`` (accepting the aliases it maps), case- and separator-insensitive."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        found = options.get(_norm_label(value))
+        if found:
+            return found
+    valid = sorted(set(options.values()))
+    raise InvalidParameter(key, f"'{key}' must be one of {', '.join(valid)}; got {_show(value)}", allowed=valid)
+
+
+INPAINT_MODES = {"fill": "fill", "original": "original"}
+INPAINT_AREAS = {"whole": "whole", "whole picture": "whole", "only masked": "only_masked"}
+
+
 def _dimension(data, key):
     value = _number(data, key, integer=True, lo=64, hi=2048, default=None)
     return value
@@ -178,6 +201,14 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
     width = _dimension(data, "width")
     height = _dimension(data, "height")
     random_seed = _bool(data, "random_seed")
+    inpaint = dict(
+        inpaint_mode=_choice(data, "inpaint_mode", INPAINT_MODES, "fill"),
+        mask_blur=_number(data, "mask_blur", integer=True, lo=0, hi=64, default=4),
+        mask_invert=_bool(data, "mask_invert"),
+        paste_back=_bool(data, "paste_back", True),
+        inpaint_area=_choice(data, "inpaint_area", INPAINT_AREAS, "whole"),
+        inpaint_padding=_number(data, "inpaint_padding", integer=True, lo=0, hi=1024, default=32),
+    )
     seed = data.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (
@@ -205,14 +236,15 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         prompt=prompt, negative_prompt=negative, denoising_strength=denoise, steps=steps, cfg_scale=cfg,
         seed=seed, random_seed=random_seed, batch_size=batch_size, batch_count=batch_count,
         sampler_name=sampler, scheduler=scheduler, model_name=model, width=width, height=height,
-        grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings),
+        grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings), **inpaint,
     )
 
 
 _KNOWN_KEYS = {
     "prompt", "negative_prompt", "denoising_strength", "steps", "cfg_scale", "batch_size", "batch_count",
     "grow_mask_by", "clip_skip", "width", "height", "random_seed", "seed", "model_name", "sampler_name",
-    "scheduler", "karras_sigmas",
+    "scheduler", "karras_sigmas", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
+    "inpaint_padding",
 }
 
 

@@ -138,10 +138,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
     return Decoded(im, warnings, fmt)
 
 
-def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int) -> Decoded:
+def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, invert: bool = False) -> Decoded:
     """Decode a mask into 'keep' luminance (mode L, 255 = keep, 0 = inpaint) at ``size``.
 
     White keeps, black inpaints, grey is partial; a transparent pixel counts as white (keep).
+    ``invert`` is for masks drawn the other way round (white = inpaint); transparency still
+    means keep, so a mask painted on a transparent canvas works either way.
     """
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"The mask is {len(data)} bytes; the limit is {max_bytes} bytes",
@@ -155,9 +157,13 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int) ->
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = im.convert("RGBA")
-        keep = Image.composite(rgba.convert("L"), Image.new("L", im.size, 255), rgba.getchannel("A"))
+        lum = rgba.convert("L")
+        keep = Image.composite(ImageOps.invert(lum) if invert else lum, Image.new("L", im.size, 255),
+                               rgba.getchannel("A"))
     else:
         keep = _to_8bit(im).convert("L")
+        if invert:
+            keep = ImageOps.invert(keep)
     if keep.size != tuple(size):
         iw, ih = size
         mw, mh = keep.size
@@ -165,8 +171,8 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int) ->
         warnings.append(f"The mask is {mw}x{mh} and the image {iw}x{ih}; the mask was resized to the image{ratio_note}")
         keep = keep.resize((iw, ih), Image.BILINEAR)
     if keep.getextrema()[0] == 255:
-        raise BadRequest("The mask has nothing to inpaint: it is all white (white = keep, black = inpaint)",
-                         code="mask_empty")
+        convention = "black = keep, white = inpaint (mask_invert)" if invert else "white = keep, black = inpaint"
+        raise BadRequest(f"The mask has nothing to inpaint ({convention})", code="mask_empty")
     return Decoded(keep, warnings, "PNG")
 
 
