@@ -220,3 +220,107 @@ def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, fi
     if mask_name is not None:
         wf = inject_mask_into_workflow(wf, mask_name, grow_mask_by=params.grow_mask_by, mode=inpaint_mode)
     return wf
+
+
+# --- LoRA, ControlNet, custom workflows -----------------------------------------------------
+
+def apply_loras(workflow: dict, loras) -> dict:
+    """Chain a LoraLoader per entry between each checkpoint and every consumer of its MODEL and
+    CLIP. ``loras``: dicts with lora_name, strength_model, strength_clip."""
+    wf = copy.deepcopy(workflow)
+    if not loras:
+        return wf
+    for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
+        model_users, clip_users = consumers(wf, ckpt, 0), consumers(wf, ckpt, 1)
+        model, clip = [ckpt, 0], [ckpt, 1]
+        for lora in loras:
+            nid = add_node(wf, "LoraLoader", {"model": model, "clip": clip, "lora_name": lora["lora_name"],
+                                               "strength_model": lora["strength_model"],
+                                               "strength_clip": lora["strength_clip"]})
+            model, clip = [nid, 0], [nid, 1]
+        for nid, name in model_users:
+            wf[nid]["inputs"][name] = list(model)
+        for nid, name in clip_users:
+            wf[nid]["inputs"][name] = list(clip)
+    return wf
+
+
+#: Union ControlNet types (SetUnionControlNetType) for the frontend's control_type values.
+UNION_TYPES = {
+    "openpose": "openpose", "depth": "depth", "canny": "canny/lineart/anime_lineart/mlsd",
+    "lineart": "canny/lineart/anime_lineart/mlsd", "mlsd": "canny/lineart/anime_lineart/mlsd",
+    "scribble": "hed/pidi/scribble/ted", "softedge": "hed/pidi/scribble/ted", "hed": "hed/pidi/scribble/ted",
+    "normal": "normal", "seg": "segment", "segment": "segment", "tile": "tile", "inpaint": "repaint",
+    "repaint": "repaint", "auto": "auto",
+}
+
+
+def apply_controlnets(workflow: dict, units, *, input_loader: str) -> dict:
+    """Chain ControlNetLoader + ControlNetApplyAdvanced per unit on every sampler's conditioning.
+
+    A unit: model, image (a file name for a new LoadImage, or None = the input image's loader),
+    preprocessor ("none" | "canny"), low/high thresholds, union_type (or None), strength,
+    start, end.
+    """
+    wf = copy.deepcopy(workflow)
+    if not units:
+        return wf
+    samplers = nodes_of(wf, *SAMPLER_CLASSES)
+    pairs = []  # distinct (positive, negative) links feeding samplers
+    for sid in samplers:
+        pair = (tuple(wf[sid]["inputs"]["positive"]), tuple(wf[sid]["inputs"]["negative"]))
+        if pair not in pairs:
+            pairs.append(pair)
+    for pos, neg in pairs:
+        positive, negative = list(pos), list(neg)
+        for unit in units:
+            loader = add_node(wf, "ControlNetLoader", {"control_net_name": unit["model"]})
+            control = [loader, 0]
+            if unit.get("union_type"):
+                control = [add_node(wf, "SetUnionControlNetType", {"control_net": control,
+                                                                    "type": unit["union_type"]}), 0]
+            image = [input_loader, 0]
+            if unit.get("image"):
+                image = [add_node(wf, "LoadImage", {"image": unit["image"]}), 0]
+            if unit.get("preprocessor") == "canny":
+                image = [add_node(wf, "Canny", {"image": image, "low_threshold": unit["low"],
+                                                "high_threshold": unit["high"]}), 0]
+            apply = add_node(wf, "ControlNetApplyAdvanced", {
+                "positive": positive, "negative": negative, "control_net": control, "image": image,
+                "strength": unit["strength"], "start_percent": unit["start"], "end_percent": unit["end"]})
+            positive, negative = [apply, 0], [apply, 1]
+        for sid in samplers:
+            inputs = wf[sid]["inputs"]
+            if tuple(inputs["positive"]) == pos and tuple(inputs["negative"]) == neg:
+                inputs["positive"], inputs["negative"] = list(positive), list(negative)
+    return wf
+
+
+def normalise_custom_workflow(raw, *, output_classes=("SaveImage", "PreviewImage")) -> dict:
+    """A user's API-format workflow (bare, or {"prompt": {...}}), checked for what we need.
+
+    Raises WorkflowError with a message that says how to fix it; UI-format files (ComfyUI's
+    editor save, with "nodes" and "links") are recognised and explained.
+    """
+    if isinstance(raw, dict) and isinstance(raw.get("prompt"), dict):
+        raw = raw["prompt"]
+    if not isinstance(raw, dict) or not raw:
+        raise WorkflowError("custom_workflow must be a ComfyUI API-format workflow: a JSON object of nodes")
+    if isinstance(raw.get("nodes"), list) and "links" in raw:
+        raise WorkflowError("custom_workflow is in ComfyUI's UI format (the editor's 'Save'). Export it in "
+                            "API format instead: in ComfyUI choose Workflow → Export (API) (older versions: "
+                            "enable 'Dev mode options' in the settings, then 'Save (API Format)')")
+    wf = {}
+    for nid, node in raw.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowError(f"custom_workflow node {nid!r} must be an object with a 'class_type' string "
+                                "and an 'inputs' object")
+        wf[str(nid)] = {"class_type": node["class_type"], "inputs": copy.deepcopy(node.get("inputs", {}))}
+    if not nodes_of(wf, "LoadImage"):
+        raise WorkflowError("custom_workflow has no LoadImage node to receive the input image")
+    if not nodes_of(wf, *output_classes):
+        raise WorkflowError(f"custom_workflow has no output node ({' or '.join(output_classes)})")
+    if not nodes_of(wf, *SAMPLER_CLASSES):
+        raise WorkflowError("custom_workflow has no KSampler or KSamplerAdvanced")
+    return wf

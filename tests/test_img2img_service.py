@@ -220,7 +220,8 @@ def test_mask_over_10_mib_is_413(client, service_config):
 def test_whole_request_limit_is_json_413(fake_comfy, service_config):
     from img2img_server import create_app
     small = create_app(service_config.replace(max_content_length=10_000)).test_client()
-    resp = post_multipart(small, png(gradient(200, 200)), PARAMS)
+    noisy = Image.frombytes("RGB", (200, 200), np.random.default_rng(1).integers(0, 256, 120_000, np.uint8).tobytes())
+    resp = post_multipart(small, png(noisy), PARAMS)
     _check_error(resp, 413, "request_too_large")
 
 
@@ -266,7 +267,8 @@ def test_rejected_workflow_is_502_with_node_errors(client, fake_comfy):
     errors = [e for n in data["node_errors"].values() for e in n["errors"]]
     assert any(e["type"] == "value_not_in_list" for e in errors)
     # the service refreshed its view of the models: the next request is a clear 400
-    data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 400, "unknown_model")
+    data = _check_error(post_multipart(client, png(gradient(32, 32)),
+                                       {**PARAMS, "model_name": "tiny-sd15-random.safetensors"}), 400, "unknown_model")
     assert "other.safetensors" in data["message"]
     assert leftovers(fake_comfy) == []
 

@@ -1,0 +1,1 @@
+pytest_plugins = ["fake_comfyui.fixtures", "service_fixtures"]
