@@ -1,0 +1,114 @@
+"""Inpainting controls end to end, at pixel level, through the fake ComfyUI (whose latent is the
+image itself, so what the service does around the run is visible exactly)."""
+import io
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from images import box_mask, gradient, png
+
+W, H = 101, 77          # deliberately not multiples of 8
+BOX = (30, 20, 70, 55)  # black = inpaint
+
+
+def run(client, params, mask=True, src=None, mask_image=None):
+    src = src or gradient(W, H)
+    data = {"params": json.dumps({"prompt": "p", "steps": 2, "seed": 5, **params}),
+            "image": (io.BytesIO(png(src)), "i.png")}
+    if mask:
+        data["mask"] = (io.BytesIO(png(mask_image or box_mask((W, H), BOX))), "m.png")
+    resp = client.post("/api/img2img", data=data, content_type="multipart/form-data")
+    body = resp.get_json()
+    assert resp.status_code == 200, body
+    out = client.get("/images/" + body["comfy_response"]["generated_images"][0]["filename"])
+    assert out.status_code == 200
+    return np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"), dtype=np.int16), body
+
+
+def region(box, grow=0):
+    m = np.zeros((H, W), bool)
+    m[max(0, box[1] - grow):box[3] + grow, max(0, box[0] - grow):box[2] + grow] = True
+    return m
+
+
+SRC = np.asarray(gradient(W, H), dtype=np.int16)
+
+
+def test_paste_back_without_blur_is_exact_outside_and_changed_inside(client):
+    out, body = run(client, {"mask_blur": 0})
+    assert out.shape == SRC.shape
+    inside = region(BOX)
+    assert (out[~inside] == SRC[~inside]).all()
+    assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
+
+
+@pytest.mark.parametrize("blur", [2, 6])
+def test_blurred_paste_back_is_exact_beyond_three_blur_radii(client, blur):
+    out, _ = run(client, {"mask_blur": blur})
+    far = ~region(BOX, 3 * blur)
+    assert (out[far] == SRC[far]).all()
+
+
+def test_blur_gives_intermediate_values_only_along_the_edge(client):
+    blur = 4
+    sharp, _ = run(client, {"mask_blur": 0})
+    soft, _ = run(client, {"mask_blur": blur})
+    differs = (soft != sharp).any(-1)
+    band = region(BOX, 3 * blur) & ~region((BOX[0] + 3 * blur, BOX[1] + 3 * blur, BOX[2] - 3 * blur,
+                                            BOX[3] - 3 * blur))
+    assert differs.any() and not (differs & ~band).any()
+
+
+def test_mask_invert_swaps_the_regions(client):
+    out, _ = run(client, {"mask_blur": 0, "mask_invert": True})
+    inside = region(BOX)
+    assert (out[inside] == SRC[inside]).all()
+    assert (out[~inside] != SRC[~inside]).any(-1).mean() > 0.9
+
+
+def test_only_masked_keeps_everything_outside_and_the_original_size(client, fake_comfy):
+    out, body = run(client, {"inpaint_area": "only_masked", "inpaint_padding": 8, "width": 64, "height": 64,
+                             "mask_blur": 0})
+    assert out.shape == SRC.shape
+    inside = region(BOX)
+    assert (out[~inside] == SRC[~inside]).all()
+    assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
+    loaded = [n for n in body["workflow"].values() if n["class_type"] == "LoadImage"]
+    assert len(loaded) == 1  # ComfyUI generated the crop, at exactly width x height
+    _, prompt, _ = fake_comfy.prompts[-1]
+    outputs = fake_comfy.output_dir.glob(f"img2img_{body['run_id']}_0_*.png")
+    assert [Image.open(p).size for p in outputs] == [(64, 64)]
+
+
+def test_original_mode_honours_denoise(client):
+    inside = region(BOX)
+    change = {}
+    for denoise in (0.3, 0.9):
+        out, body = run(client, {"inpaint_mode": "original", "denoising_strength": denoise, "mask_blur": 0})
+        ks = [n for n in body["workflow"].values() if n["class_type"] == "KSampler"][0]["inputs"]
+        assert ks["denoise"] == denoise
+        assert "SetLatentNoiseMask" in {n["class_type"] for n in body["workflow"].values()}
+        assert (out[~inside] == SRC[~inside]).all()
+        change[denoise] = np.abs(out[inside] - SRC[inside]).mean()
+    assert 0 < change[0.3] < change[0.9]
+
+
+def test_width_height_without_mask_are_the_output_size(client):
+    out, _ = run(client, {"width": 72, "height": 66}, mask=False)
+    assert out.shape == (66, 72, 3)
+
+
+def test_without_width_height_the_output_has_the_input_size_even_off_multiples_of_8(client):
+    out, _ = run(client, {}, mask=False)
+    assert out.shape == SRC.shape
+
+
+@pytest.mark.parametrize("mode,area,paste,invert", list(itertools.product(
+    ["fill", "original"], ["whole", "only_masked"], [True, False], [False, True])))
+def test_every_combination_runs_and_keeps_the_input_size(client, mode, area, paste, invert):
+    out, body = run(client, {"inpaint_mode": mode, "inpaint_area": area, "paste_back": paste,
+                             "mask_invert": invert, "width": 64, "height": 96})
+    assert out.shape == SRC.shape
