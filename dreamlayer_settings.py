@@ -1,0 +1,217 @@
+"""DreamLayer's saved path settings and the directories derived from them — one implementation
+shared by dream_layer.py (port 5002) and the img2img service (port 5004).
+
+The settings file is the JSON object the frontend's Configurations page posts to
+/api/settings/paths (same keys as DreamLayer's settings.json, so an old one can be copied over).
+Only two keys are used: ``outputDirectory`` (where ComfyUI writes its outputs) and
+``modelsDirectory`` (the parent of a ``models/`` folder, handed to ComfyUI as --base-directory).
+
+This module also holds the demo-mode flag both services report on /health.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+
+SETTINGS_FILE_ENV = "DREAMLAYER_SETTINGS_FILE"
+DEFAULT_SETTINGS_FILE = HERE / "data" / "settings.json"
+
+#: The path settings this backend uses (the frontend's key names).
+PATH_KEYS = ("outputDirectory", "modelsDirectory")
+#: Keys the frontend's Configurations page also sends; accepted, not used (see docs/installation.md).
+UNUSED_FRONTEND_KEYS = ("controlNetModelsPath", "upscalerModelsPath", "vaeModelsPath",
+                        "loraEmbeddingsPath", "filenameFormat", "saveMetadata")
+#: The frontend's initial field values: sent as-is when the user did not touch a field, so they
+#: mean "leave this setting as it is" rather than a path to check.
+FRONTEND_PLACEHOLDERS = frozenset({
+    "/path/to/outputs", "/path/to/parent/of/models", "/path/to/models/ControlNet",
+    "/path/to/models/ESRGAN", "/path/to/models/VAE", "/path/to/models/Lora",
+    "paste the path if it is outside project root",
+})
+
+DEMO_ENV = "DREAMLAYER_DEMO"
+DEMO_NOTE = ("Demo mode: the ComfyUI answering here is the project's fake stand-in "
+             "(tests/fake_comfyui). It runs no diffusion model: images are synthetic.")
+
+
+class SettingsError(ValueError):
+    """A posted setting cannot be used; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def settings_file_from_env(environ: Mapping[str, str] | None = None) -> Path:
+    """Where settings are saved: $DREAMLAYER_SETTINGS_FILE, default <repo>/data/settings.json."""
+    env = os.environ if environ is None else environ
+    value = (env.get(SETTINGS_FILE_ENV) or "").strip()
+    return Path(value).expanduser() if value else DEFAULT_SETTINGS_FILE
+
+
+def demo_mode_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """True when start_dream_layer --demo runs the fake ComfyUI (it sets DREAMLAYER_DEMO=1)."""
+    env = os.environ if environ is None else environ
+    return (env.get(DEMO_ENV) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def demo_health_fields(demo: bool) -> dict:
+    """The fields to merge into /health's "comfyui" object, so a stand-in is never mistaken for
+    a real ComfyUI."""
+    return {"demo": True, "note": DEMO_NOTE} if demo else {}
+
+
+# ---------------------------------------------------------------------------- the file
+
+_write_lock = threading.Lock()
+
+
+def load_settings(path: Path) -> dict:
+    """The saved settings, or {} when there are none. A file that is not a JSON object is
+    reported in the log and ignored (it may be mid-edit by hand), never fatal."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring settings file %s: %s", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("ignoring settings file %s: not a JSON object", path)
+        return {}
+    return data
+
+
+def save_settings(path: Path, settings: dict) -> None:
+    """Write atomically (temporary file in the same folder, then rename): a crash mid-write
+    leaves the previous file intact, and readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------- validation
+
+def check_directory(field: str, value) -> Path:
+    """A usable directory: absolute, existing, a directory, writable (ComfyUI writes outputs
+    there, and under --base-directory also input/, temp/ and user/)."""
+    if not isinstance(value, str):
+        raise SettingsError(field, f"{field} must be a string path (got {type(value).__name__})")
+    if "\x00" in value:
+        raise SettingsError(field, f"{field} contains a NUL character")
+    path = Path(value)
+    if not path.is_absolute():
+        raise SettingsError(field, f"{field} must be an absolute path (got {value!r}); "
+                                   "relative and ~ paths are ambiguous for a server")
+    if not path.exists():
+        raise SettingsError(field, f"{field} {value!r} does not exist; create it first")
+    if not path.is_dir():
+        raise SettingsError(field, f"{field} {value!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SettingsError(field, f"{field} {value!r} is not writable by the user running "
+                                   "DreamLayer")
+    return Path(os.path.normpath(value))
+
+
+def is_placeholder(value) -> bool:
+    return isinstance(value, str) and value.strip() in FRONTEND_PLACEHOLDERS
+
+
+def apply_update(current: dict, posted: Mapping) -> tuple[dict, list]:
+    """The settings after a POST: (new settings, warnings). Raises SettingsError for the first
+    invalid path. Per path key: absent or a frontend placeholder = keep; null or "" = back to the
+    default; anything else must pass check_directory()."""
+    new = {k: v for k, v in current.items() if k in PATH_KEYS}
+    warnings = []
+    for key in PATH_KEYS:
+        if key not in posted or is_placeholder(posted[key]):
+            continue
+        value = posted[key]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            new.pop(key, None)
+            continue
+        new[key] = str(check_directory(key, value.strip() if isinstance(value, str) else value))
+    unused = [k for k in UNUSED_FRONTEND_KEYS if k in posted and not is_placeholder(posted[k])]
+    if unused:
+        warnings.append(f"Not used by this backend, not saved: {', '.join(unused)}. Model lists come "
+                        "from ComfyUI itself; add model folders in ComfyUI's extra_model_paths.yaml.")
+    unknown = sorted(k for k in posted if k not in PATH_KEYS and k not in UNUSED_FRONTEND_KEYS)
+    if unknown:
+        warnings.append(f"Unknown settings ignored: {', '.join(unknown)}")
+    return new, warnings
+
+
+def update_settings(path: Path, posted: Mapping) -> tuple[dict, list]:
+    """Validate ``posted``, merge it into the saved settings and save; (settings, warnings)."""
+    with _write_lock:
+        new, warnings = apply_update(load_settings(path), posted)
+        save_settings(path, new)
+    log.info("saved settings to %s: %s", path, new)
+    return new, warnings
+
+
+# ---------------------------------------------------------------------------- directories
+
+@dataclass(frozen=True)
+class Directories:
+    #: Where ComfyUI writes outputs; None = ComfyUI's own default (nothing known about it).
+    output_dir: Optional[Path]
+    #: Parent of a models/ folder for ComfyUI's --base-directory; None = ComfyUI's own.
+    models_dir: Optional[Path]
+
+    def to_dict(self) -> dict:
+        return {"output_directory": str(self.output_dir) if self.output_dir else None,
+                "models_directory": str(self.models_dir) if self.models_dir else None}
+
+
+def _saved_dir(settings: dict, key: str, path: Path) -> Optional[Path]:
+    value = settings.get(key)
+    if value in (None, "") or is_placeholder(value):
+        return None
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        log.warning("ignoring %s=%r in %s: not an absolute path", key, value, path)
+        return None
+    return Path(os.path.normpath(value))
+
+
+def get_directories(settings_file: Path, comfyui_dir: Optional[Path] = None) -> Directories:
+    """Output and models directories: the saved settings first; otherwise the output folder of
+    the local ComfyUI install (COMFYUI_DIR/output) and no models override.
+
+    Reads the file on every call so a saved change is seen without a restart; never raises for
+    a bad file (see load_settings)."""
+    settings = load_settings(settings_file)
+    output_dir = _saved_dir(settings, "outputDirectory", settings_file)
+    if output_dir is None and comfyui_dir is not None:
+        output_dir = Path(os.path.abspath(comfyui_dir)) / "output"
+    models_dir = _saved_dir(settings, "modelsDirectory", settings_file)
+    if models_dir is not None and not models_dir.is_dir():
+        log.warning("modelsDirectory %s in %s is not a directory; using ComfyUI's own", models_dir,
+                    settings_file)
+        models_dir = None
+    return Directories(output_dir=output_dir, models_dir=models_dir)
