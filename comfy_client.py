@@ -436,8 +436,8 @@ class ComfyClient:
         self._ok(resp, "GET /view")
         return resp.content
 
-    def get_queue(self) -> dict:
-        return self._json(self._request("GET", "/queue"), "GET /queue")
+    def get_queue(self, *, timeout=None) -> dict:
+        return self._json(self._request("GET", "/queue", timeout=timeout), "GET /queue")
 
     def delete_from_queue(self, prompt_ids: list) -> None:
         self._ok(self._request("POST", "/queue", json={"delete": list(prompt_ids)}), "POST /queue")
@@ -544,7 +544,7 @@ class ComfyClient:
                 if finished:
                     entry = self._history_after_success(run)
                 else:
-                    run.lost_contact = True
+                    run.lost_contact = True  # a prompt that vanishes now most likely died with ComfyUI
             if entry is None:
                 source = "polling"
                 entry = self._poll_history(prompt_id, deadline, run.timeout_error, run=run)
@@ -568,6 +568,13 @@ class ComfyClient:
     def _call_timeout(self, deadline: float):
         remaining = max(0.05, deadline - time.monotonic())
         return (min(self.connect_timeout, remaining), min(self.read_timeout, remaining))
+
+    def _poll_timeout(self, deadline: float):
+        """Timeouts of the small GETs of a wait: a server that cannot answer them within
+        unreachable_grace is as good as gone, so none may block longer than that."""
+        cap = max(self.unreachable_grace, 0.5)
+        connect, read = self._call_timeout(deadline)
+        return (min(connect, cap), min(read, cap))
 
     def _open_ws(self, client_id: str, deadline: float):
         url = self.ws_url(client_id)
@@ -636,14 +643,15 @@ class ComfyClient:
         failing_since = None
         next_liveness = time.monotonic() + self.liveness_interval
         while True:
+            asked = time.monotonic()
             try:
-                entry = self.get_history(prompt_id, timeout=self._call_timeout(deadline))
+                entry = self.get_history(prompt_id, timeout=self._poll_timeout(deadline))
                 if entry is not None:
                     return entry
                 failing_since = None
             except _TRANSIENT as e:
                 now = time.monotonic()
-                failing_since = failing_since or now
+                failing_since = failing_since or asked
                 if run is not None:
                     run.lost_contact = True
                 log.debug("polling /history for %s failed: %s", prompt_id, e)
@@ -670,10 +678,11 @@ class ComfyClient:
         """"queued", "finished", or "unknown" (HTTP failed); raises if the prompt vanished."""
         try:
             # queue first: ComfyUI moves a prompt from the queue to history atomically
-            queue = self.get_queue()
+            timeout = self._poll_timeout(run.deadline)
+            queue = self.get_queue(timeout=timeout)
             if run.prompt_id in _queue_ids(queue, "queue_running") | _queue_ids(queue, "queue_pending"):
                 return "queued"
-            if self.get_history(run.prompt_id) is not None:
+            if self.get_history(run.prompt_id, timeout=timeout) is not None:
                 return "finished"
         except _TRANSIENT as e:
             log.debug("liveness check of prompt %s failed: %s", run.prompt_id, e)

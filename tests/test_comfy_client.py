@@ -235,3 +235,455 @@ def test_error_classes_carry_status_and_code():
 def test_ws_url_follows_base_url():
     assert ComfyClient("http://127.0.0.1:8188/").ws_url("abc") == "ws://127.0.0.1:8188/ws?clientId=abc"
     assert ComfyClient("https://x.example/comfy").ws_url("a b") == "wss://x.example/comfy/ws?clientId=a%20b"
+
+
+# ==================================================================================================
+# Over real sockets, against the fake ComfyUI (fixture `fake_comfy` from tests/fake_comfyui)
+# ==================================================================================================
+
+import io  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import requests  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from comfy_client import (ComfyBadResponse, ComfyRejected, ComfyTimeout,  # noqa: E402
+                          ComfyUnreachable)
+
+WORKFLOW = FIXTURES / "workflow_inpaint_vaeencodeforinpaint.json"
+WAIT = 10  # generous upper bound for awaiting an event; never a sleep
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_inputs(fake):
+    """The capture's input files, as small synthetic PNGs: a gradient and an RGBA mask whose
+    transparent centre (alpha 0 → mask 1.0) is the area to inpaint."""
+    src = Image.new("RGB", (64, 64))
+    src.putdata([(x * 4, y * 4, 128) for y in range(64) for x in range(64)])
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    pathlib.Path(fake.input_dir, "probe_src_64.png").write_bytes(png_bytes(src))
+    pathlib.Path(fake.input_dir, "probe_mask_64.png").write_bytes(png_bytes(mask))
+
+
+def workflow(fake, prefix=None, **ksampler):
+    """The captured inpainting workflow with a unique SaveImage prefix (cached re-runs write no file)."""
+    write_inputs(fake)
+    wf = json.loads(WORKFLOW.read_text())
+    wf["9"]["inputs"]["filename_prefix"] = prefix or f"t{uuid.uuid4().hex[:8]}"
+    wf["7"]["inputs"].update(ksampler)
+    return wf
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_client(fake, **kw):
+    opts = dict(poll_interval=0.01, unreachable_grace=1.0, connect_timeout=1.0, read_timeout=5.0)
+    opts.update(kw)
+    return ComfyClient(fake.url, **opts)
+
+
+@pytest.fixture
+def client(fake_comfy):
+    c = make_client(fake_comfy)
+    yield c
+    c.close()
+
+
+class Background:
+    """Runs client.run() in a thread; exposes queued/started events and the outcome."""
+
+    def __init__(self, client, prompt, timeout=WAIT, start_on="started"):
+        self.queued = threading.Event()
+        self.started = threading.Event()
+        self.prompt_id = None
+        self.events = []
+        self.result = self.error = None
+        self._start_on = start_on
+
+        def on_queued(pid):
+            self.prompt_id = pid
+            self.queued.set()
+
+        def on_progress(p):
+            self.events.append(p)
+            if p.kind == self._start_on:
+                self.started.set()
+
+        def target():
+            try:
+                self.result = client.run(prompt, timeout=timeout, on_progress=on_progress,
+                                         on_queued=on_queued)
+            except Exception as e:  # noqa: BLE001 - handed to the test
+                self.error = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self):
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "run() did not return"
+        return self
+
+
+def test_run_succeeds_and_images_download(fake_comfy, client):
+    wf = workflow(fake_comfy, prefix="ok")
+    queued = []
+    result = client.run(wf, timeout=WAIT, on_queued=queued.append)
+    assert queued == [result.prompt_id]
+    assert result.source == "websocket"
+    assert result.history["status"]["status_str"] == "success"
+    assert len(result.images) == 1
+    image = result.images[0]
+    assert (image.node_id, image.subfolder, image.type) == ("9", "", "output")
+    assert image.filename.startswith("ok_") and image.filename.endswith("_.png")
+    data = client.view(image)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as png:
+        png.load()
+        assert png.format == "PNG" and png.size == (64, 64)
+    assert pathlib.Path(fake_comfy.output_dir, image.filename).read_bytes() == data
+    # the prompt went out unchanged, with this run's own client_id
+    pid, sent, client_id = fake_comfy.prompts[-1]
+    assert pid == result.prompt_id and sent == wf
+    assert uuid.UUID(client_id)
+    assert client.get_history(result.prompt_id)["outputs"] == result.history["outputs"]
+
+
+def test_progress_is_reported(fake_comfy, client):
+    order = []
+    result = client.run(workflow(fake_comfy, steps=5), timeout=WAIT,
+                        on_queued=lambda pid: order.append(("queued", pid)),
+                        on_progress=lambda p: order.append(("progress", p)))
+    assert order[0] == ("queued", result.prompt_id)
+    events = [p for kind, p in order[1:]]
+    assert all(p.prompt_id == result.prompt_id for p in events)
+    assert "started" in [p.kind for p in events]
+    steps = [(p.value, p.max, p.node) for p in events if p.kind == "progress"]
+    assert steps == [(i, 5, "7") for i in range(1, 6)]
+    executing = [p.node for p in events if p.kind == "executing"]
+    assert executing.index("7") < executing.index("8") < executing.index("9")
+
+
+def test_validation_error_surfaces_error_and_node_errors_unchanged(fake_comfy, client):
+    wf = workflow(fake_comfy)
+    wf["1"]["inputs"]["ckpt_name"] = "does-not-exist.safetensors"
+    with pytest.raises(ComfyRejected) as info:
+        client.run(wf, timeout=WAIT)
+    err = info.value
+    raw = requests.post(fake_comfy.url + "/prompt", json={"prompt": wf, "client_id": "x"}, timeout=5)
+    assert raw.status_code == 400
+    assert err.error == raw.json()["error"] and err.node_errors == raw.json()["node_errors"]
+    assert err.error["type"] == "prompt_outputs_failed_validation"
+    assert err.node_errors["1"]["errors"][0]["type"] == "value_not_in_list"
+    assert (err.status, err.code) == (502, "comfyui_rejected_workflow")
+    assert "does-not-exist.safetensors" in str(err)
+    assert [p for p in fake_comfy.prompts if p[1] == wf] == []  # nothing was queued
+
+
+def test_execution_error_names_node_and_exception(fake_comfy, client):
+    fake_comfy.fail_next(node="KSampler", message="boom")
+    with pytest.raises(ComfyExecutionFailed) as info:
+        client.run(workflow(fake_comfy), timeout=WAIT)
+    err = info.value
+    assert (err.node_id, err.node_type) == ("7", "KSampler")
+    assert "boom" in err.exception_message and err.exception_type
+    assert "node 7 (KSampler)" in str(err) and "boom" in str(err)
+
+
+def test_interrupt_of_the_running_prompt(fake_comfy, client):
+    fake_comfy.hang_next()
+    run = Background(client, workflow(fake_comfy))
+    assert run.started.wait(WAIT)
+    assert fake_comfy.running_prompt_id() == run.prompt_id
+    assert client.cancel(run.prompt_id) == "interrupted"
+    run.join()
+    assert isinstance(run.error, ComfyInterrupted), run.error
+    assert run.error.node_id is not None and run.error.status == 409
+    assert fake_comfy.interrupt_count == 1
+    fake_comfy.wait_idle()  # ComfyUI sends execution_interrupted just before it files the history entry
+    assert client.cancel(run.prompt_id) == "not_found"
+    assert fake_comfy.interrupt_count == 1
+
+
+def test_websocket_dropped_mid_run_result_still_obtained_by_polling(fake_comfy, client):
+    fake_comfy.drop_ws_next(after_progress=1)
+    events = []
+    result = client.run(workflow(fake_comfy, steps=4), timeout=WAIT, on_progress=events.append)
+    assert result.source == "polling"
+    assert [p.value for p in events if p.kind == "progress"] == [1]
+    assert result.history["status"]["status_str"] == "success"
+    assert client.view(result.images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_websocket_cannot_connect_polling_works(fake_comfy, client, monkeypatch):
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
+    monkeypatch.setattr(client, "ws_url", lambda cid: f"{dead}?clientId={cid}")
+    result = client.run(workflow(fake_comfy), timeout=WAIT)
+    assert result.source == "polling"
+    assert [i.node_id for i in result.images] == ["9"]
+    assert client.view(result.images[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_polling_maps_execution_error_from_history(fake_comfy, client, monkeypatch):
+    monkeypatch.setattr(client, "ws_url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
+    fake_comfy.fail_next(node="VAEDecode", message="decode exploded")
+    with pytest.raises(ComfyExecutionFailed) as info:
+        client.run(workflow(fake_comfy), timeout=WAIT)
+    assert (info.value.node_id, info.value.node_type) == ("8", "VAEDecode")
+    assert "decode exploded" in info.value.exception_message
+
+
+def test_comfyui_down_is_unreachable_quickly(fake_comfy):
+    fake_comfy.refuse_connections()
+    c = make_client(fake_comfy, connect_timeout=3.0)
+    start = time.monotonic()
+    with pytest.raises(ComfyUnreachable) as info:
+        c.run(workflow(fake_comfy), timeout=30)
+    assert time.monotonic() - start < 2.0
+    assert fake_comfy.url in str(info.value) and info.value.url == fake_comfy.url
+    assert (info.value.status, info.value.code) == (503, "comfyui_unreachable")
+    assert c.is_up() is False
+    fake_comfy.accept_connections()
+    assert c.is_up() is True
+
+
+def test_nothing_listening_is_unreachable_quickly():
+    url = f"http://127.0.0.1:{free_port()}"
+    c = ComfyClient(url)
+    start = time.monotonic()
+    for call in (lambda: c.run({}, timeout=30), c.system_stats, c.get_queue,
+                 lambda: c.upload_image(b"x", "a.png")):
+        with pytest.raises(ComfyUnreachable) as info:
+            call()
+        assert url in str(info.value) and "connection refused" in str(info.value)
+    assert time.monotonic() - start < 2.0
+    assert c.is_up() is False
+
+
+def test_dns_failure_is_unreachable():
+    c = ComfyClient("http://comfyui.invalid:8188", connect_timeout=2.0)
+    with pytest.raises(ComfyUnreachable) as info:
+        c.system_stats()
+    assert "http://comfyui.invalid:8188" in str(info.value)
+
+
+def test_comfyui_dying_mid_run_raises_unreachable_within_bounded_time(fake_comfy):
+    c = make_client(fake_comfy, unreachable_grace=1.0)
+    fake_comfy.hang_next()
+    run = Background(c, workflow(fake_comfy), timeout=60)
+    assert run.started.wait(WAIT)
+    died = time.monotonic()
+    fake_comfy.die()
+    run.join()
+    assert isinstance(run.error, ComfyUnreachable), run.error
+    assert time.monotonic() - died < 3.0  # unreachable_grace (1 s) + slack, far below the 60 s timeout
+    assert fake_comfy.url in str(run.error)
+
+
+def test_history_written_late_still_returns_the_result(fake_comfy, client):
+    fake_comfy.history_delay = 0.3
+    start = time.monotonic()
+    result = client.run(workflow(fake_comfy), timeout=WAIT)
+    assert time.monotonic() - start >= 0.3
+    assert result.source == "websocket"
+    assert "prompt" in result.history  # the real /history entry, not the executed-message fallback
+    assert result.history["status"]["status_str"] == "success"
+    assert [i.node_id for i in result.images] == ["9"]
+
+
+def test_prompt_finishing_instantly_is_seen_because_ws_opens_before_queueing(fake_comfy, monkeypatch):
+    c = make_client(fake_comfy, liveness_interval=60)  # only the socket could tell us it finished
+    order = []
+    real_connect = comfy_client.websocket.create_connection
+    real_queue = c.queue_prompt
+    monkeypatch.setattr(comfy_client.websocket, "create_connection",
+                        lambda *a, **k: (order.append("ws"), real_connect(*a, **k))[1])
+    monkeypatch.setattr(c, "queue_prompt", lambda *a, **k: (order.append("queue"), real_queue(*a, **k))[1])
+    fake_comfy.step_delay = 0.0
+    wf = workflow(fake_comfy, prefix="fast")
+    first = c.run(wf, timeout=5)
+    # the same prompt again is served entirely from cache: it finishes as soon as it is queued
+    again = c.run(wf, timeout=5)
+    assert order == ["ws", "queue", "ws", "queue"]
+    assert first.source == again.source == "websocket"
+    assert again.prompt_id != first.prompt_id
+    assert [i.filename for i in again.images] == [i.filename for i in first.images]
+
+
+def test_two_clients_on_one_fake_each_get_only_their_own_results(fake_comfy):
+    fake_comfy.step_delay = 0.01
+    clients = [make_client(fake_comfy), make_client(fake_comfy)]
+    runs = [Background(c, workflow(fake_comfy, prefix=f"client{i}", seed=i + 1))
+            for i, c in enumerate(clients)]
+    for i, run in enumerate(runs):
+        run.join()
+        assert run.error is None, run.error
+        assert [img.filename.split("_")[0] for img in run.result.images] == [f"client{i}"]
+        assert {p.prompt_id for p in run.events} == {run.prompt_id}
+        assert [p.value for p in run.events if p.kind == "progress"] == [1, 2, 3, 4]
+    client_ids = {cid for pid, _, cid in fake_comfy.prompts if pid in {r.prompt_id for r in runs}}
+    assert len(client_ids) == 2
+
+
+def test_cancel_of_a_pending_prompt_removes_it_without_interrupting_the_running_one(fake_comfy):
+    a, b = make_client(fake_comfy), make_client(fake_comfy)
+    fake_comfy.hang_next()
+    running = Background(a, workflow(fake_comfy, prefix="running"))
+    assert running.started.wait(WAIT)
+    pending = Background(b, workflow(fake_comfy, prefix="pending"))
+    assert pending.queued.wait(WAIT)
+    assert pending.prompt_id in {item[1] for item in b.get_queue()["queue_pending"]}
+
+    assert b.cancel(pending.prompt_id) == "removed"
+    pending.join()
+    assert isinstance(pending.error, ComfyInterrupted), pending.error
+    assert pending.error.node_id is None
+    assert fake_comfy.interrupt_count == 0
+    assert fake_comfy.running_prompt_id() == running.prompt_id
+    assert running.thread.is_alive()
+    assert b.get_queue()["queue_pending"] == []
+
+    assert a.cancel(running.prompt_id) == "interrupted"
+    running.join()
+    assert isinstance(running.error, ComfyInterrupted)
+    assert b.cancel(pending.prompt_id) == "not_found"
+
+
+def test_prompt_deleted_by_someone_else_is_noticed(fake_comfy):
+    """Not through this client's cancel(): the liveness check finds the prompt gone."""
+    watcher = make_client(fake_comfy, liveness_interval=0.2)
+    fake_comfy.hang_next()
+    running = Background(watcher, workflow(fake_comfy, prefix="r"))
+    assert running.started.wait(WAIT)
+    pending = Background(watcher, workflow(fake_comfy, prefix="p"))
+    assert pending.queued.wait(WAIT)
+    requests.post(fake_comfy.url + "/queue", json={"delete": [pending.prompt_id]}, timeout=5)
+    pending.join()
+    assert isinstance(pending.error, ComfyInterrupted), pending.error
+    assert "removed from the queue" in str(pending.error)
+    assert watcher.cancel(running.prompt_id) == "interrupted"
+    running.join()
+
+
+def test_timeout_raises_and_cancels_the_prompt(fake_comfy, client):
+    fake_comfy.hang_next()
+    start = time.monotonic()
+    with pytest.raises(ComfyTimeout) as info:
+        client.run(workflow(fake_comfy), timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 1.5
+    assert info.value.timeout == 0.5 and (info.value.status, info.value.code) == (504, "comfyui_timeout")
+    fake_comfy.wait_idle()  # the background cancel interrupts the hung prompt
+    assert fake_comfy.interrupt_count == 1
+
+
+def test_timeout_without_cancel_leaves_the_prompt(fake_comfy, client):
+    fake_comfy.hang_next()
+    with pytest.raises(ComfyTimeout):
+        client.run(workflow(fake_comfy), timeout=0.3, cancel_on_timeout=False)
+    pid = fake_comfy.prompts[-1][0]
+    assert fake_comfy.running_prompt_id() == pid
+    assert client.cancel(pid) == "interrupted"
+
+
+def test_object_info_is_cached_and_refreshable(fake_comfy, client, monkeypatch):
+    calls = []
+    real = client._session.request
+    monkeypatch.setattr(client._session, "request",
+                        lambda method, url, **kw: (calls.append(url), real(method, url, **kw))[1])
+    first = client.object_info()
+    assert client.object_info() is first
+    assert calls == [fake_comfy.url + "/object_info"]
+    assert "tiny-sd15-random.safetensors" in client.input_choices("CheckpointLoaderSimple", "ckpt_name")
+    assert "euler" in client.input_choices("KSampler", "sampler_name")
+    assert "normal" in client.input_choices("KSampler", "scheduler")
+    assert len(calls) == 1
+    client.object_info(refresh=True)
+    assert len(calls) == 2
+    with pytest.raises(KeyError):
+        client.input_choices("NoSuchNode", "x")
+    with pytest.raises(KeyError):
+        client.input_choices("KSampler", "no_such_input")
+    with pytest.raises(KeyError):
+        client.input_choices("KSampler", "steps")  # an INT, not a list
+
+
+def test_object_info_is_fetched_once_under_concurrency(fake_comfy, client, monkeypatch):
+    calls = []
+    real = client._session.request
+    monkeypatch.setattr(client._session, "request",
+                        lambda method, url, **kw: (calls.append(url), real(method, url, **kw))[1])
+    threads = [threading.Thread(target=client.object_info) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert calls == [fake_comfy.url + "/object_info"]
+
+
+def test_upload_image_lands_in_the_input_folder(fake_comfy, client):
+    data = png_bytes(Image.new("RGB", (8, 8), (10, 20, 30)))
+    assert client.upload_image(data, "upl.png") == {"name": "upl.png", "subfolder": "", "type": "input"}
+    assert pathlib.Path(fake_comfy.input_dir, "upl.png").read_bytes() == data
+    sub = client.upload_image(data, "upl.png", subfolder="jobs")
+    assert sub["subfolder"] == "jobs"
+    assert pathlib.Path(fake_comfy.input_dir, "jobs", "upl.png").read_bytes() == data
+    other = png_bytes(Image.new("RGB", (8, 8), (200, 0, 0)))
+    renamed = client.upload_image(other, "upl.png", overwrite=False)
+    assert renamed["name"] != "upl.png"  # ComfyUI keeps the old file and renames the new one
+    assert pathlib.Path(fake_comfy.input_dir, renamed["name"]).read_bytes() == other
+    assert client.upload_image(other, "upl.png")["name"] == "upl.png"  # overwrite=True replaces
+    assert pathlib.Path(fake_comfy.input_dir, "upl.png").read_bytes() == other
+
+
+def test_uploaded_images_can_feed_a_workflow(fake_comfy, client):
+    wf = workflow(fake_comfy)
+    src = pathlib.Path(fake_comfy.input_dir, "probe_src_64.png").read_bytes()
+    name = client.upload_image(src, f"u{uuid.uuid4().hex[:6]}.png")["name"]
+    wf["4"]["inputs"]["image"] = name
+    assert client.run(wf, timeout=WAIT).images
+
+
+def test_view_of_a_missing_file_is_a_bad_response(client):
+    with pytest.raises(ComfyBadResponse) as info:
+        client.view(OutputImage("9", "nope.png", "", "output"))
+    assert "nope.png" in str(info.value)
+
+
+def test_history_queue_and_stats_endpoints(fake_comfy, client):
+    assert client.get_history(str(uuid.uuid4())) is None
+    with pytest.raises(ComfyTimeout):
+        client.wait_for_history(str(uuid.uuid4()), 0.1)
+    assert client.get_queue() == {"queue_running": [], "queue_pending": []}
+    assert client.system_stats()["system"]["comfyui_version"] == "0.3.40"
+    assert client.is_up() is True
+
+
+def test_binary_preview_frames_are_ignored_over_the_socket(fake_comfy, client):
+    fake_comfy.send_previews = True
+    events = []
+    result = client.run(workflow(fake_comfy), timeout=WAIT, on_progress=events.append)
+    assert result.source == "websocket" and result.images
+    assert [p.value for p in events if p.kind == "progress"] == [1, 2, 3, 4]
+
+
+def test_one_client_shared_by_many_threads(fake_comfy, client):
+    runs = [Background(client, workflow(fake_comfy, prefix=f"s{i}", seed=i)) for i in range(4)]
+    for i, run in enumerate(runs):
+        run.join()
+        assert run.error is None, run.error
+        assert run.result.images[0].filename.startswith(f"s{i}_")
+    assert len({r.prompt_id for r in runs}) == 4
