@@ -18,7 +18,7 @@ from img2img_workflow import WorkflowError, build_img2img_workflow
 from errors import ApiError
 from params import parse_params, resolve_choices
 from staging import SAFE_NAME, InputStager, ServedImages
-from uploads import comfy_mask_png, decode_image, decode_mask, png_bytes
+from uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,20 @@ class Img2ImgService:
         self.active = ActiveRuns()
 
     # -- choices that depend on the ComfyUI server ------------------------------------------
-    def _choices(self) -> dict:
+    def _choices(self, params) -> dict:
+        def optional(class_type, name):
+            try:
+                return self.client.input_choices(class_type, name)
+            except KeyError:
+                return []  # this ComfyUI has no such node: every name is unknown
+
         try:
             return {
                 "checkpoints": self.client.input_choices("CheckpointLoaderSimple", "ckpt_name"),
                 "samplers": self.client.input_choices("KSampler", "sampler_name"),
                 "schedulers": self.client.input_choices("KSampler", "scheduler"),
+                "loras": optional("LoraLoader", "lora_name") if params.loras else None,
+                "controlnets": optional("ControlNetLoader", "control_net_name") if params.controlnet_units else None,
             }
         except KeyError as exc:
             raise comfy_client.ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
@@ -103,7 +111,8 @@ class Img2ImgService:
                                max_pixels=self.config.max_image_pixels, invert=params.mask_invert)
             warnings += mask.warnings
             keep = mask.image
-        params = resolve_choices(params, default_model=self.config.default_model, **self._choices())
+        control_images = [self._control_image(unit) for unit in params.controlnet_units]
+        params = resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
             warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
                             "'fill' (VAEEncodeForInpaint) needs full denoise; use 'original' to keep it")
@@ -120,12 +129,20 @@ class Img2ImgService:
                 mask_ref = None
                 if gen_keep is not None:
                     mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep))
+                units = []
+                for i, (unit, control) in enumerate(zip(params.controlnet_units, control_images)):
+                    ref = None
+                    if control is not None:
+                        shaped = inpainting.prepare_extra(control, image.image.size, plan)
+                        ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
+                    units.append({**unit, "image": ref})
                 outputs, workflows, prompt_ids = [], [], []
                 for index, seed in enumerate(params.seeds()):
                     try:
                         workflow = build_img2img_workflow(
                             params, image_name=image_ref, mask_name=mask_ref, seed=seed,
-                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode)
+                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
+                            controlnet_units=units)
                     except WorkflowError as exc:
                         raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                        status=400) from None
@@ -153,6 +170,13 @@ class Img2ImgService:
             },
             "workflow": workflows[0],
         }
+
+    def _control_image(self, unit):
+        """A ControlNet unit's own image, decoded and checked like the input image (or None)."""
+        if unit["input_image"] is None:
+            return None
+        data = decode_base64_image(unit["input_image"], unit["where"] + ".input_image")
+        return decode_image(data, max_pixels=self.config.max_image_pixels).image
 
     def _run(self, run_id: str, workflow: dict):
         if self.active.cancelled(run_id):

@@ -105,7 +105,7 @@ def _upstream(workflow: dict, node_id: str, class_types, seen=None):
 
 def transform_to_img2img_workflow(params, *, image_name: str, filename_prefix: str, seed: int,
                                   template: dict | None = None) -> dict:
-    """Fill the core template with the request's parameters.
+    """Fill a workflow (the core template, or a user's own) with the request's parameters.
 
     ``params`` is a resolved GenerationParams (model, sampler and scheduler already checked).
     """
@@ -115,25 +115,63 @@ def transform_to_img2img_workflow(params, *, image_name: str, filename_prefix: s
         raise WorkflowError("the workflow has no KSampler")
     for sid in samplers:
         inputs = wf[sid]["inputs"]
-        inputs.update(seed=seed, steps=params.steps, cfg=params.cfg_scale, sampler_name=params.sampler_name,
-                      scheduler=params.scheduler, denoise=params.denoising_strength)
+        inputs.update(steps=params.steps, cfg=params.cfg_scale, sampler_name=params.sampler_name,
+                      scheduler=params.scheduler)
+        if wf[sid]["class_type"] == "KSamplerAdvanced":
+            inputs["noise_seed"] = seed  # it has no denoise: start/end steps are the user's
+        else:
+            inputs.update(seed=seed, denoise=params.denoising_strength)
         for role, text in (("positive", params.prompt), ("negative", params.negative_prompt)):
-            encoder = _upstream(wf, linked(wf, sid, role) or "", ("CLIPTextEncode",))
+            encoder = text_encoder_for(wf, inputs.get(role), role)
             if encoder:
                 wf[encoder]["inputs"]["text"] = text
     for nid in nodes_of(wf, "CheckpointLoaderSimple"):
         wf[nid]["inputs"]["ckpt_name"] = params.model_name
-    loaders = input_image_loaders(wf)
+    loaders = input_image_loaders(wf) or nodes_of(wf, "LoadImage")[:1]
     if not loaders:
-        raise WorkflowError("the workflow has no LoadImage feeding a VAEEncode")
+        raise WorkflowError("the workflow has no LoadImage for the input image")
     for nid in loaders:
         wf[nid]["inputs"]["image"] = image_name
-    for nid in nodes_of(wf, "RepeatLatentBatch"):
-        wf[nid]["inputs"]["amount"] = params.batch_size
+    wf = set_batch_size(wf, params.batch_size)
     for nid in nodes_of(wf, "SaveImage"):
         wf[nid]["inputs"]["filename_prefix"] = filename_prefix
     if params.clip_skip > 1:
         wf = apply_clip_skip(wf, params.clip_skip)
+    return wf
+
+
+#: Inputs followed upstream from a sampler's conditioning to its text encoder, by role.
+_CONDITIONING_INPUTS = {"positive": ("positive", "conditioning", "conditioning_to", "conditioning_1"),
+                        "negative": ("negative", "conditioning", "conditioning_to", "conditioning_1")}
+
+
+def text_encoder_for(workflow: dict, link, role: str, _depth: int = 0):
+    """The CLIPTextEncode whose text feeds a sampler's ``role`` input ("positive"/"negative"),
+    following conditioning chains (ControlNetApplyAdvanced's positive output comes from its
+    positive input, and so on)."""
+    if not is_link(link) or link[0] not in workflow or _depth > 64:
+        return None
+    node = workflow[link[0]]
+    if node.get("class_type") == "CLIPTextEncode":
+        return link[0]
+    inputs = node.get("inputs", {})
+    for name in _CONDITIONING_INPUTS[role]:
+        if is_link(inputs.get(name)):
+            return text_encoder_for(workflow, inputs[name], role, _depth + 1)
+    return None
+
+
+def set_batch_size(workflow: dict, batch_size: int) -> dict:
+    """Set RepeatLatentBatch amounts, or insert one after the input image's encode when needed."""
+    wf = copy.deepcopy(workflow)
+    repeats = nodes_of(wf, "RepeatLatentBatch")
+    for nid in repeats:
+        wf[nid]["inputs"]["amount"] = batch_size
+    if repeats or batch_size == 1:
+        return wf
+    for eid in nodes_of(wf, "VAEEncode", "VAEEncodeForInpaint"):
+        repeat = add_node(wf, "RepeatLatentBatch", {"samples": [eid, 0], "amount": batch_size})
+        relink(wf, [eid, 0], [repeat, 0], skip=repeat)
     return wf
 
 
@@ -213,13 +251,19 @@ def _samplers_downstream(workflow: dict, node_id: str) -> list:
 
 
 def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, filename_prefix: str,
-                           seed: int, inpaint_mode: str = "fill") -> dict:
-    """The whole workflow for one run: the core template, filled, with the mask injected."""
+                           seed: int, inpaint_mode: str = "fill", controlnet_units=()) -> dict:
+    """The whole workflow for one run: the core template (or the user's custom workflow), filled,
+    with the mask injected and the LoRA and ControlNet nodes added.
+
+    ``controlnet_units``: the request's units with "image" set to a staged file name or None.
+    """
     wf = transform_to_img2img_workflow(params, image_name=image_name, filename_prefix=filename_prefix,
-                                       seed=seed)
+                                       seed=seed, template=getattr(params, "custom_workflow", None))
+    input_loader = (input_image_loaders(wf) or nodes_of(wf, "LoadImage"))[0]
     if mask_name is not None:
         wf = inject_mask_into_workflow(wf, mask_name, grow_mask_by=params.grow_mask_by, mode=inpaint_mode)
-    return wf
+    wf = apply_loras(wf, getattr(params, "loras", ()))
+    return apply_controlnets(wf, controlnet_units, input_loader=input_loader)
 
 
 # --- LoRA, ControlNet, custom workflows -----------------------------------------------------

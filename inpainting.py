@@ -107,6 +107,15 @@ def prepare(image: Image.Image, keep: Image.Image | None, p: Plan) -> tuple:
     return gen_image, gen_keep
 
 
+def prepare_extra(image: Image.Image, original_size: tuple, p: Plan) -> Image.Image:
+    """Another image for the same run (a ControlNet hint) in the generation's geometry: cropped
+    and scaled like the input when it has the input's size, else scaled to the generation size."""
+    image = image.convert("RGB")
+    if image.size == tuple(original_size):
+        return prepare(image, None, p)[0]
+    return image.resize(p.padded_size, Image.LANCZOS)
+
+
 def paste_mask(keep: Image.Image, blur: int) -> Image.Image:
     """Alpha for pasting the result: 255 where inpainted, blurred by ``blur`` px at the edges."""
     alpha = ImageOps.invert(keep)

@@ -6,12 +6,14 @@ values that depend on the ComfyUI server (checkpoints, samplers, schedulers) are
 """
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from errors import InvalidParameter
+from img2img_workflow import UNION_TYPES, WorkflowError, normalise_custom_workflow
 
 MAX_SEED = 2**64 - 1  # KSampler's own maximum
 MAX_PROMPT_CHARS = 20_000
@@ -50,9 +52,6 @@ NOT_IMPLEMENTED = {
     "hires_fix_enabled": (False, None),
     "restore_faces": (False, None),
     "refiner_enabled": (False, None),
-    "lora": (None, False),
-    "controlnet": (None, False),
-    "custom_workflow": (None, "", False),
     "vae_name": (None, "", "none", "None"),
 }
 #: Settings of features above; they only matter when the feature is on, so they never warn.
@@ -90,6 +89,13 @@ class GenerationParams:
     paste_back: bool = True
     inpaint_area: str = "whole"
     inpaint_padding: int = 32
+    #: LoRAs to chain: dicts with lora_name, strength_model, strength_clip.
+    loras: tuple = ()
+    #: ControlNet units: dicts with model, input_image (str or None), preprocessor, low, high,
+    #: union_type, strength, start, end.
+    controlnet_units: tuple = ()
+    #: A user's API-format workflow (normalised), or None for the core template.
+    custom_workflow: Optional[dict] = None
     warnings: tuple = field(default_factory=tuple)
 
     def seeds(self) -> list:
@@ -226,6 +232,8 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
     scheduler = _string(data, "scheduler", default="", max_len=200)
     if _bool(data, "karras_sigmas") and not scheduler:
         scheduler = "karras"
+    extras = dict(loras=parse_loras(data.get("lora")), controlnet_units=parse_controlnet(data.get("controlnet")),
+                  custom_workflow=parse_custom_workflow(data.get("custom_workflow")))
     for key, value in data.items():
         if key in NOT_IMPLEMENTED:
             if not _is_off(value, NOT_IMPLEMENTED[key]):
@@ -236,16 +244,121 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         prompt=prompt, negative_prompt=negative, denoising_strength=denoise, steps=steps, cfg_scale=cfg,
         seed=seed, random_seed=random_seed, batch_size=batch_size, batch_count=batch_count,
         sampler_name=sampler, scheduler=scheduler, model_name=model, width=width, height=height,
-        grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings), **inpaint,
+        grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings), **inpaint, **extras,
     )
 
 
 _KNOWN_KEYS = {
     "prompt", "negative_prompt", "denoising_strength", "steps", "cfg_scale", "batch_size", "batch_count",
     "grow_mask_by", "clip_skip", "width", "height", "random_seed", "seed", "model_name", "sampler_name",
-    "scheduler", "karras_sigmas", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
+    "scheduler", "karras_sigmas", "lora", "controlnet", "custom_workflow", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
     "inpaint_padding",
 }
+
+
+def _enabled_items(value, key):
+    """A feature object (or a list of them) -> the enabled ones; null/false/{} = none."""
+    if value is None or value is False or value == {} or value == []:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if not isinstance(item, Mapping):
+            raise InvalidParameter(where, f"'{where}' must be an object; got {_show(item)}")
+        enabled = item.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise InvalidParameter(f"{where}.enabled", f"'{where}.enabled' must be true or false")
+        if enabled:
+            out.append((where, item))
+    return out
+
+
+def parse_loras(value) -> tuple:
+    loras = []
+    for where, item in _enabled_items(value, "lora"):
+        name = _string(item, "lora_name", default="", max_len=1024)
+        if not name:
+            raise InvalidParameter(f"{where}.lora_name", f"'{where}.lora_name' is required when the LoRA is enabled",
+                                   code="missing_parameter")
+        loras.append({"lora_name": name,
+                      "strength_model": _number(item, "strength_model", integer=False, lo=-100.0, hi=100.0,
+                                                default=1.0),
+                      "strength_clip": _number(item, "strength_clip", integer=False, lo=-100.0, hi=100.0,
+                                               default=1.0)})
+    return tuple(loras)
+
+
+#: ControlNet preprocessors that core ComfyUI nodes implement.
+PREPROCESSORS = {"none": "none", "": "none", "canny": "canny"}
+
+
+def parse_controlnet(value) -> tuple:
+    if value is None or value is False:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidParameter("controlnet", "'controlnet' must be an object {\"enabled\", \"units\": [...]}")
+    if value.get("enabled", True) is False:
+        return ()
+    units_value = value.get("units") or []
+    if not isinstance(units_value, list):
+        raise InvalidParameter("controlnet.units", "'controlnet.units' must be a list")
+    units = []
+    for where, unit in _enabled_items(units_value, "controlnet.units"):
+        model = _string(unit, "model", default="", max_len=1024)
+        if not model:
+            raise InvalidParameter(f"{where}.model", f"'{where}.model' (a ControlNet file) is required",
+                                   code="missing_parameter")
+        pre = unit.get("preprocessor")
+        pre_key = _norm_label(pre) if isinstance(pre, str) else ("none" if pre is None else None)
+        if pre_key not in PREPROCESSORS:
+            raise InvalidParameter(f"{where}.preprocessor", f"Preprocessor {_show(pre)} is not supported; "
+                                   f"supported: none, canny (core ComfyUI nodes)", code="unsupported_preprocessor",
+                                   allowed=["none", "canny"])
+        low, high = (_threshold(unit, k, d) for k, d in (("threshold_a", 0.4), ("threshold_b", 0.8)))
+        start = _number(unit, "guidance_start", integer=False, lo=0.0, hi=1.0, default=0.0)
+        end = _number(unit, "guidance_end", integer=False, lo=0.0, hi=1.0, default=1.0)
+        if start > end:
+            raise InvalidParameter(f"{where}.guidance_start", f"'{where}.guidance_start' must not exceed guidance_end")
+        image = unit.get("input_image")
+        if image is not None and not isinstance(image, str):
+            raise InvalidParameter(f"{where}.input_image", f"'{where}.input_image' must be base64 or a data URL")
+        control_type = _string(unit, "control_type", default="", max_len=200)
+        union = bool(unit.get("union")) or "union" in model.lower()
+        units.append({"model": model, "input_image": image or None, "preprocessor": PREPROCESSORS[pre_key],
+                      "low": low, "high": high, "strength": _number(unit, "weight", integer=False, lo=0.0, hi=2.0,
+                                                                     default=1.0),
+                      "start": start, "end": end,
+                      "union_type": _union_type(control_type) if union else None, "where": where})
+    return tuple(units)
+
+
+def _threshold(unit, key, default):
+    """Canny thresholds: ComfyUI's 0.01-0.99, or AUTOMATIC1111's 1-255 (scaled)."""
+    value = _number(unit, key, integer=False, lo=0.0, hi=255.0, default=None)
+    if value is None:
+        return default
+    value = value / 255.0 if value > 1.0 else value
+    return round(min(0.99, max(0.01, value)), 3)
+
+
+def _union_type(control_type: str) -> str:
+    return UNION_TYPES.get(_norm_label(control_type), "auto")
+
+
+def parse_custom_workflow(value):
+    if value is None or value is False or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidParameter("custom_workflow", "'custom_workflow' is a string that is not JSON",
+                                   code="invalid_custom_workflow") from None
+    try:
+        return normalise_custom_workflow(value)
+    except WorkflowError as exc:
+        raise InvalidParameter("custom_workflow", str(exc), code="invalid_custom_workflow") from None
 
 
 def _norm_label(text: str) -> str:
@@ -268,8 +381,18 @@ def map_sampler(name: str, comfy_samplers) -> tuple:
     return mapped[0], scheduler or mapped[1]
 
 
-def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedulers, default_model=""):
-    """Check model, sampler and scheduler against the server's lists; fill in the defaults."""
+def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedulers, default_model="",
+                    loras=None, controlnets=None):
+    """Check model, sampler, scheduler, LoRA and ControlNet files against the server's lists."""
+    for i, lora in enumerate(params.loras):
+        if loras is not None and lora["lora_name"] not in loras:
+            raise InvalidParameter("lora", f"Unknown LoRA '{lora['lora_name']}'. Installed LoRAs: "
+                                           f"{', '.join(loras) or '(none)'}", code="unknown_lora", allowed=list(loras))
+    for unit in params.controlnet_units:
+        if controlnets is not None and unit["model"] not in controlnets:
+            raise InvalidParameter(unit["where"] + ".model", f"Unknown ControlNet model '{unit['model']}'. Installed: "
+                                   f"{', '.join(controlnets) or '(none)'}", code="unknown_controlnet",
+                                   allowed=list(controlnets))
     model = params.model_name or default_model or (checkpoints[0] if checkpoints else "")
     if not model:
         raise InvalidParameter("model_name", "ComfyUI has no checkpoint installed; put one in its "
