@@ -1,0 +1,185 @@
+"""LoRA, ControlNet and custom workflows through the service and the fake ComfyUI, alone and
+with an inpainting mask. A 200 means the fake's ComfyUI validation accepted the workflow."""
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from images import box_mask, gradient, png
+
+LORA = "tiny-lora-random.safetensors"
+CN = "tiny-controlnet-random.safetensors"
+W, H = 64, 48
+
+
+def post(client, params, mask=False):
+    data = {"params": json.dumps({"prompt": "a red cube", "negative_prompt": "blurry", "steps": 2, "seed": 3,
+                                  **params}),
+            "image": (io.BytesIO(png(gradient(W, H))), "i.png")}
+    if mask:
+        data["mask"] = (io.BytesIO(png(box_mask((W, H), (8, 8, 40, 32)))), "m.png")
+    return client.post("/api/img2img", data=data, content_type="multipart/form-data")
+
+
+def ok(resp):
+    body = resp.get_json()
+    assert resp.status_code == 200, body
+    return body["workflow"]
+
+
+def of(wf, cls):
+    return {k: v for k, v in wf.items() if v["class_type"] == cls}
+
+
+def leftovers(fake):
+    return [p for p in fake.input_dir.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_lora_sits_between_checkpoint_and_its_consumers(client, mask):
+    wf = ok(post(client, {"lora": {"enabled": True, "lora_name": LORA, "strength_model": 0.7,
+                                   "strength_clip": 0.5}}, mask=mask))
+    (lid, lora), = of(wf, "LoraLoader").items()
+    (cid, _), = of(wf, "CheckpointLoaderSimple").items()
+    assert lora["inputs"] == {"model": [cid, 0], "clip": [cid, 1], "lora_name": LORA, "strength_model": 0.7,
+                              "strength_clip": 0.5}
+    for ks in of(wf, "KSampler").values():
+        assert ks["inputs"]["model"] == [lid, 0]
+    for enc in of(wf, "CLIPTextEncode").values():
+        assert enc["inputs"]["clip"] == [lid, 1]
+    assert ("VAEEncodeForInpaint" in {n["class_type"] for n in wf.values()}) == mask
+
+
+def test_chained_loras(client):
+    wf = ok(post(client, {"lora": [{"enabled": True, "lora_name": LORA, "strength_model": 1.0, "strength_clip": 1.0},
+                                   {"enabled": False, "lora_name": "ignored.safetensors"},
+                                   {"lora_name": LORA, "strength_model": -0.5}]}))
+    loras = of(wf, "LoraLoader")
+    assert len(loras) == 2
+    first, second = sorted(loras, key=int)
+    assert loras[second]["inputs"]["model"] == [first, 0] and loras[second]["inputs"]["strength_model"] == -0.5
+
+
+def test_disabled_or_null_lora_adds_nothing(client):
+    assert of(ok(post(client, {"lora": None})), "LoraLoader") == {}
+    assert of(ok(post(client, {"lora": {"enabled": False, "lora_name": "x"}})), "LoraLoader") == {}
+
+
+def test_unknown_lora_lists_the_installed_ones(client, fake_comfy):
+    resp = post(client, {"lora": {"enabled": True, "lora_name": "nope.safetensors"}})
+    body = resp.get_json()
+    assert resp.status_code == 400 and body["code"] == "unknown_lora" and LORA in body["message"]
+    assert fake_comfy.prompts == []
+
+
+def unit(**kw):
+    return {"enabled": True, "model": CN, "preprocessor": "none", "control_type": "canny", "weight": 0.8,
+            "guidance_start": 0.1, "guidance_end": 0.9, **kw}
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_one_controlnet_unit_on_the_input_image(client, fake_comfy, mask):
+    wf = ok(post(client, {"controlnet": {"enabled": True, "units": [unit()]}}, mask=mask))
+    (aid, apply), = of(wf, "ControlNetApplyAdvanced").items()
+    (lid, _), = of(wf, "LoadImage").items()
+    assert apply["inputs"]["image"] == [lid, 0]
+    assert (apply["inputs"]["strength"], apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) == \
+        (0.8, 0.1, 0.9)
+    (ks,) = of(wf, "KSampler").values()
+    assert ks["inputs"]["positive"] == [aid, 0] and ks["inputs"]["negative"] == [aid, 1]
+    pos = wf[apply["inputs"]["positive"][0]]
+    assert pos["class_type"] == "CLIPTextEncode" and pos["inputs"]["text"] == "a red cube"
+    if mask:  # the inpainting encode takes the input image's loader, not a ControlNet image
+        (enc,) = of(wf, "VAEEncodeForInpaint").values()
+        assert enc["inputs"]["pixels"] == [lid, 0]
+    assert leftovers(fake_comfy) == []
+
+
+def test_two_units_chain_and_own_images_are_staged_and_removed(client, fake_comfy):
+    hint = "data:image/png;base64," + base64.b64encode(png(Image.new("RGB", (32, 32), "white"))).decode()
+    wf = ok(post(client, {"controlnet": {"enabled": True, "units": [
+        unit(input_image=hint, preprocessor="canny", threshold_a=100, threshold_b=200),
+        unit(control_type="depth", weight=1.2)]}}, mask=True))
+    applies = of(wf, "ControlNetApplyAdvanced")
+    assert len(applies) == 2
+    first, second = sorted(applies, key=int)
+    assert applies[second]["inputs"]["positive"] == [first, 0]
+    (canny,) = of(wf, "Canny").values()
+    assert canny["inputs"]["low_threshold"] == round(100 / 255, 3)
+    assert wf[canny["inputs"]["image"][0]]["class_type"] == "LoadImage"
+    assert len(of(wf, "LoadImage")) == 2
+    assert leftovers(fake_comfy) == []
+
+
+def test_union_models_get_their_type(client, fake_comfy):
+    fake_comfy.add_model("controlnet", "tiny-union-controlnet.safetensors")
+    wf = ok(post(client, {"controlnet": {"units": [unit(model="tiny-union-controlnet.safetensors",
+                                                          control_type="canny")]}}))
+    (union,) = of(wf, "SetUnionControlNetType").values()
+    assert union["inputs"]["type"] == "canny/lineart/anime_lineart/mlsd"
+
+
+@pytest.mark.parametrize("bad,code", [
+    (unit(model="nope.safetensors"), "unknown_controlnet"),
+    (unit(preprocessor="dw_openpose_full"), "unsupported_preprocessor"),
+    (unit(weight=3), "invalid_parameter"),
+    (unit(input_image="not base64!"), "invalid_base64"),
+])
+def test_controlnet_errors(client, fake_comfy, bad, code):
+    resp = post(client, {"controlnet": {"enabled": True, "units": [bad]}})
+    assert resp.status_code == 400 and resp.get_json()["code"] == code, resp.get_json()
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def custom(ids=("3.5", "10:2", "7", "a", "b", "c", "d", "e")):
+    ck, pos, neg, load, enc, ks, dec, save = ids
+    return {
+        ck: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "whatever.safetensors"}},
+        pos: {"class_type": "CLIPTextEncode", "inputs": {"text": "old positive", "clip": [ck, 1]}},
+        neg: {"class_type": "CLIPTextEncode", "inputs": {"text": "old negative", "clip": [ck, 1]}},
+        load: {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        enc: {"class_type": "VAEEncode", "inputs": {"pixels": [load, 0], "vae": [ck, 2]}},
+        ks: {"class_type": "KSampler", "inputs": {"model": [ck, 0], "positive": [pos, 0], "negative": [neg, 0],
+                                                   "latent_image": [enc, 0], "seed": 1, "steps": 30, "cfg": 8.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 0.5}},
+        dec: {"class_type": "VAEDecode", "inputs": {"samples": [ks, 0], "vae": [ck, 2]}},
+        save: {"class_type": "SaveImage", "inputs": {"images": [dec, 0], "filename_prefix": "mine"}},
+    }
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_custom_workflow_with_odd_ids_gets_our_parameters(client, wrapped, mask):
+    cw = custom()
+    wf = ok(post(client, {"custom_workflow": {"prompt": cw} if wrapped else cw, "steps": 4, "batch_size": 2},
+                 mask=mask))
+    assert wf["10:2"]["inputs"]["text"] == "a red cube" and wf["7"]["inputs"]["text"] == "blurry"
+    assert wf["3.5"]["inputs"]["ckpt_name"] == "tiny-sd15-random.safetensors"
+    assert wf["c"]["inputs"]["steps"] == 4 and wf["c"]["inputs"]["seed"] == 3
+    assert wf["a"]["inputs"]["image"].startswith("img2img_")
+    assert wf["e"]["inputs"]["filename_prefix"].startswith("img2img_")
+    assert len(of(wf, "RepeatLatentBatch")) == 1
+    assert ("LoadImageMask" in {n["class_type"] for n in wf.values()}) == mask
+
+
+def test_custom_workflow_with_lora_and_controlnet_and_mask(client):
+    wf = ok(post(client, {"custom_workflow": custom(), "lora": {"lora_name": LORA},
+                          "controlnet": {"units": [unit()]}}, mask=True))
+    classes = {n["class_type"] for n in wf.values()}
+    assert {"LoraLoader", "ControlNetApplyAdvanced", "VAEEncodeForInpaint", "LoadImageMask"} <= classes
+
+
+def test_ui_format_workflow_is_explained(client):
+    ui = {"last_node_id": 9, "nodes": [{"id": 1, "type": "KSampler"}], "links": [], "version": 0.4}
+    body = post(client, {"custom_workflow": ui}).get_json()
+    assert body["code"] == "invalid_custom_workflow" and "API format" in body["message"]
+
+
+def test_custom_workflow_without_load_image_is_rejected(client):
+    cw = custom()
+    cw["a"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    cw["b"]["inputs"]["pixels"] = ["a", 0]
+    body = post(client, {"custom_workflow": cw}).get_json()
+    assert body["code"] == "invalid_custom_workflow" and "LoadImage" in body["message"]
