@@ -289,6 +289,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_until(condition):
+    """For states no event announces; fails instead of hanging."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.005)
+
+
 def make_client(fake, **kw):
     opts = dict(poll_interval=0.01, unreachable_grace=1.0, connect_timeout=1.0, read_timeout=5.0)
     opts.update(kw)
@@ -560,6 +568,36 @@ def test_cancel_of_a_pending_prompt_removes_it_without_interrupting_the_running_
     running.join()
     assert isinstance(running.error, ComfyInterrupted)
     assert b.cancel(pending.prompt_id) == "not_found"
+
+
+def test_cancel_from_on_queued_stops_the_run_at_once(fake_comfy, client):
+    """The service cancels from on_queued when the request was cancelled while queueing."""
+    fake_comfy.hang_next()
+    running = Background(client, workflow(fake_comfy, prefix="r"))
+    assert running.started.wait(WAIT)
+    outcomes = []
+    start = time.monotonic()
+    with pytest.raises(ComfyInterrupted):
+        client.run(workflow(fake_comfy, prefix="p"), timeout=WAIT,
+                   on_queued=lambda pid: outcomes.append(client.cancel(pid)))
+    assert outcomes == ["removed"]
+    assert time.monotonic() - start < 1.0  # not after a liveness check or the timeout
+    assert fake_comfy.running_prompt_id() == running.prompt_id
+    assert client.cancel(running.prompt_id) == "interrupted"
+    running.join()
+
+
+def test_polling_maps_interrupt_from_history(fake_comfy, client, monkeypatch):
+    monkeypatch.setattr(client, "ws_url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
+    fake_comfy.hang_next()
+    run = Background(client, workflow(fake_comfy))
+    assert run.queued.wait(WAIT)
+    # no socket, so no progress event to await: watch the fake's state instead
+    wait_until(lambda: fake_comfy.running_prompt_id() == run.prompt_id)
+    assert client.cancel(run.prompt_id) == "interrupted"
+    run.join()
+    assert isinstance(run.error, ComfyInterrupted), run.error
+    assert run.error.node_type == "KSampler"
 
 
 def test_prompt_deleted_by_someone_else_is_noticed(fake_comfy):
