@@ -1,0 +1,250 @@
+"""FakeComfyUI: a ComfyUI 0.3.40 stand-in on loopback, with the knobs tests need to break it.
+
+Two threads per instance, as in ComfyUI: the aiohttp event loop (HTTP + /ws) and the prompt
+worker. start() binds a free port on 127.0.0.1; stop() tears both down (no threads or sockets
+left). Fault controls: fail_next, hang_next, drop_ws_next, refuse_connections/accept_connections
+and die (a crash: websockets cut, port closed, running prompt and all in-memory state lost).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+from aiohttp import web
+from PIL import Image
+
+from . import catalog
+from .executor import Executor, PromptQueue, Settings
+from .hub import Hub
+from .paths import Folders
+from .server import build_app
+from .validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class FakeComfyUI:
+    """See tests/fake_comfyui/README.md for the public API and where it differs from ComfyUI."""
+
+    def __init__(self, root_dir):
+        self.folders = Folders(Path(root_dir))
+        self.folders.create()
+        self.object_info: dict = catalog.load_fixture()
+        catalog.refresh_input_lists(self.object_info, self.folders.input)
+        self.settings = Settings()
+        self.hub = Hub()
+        self.queue = PromptQueue(self.hub)
+        self.hub.get_queue_info = lambda: {"exec_info": {"queue_remaining": self.queue.get_tasks_remaining()}}
+        self.validator = Validator(self.object_info, self.folders)
+        self.executor = Executor(self.hub, self.queue, self.folders, self.object_info, self.settings)
+        self.prompts: list = []
+        self.rejected: list = []
+        self.interrupt_count = 0
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._publisher: asyncio.Task | None = None
+        self._routes = None
+
+    # settings (plain attributes for tests, read live by the worker) ---------------------------
+    step_delay = property(lambda self: self.settings.step_delay,
+                          lambda self, v: setattr(self.settings, "step_delay", float(v)))
+    history_delay = property(lambda self: self.settings.history_delay,
+                             lambda self, v: setattr(self.settings, "history_delay", float(v)))
+    view_delay = property(lambda self: self.settings.view_delay,
+                          lambda self, v: setattr(self.settings, "view_delay", float(v)))
+    send_previews = property(lambda self: self.settings.send_previews,
+                             lambda self, v: setattr(self.settings, "send_previews", bool(v)))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.folders.input
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folders.output
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.folders.temp
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "FakeComfyUI":
+        if self._thread is not None:
+            raise RuntimeError("FakeComfyUI already started")
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list = []
+
+        def run_loop():
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._astart())
+            except BaseException as e:  # report to start()
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run_loop, name="fake-comfyui-http", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            self._thread.join()
+            self._loop.close()
+            self._thread = None
+            raise failure[0]
+        self.executor.start()
+        log.info("fake ComfyUI listening on %s", self.url)
+        return self
+
+    async def _astart(self) -> None:
+        self.hub.attach(asyncio.get_running_loop())
+        self._runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await self._listen(0)
+        self._publisher = asyncio.get_running_loop().create_task(self.hub.publish_loop())
+
+    async def _listen(self, port: int) -> None:
+        sock = _listening_socket(self.host, port)
+        self.port = sock.getsockname()[1]
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+
+    async def _unlisten(self, close_connections: bool) -> None:
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        if close_connections and self._runner is not None and self._runner.server is not None:
+            for handler in list(self._runner.server.connections):
+                if getattr(handler, "_waiter", None) is not None:
+                    handler.force_close()  # idle keep-alive: gone now
+                else:
+                    handler.close()  # busy (a request or a websocket): closes when it ends
+
+    def _call(self, coro, timeout: float = 10):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        """Stop worker and server; interrupts a hung prompt; leaves no threads or sockets."""
+        if self._thread is None:
+            return
+        self.executor.stop()
+        try:
+            self._call(self._astop(), timeout=15)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+            self._thread = None
+
+    async def _astop(self) -> None:
+        self.hub.drop_all()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            try:
+                await self._publisher
+            except asyncio.CancelledError:
+                pass
+        await self._unlisten(close_connections=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    # faults --------------------------------------------------------------------------------------
+    def fail_next(self, node: str = "KSampler", message: str = "boom", exception_type: str = "RuntimeError") -> None:
+        """Next prompt: the first executed node of that class_type (or node id) raises -> execution_error."""
+        with self.executor.faults_lock:
+            self.executor.faults.fail = (node, message, exception_type)
+
+    def hang_next(self) -> None:
+        """Next prompt: its first sampler stalls after one progress message until /interrupt or stop()."""
+        with self.executor.faults_lock:
+            self.executor.faults.hang = True
+
+    def drop_ws_next(self, after_progress: int = 1) -> None:
+        """Next prompt: every websocket is cut after its Nth progress message; execution goes on."""
+        with self.executor.faults_lock:
+            self.executor.faults.drop_after_progress = int(after_progress)
+
+    def refuse_connections(self) -> None:
+        """Stop listening (connection refused); idle keep-alive connections are closed too."""
+        self._call(self._unlisten(close_connections=True))
+
+    def accept_connections(self) -> None:
+        """Listen again on the same port."""
+        if self._site is None:
+            self._call(self._listen(self.port))
+
+    def die(self) -> None:
+        """Crash: cut every websocket and connection, stop listening, lose queue/history/cache.
+
+        accept_connections() afterwards behaves like a freshly restarted ComfyUI."""
+        self.executor.abandon()
+        self.queue.reset()
+
+        async def crash():
+            self.hub.drop_all()
+            await self._unlisten(close_connections=True)
+            # drain messages the dead process would never have sent
+            while self.hub.messages is not None and not self.hub.messages.empty():
+                self.hub.messages.get_nowait()
+        self._call(crash())
+        self.hub.client_id = self.hub.last_node_id = self.hub.last_prompt_id = None
+        if self._routes is not None:
+            self._routes.number = 0
+        self.executor.request_reset()
+
+    # observation -------------------------------------------------------------------------------
+    def wait_idle(self, timeout: float = 5) -> bool:
+        """Block until nothing is queued or running and every message has been sent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.queue.get_tasks_remaining() == 0 and not self.executor.busy.is_set()
+                    and self.hub.pending_messages() == 0):
+                return True
+            time.sleep(0.002)
+        raise TimeoutError(f"fake ComfyUI not idle after {timeout}s "
+                           f"(queue_remaining={self.queue.get_tasks_remaining()})")
+
+    def running_prompt_id(self):
+        return self.executor.running_prompt_id
+
+    def add_model(self, folder: str, filename: str) -> None:
+        catalog.add_model(self.object_info, folder, filename)
+
+    def output_image(self, filename: str, subfolder: str = "") -> Image.Image:
+        with Image.open(self.folders.output / subfolder / filename) as img:
+            img.load()
+            return img.copy()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
