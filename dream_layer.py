@@ -179,7 +179,9 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     """Build the app. Tests pass their own config (files, ComfyUI address)."""
     config = config or DreamLayerConfig.from_env()
     app = Flask(__name__, static_folder=None)
-    app.config.update(MAX_CONTENT_LENGTH=1024 * 1024, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=1024 * 1024)
+    app.json.sort_keys = False
+    app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
     app.extensions["dream_layer"] = Backend(config, client, comfyui)
     CORS(app, origins=list(config.shared.cors_origins), methods=["GET", "POST", "OPTIONS"],
