@@ -8,6 +8,8 @@ from __future__ import annotations
 import hmac
 import logging
 import sys
+from functools import lru_cache
+from pathlib import Path
 
 from flask import Blueprint, Flask, current_app, jsonify, request, send_file
 from flask_cors import CORS
@@ -23,6 +25,7 @@ from staging import ServedImages
 log = logging.getLogger("img2img_server")
 
 bp = Blueprint("img2img", __name__)
+OPENAPI_PATH = Path(__file__).resolve().parent / "docs" / "openapi.yaml"
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "request_too_large", 415: "unsupported_content_type"}
@@ -59,6 +62,19 @@ def health():
     return jsonify({"status": "ok", "service": "img2img", "active_generations": len(service().active),
                     "comfyui": {"url": client.base_url, "reachable": up,
                                 **({} if up else {"hint": "Start ComfyUI or set COMFY_API_URL to its address"})}})
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3 document of this service (docs/openapi.yaml), as JSON."""
+    return jsonify(_openapi_document())
+
+
+@lru_cache(maxsize=1)
+def _openapi_document() -> dict:
+    import yaml
+
+    return yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
 
 
 @bp.get("/")
