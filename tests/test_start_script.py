@@ -337,3 +337,49 @@ def test_creates_the_venv_installs_once_and_hands_over(tmp_path, stub_python):
 def test_missing_python_is_explained(tmp_path):
     result, _ = run_sh(tmp_path, PYTHON=str(tmp_path / "no-such-python"), DREAMLAYER_VENV=str(tmp_path / "v"))
     assert result.returncode == 1 and "Install Python 3.10 or newer" in result.stderr
+
+
+# ---------------------------------------------------------------------------- with a ComfyUI install
+
+@pytest.fixture
+def comfy_install(tmp_path):
+    from test_comfyui_process import FAKE_MAIN
+    d = tmp_path / "ComfyUI"
+    d.mkdir()
+    (d / "main.py").write_text(FAKE_MAIN)
+    return d
+
+
+def test_starts_comfyui_from_comfyui_dir_and_stops_it(script_runner, comfy_install):
+    s = script_runner(COMFYUI_DIR=str(comfy_install), COMFYUI_PYTHON=sys.executable)
+    s.wait_for("Press Ctrl-C")
+    assert f"Starting ComfyUI from {comfy_install}" in s.output
+    assert "started by this script" in s.output
+    started = json.loads((comfy_install / "started.json").read_text())
+    assert started["pid"] in s.seen | descendants(s.proc.pid)
+    assert started["argv"][started["argv"].index("--port") + 1] == str(s.ports["comfy"])
+    health = requests.get(f"http://127.0.0.1:{s.ports['dl']}/health", timeout=5).json()
+    assert health["comfyui"]["reachable"] is True
+    assert s.interrupt() == 0
+    assert not alive(started["pid"])
+    assert not [pid for pid in s.seen if alive(pid)]
+    assert not answers(s.ports["comfy"])
+
+
+def test_a_comfyui_that_fails_to_start_leaves_the_services_running(script_runner, comfy_install):
+    s = script_runner(COMFYUI_DIR=str(comfy_install), COMFYUI_PYTHON=sys.executable, FAKE_MAIN_EXIT="3")
+    s.wait_for("Press Ctrl-C")
+    assert "WARNING: ComfyUI exited" in s.output and "comfyui.log" in s.output
+    assert "failing on purpose" in s.output  # the log's last lines are shown
+    assert requests.get(f"http://127.0.0.1:{s.ports['img']}/health", timeout=5).status_code == 200
+    assert s.interrupt() == 0
+    assert not [pid for pid in s.seen if alive(pid)]
+
+
+def test_an_answering_comfyui_is_used_not_started(script_runner, fake_comfy, comfy_install):
+    s = script_runner(COMFY_API_URL=fake_comfy.url, COMFYUI_DIR=str(comfy_install))
+    s.wait_for("Press Ctrl-C")
+    assert f"ComfyUI      {fake_comfy.url}  answers" in s.output
+    assert not (comfy_install / "started.json").exists()
+    assert s.interrupt() == 0
+    assert requests.get(f"{fake_comfy.url}/system_stats", timeout=5).status_code == 200
