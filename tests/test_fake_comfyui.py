@@ -879,3 +879,104 @@ def test_image_nodes_run(fake_comfy):
     outs = {m["data"]["node"]: m["data"]["output"]["images"][0] for m in msgs if m["type"] == "executed"}
     size = lambda node: Image.open(fake_comfy.temp_dir / outs[node]["filename"]).size  # noqa: E731
     assert size("14") == (96, 80) and size("15") == (64, 64) and size("18") == (32, 32)
+
+
+# --- more 0.3.40 details ----------------------------------------------------------------------
+
+def test_reconnect_during_run_gets_current_node_without_prompt_id(fake_comfy):
+    put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
+    fake_comfy.hang_next()
+    ws = Ws(fake_comfy, "r")
+    prompt_id = post_prompt(fake_comfy, success_workflow(), "r").json()["prompt_id"]
+    ws.until(lambda m: m["type"] == "progress")
+    ws.close()
+    again = Ws(fake_comfy, "r")
+    assert again.recv() == {"type": "executing", "data": {"node": "7"}}
+    requests.post(fake_comfy.url + "/interrupt", timeout=5)
+    again.until_done(prompt_id)
+    again.close()
+
+
+def test_closing_an_older_socket_unregisters_the_client_id(fake_comfy):
+    """ComfyUI pops sockets by clientId when one closes, even if a newer one took its place."""
+    put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
+    old = Ws(fake_comfy, "dup")
+    new = Ws(fake_comfy, "dup")
+    old.close()
+    time.sleep(0.1)
+    prompt_id = post_prompt(fake_comfy, success_workflow(), "dup").json()["prompt_id"]
+    fake_comfy.wait_idle()
+    new.conn.settimeout(0.3)
+    seen = []
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        while True:
+            seen.append(new.recv()["type"])
+    assert seen == []  # not even the status broadcasts: the sid is gone from the registry
+    assert history(fake_comfy, prompt_id)["status"]["status_str"] == "success"
+    new.close()
+
+
+def test_prompt_without_client_id_broadcasts_progress(fake_comfy):
+    put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
+    observer = Ws(fake_comfy, "observer")
+    post_prompt(fake_comfy, success_workflow())
+    fake_comfy.wait_idle()
+    observer.conn.settimeout(0.3)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        while True:
+            observer.recv()
+    assert types(observer.messages) == ["status", "status", "status"] + ["progress"] * 4 + ["status"]
+    assert observer.messages[3]["data"]["node"] is None
+
+
+def test_free_memory_drops_the_cache(fake_comfy):
+    put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
+    run(fake_comfy, success_workflow(), "a")
+    r = requests.post(fake_comfy.url + "/free", json={"free_memory": True}, timeout=5)
+    assert r.status_code == 200
+    time.sleep(0.15)  # the worker applies flags between prompts
+    _, msgs = run(fake_comfy, success_workflow(), "a")
+    assert next(m for m in msgs if m["type"] == "execution_cached")["data"]["nodes"] == []
+    assert sorted(p.name for p in fake_comfy.output_dir.iterdir()) == ["probe_00001_.png", "probe_00002_.png"]
+
+
+def test_post_history_delete_and_clear_and_explicit_number(fake_comfy):
+    put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
+    r = post_prompt(fake_comfy, success_workflow(), "n", number=7)
+    assert r.json()["number"] == 7.0 and isinstance(r.json()["number"], float)
+    a = r.json()["prompt_id"]
+    b = post_prompt(fake_comfy, success_workflow(**{"7": {"seed": 4}}), "n").json()
+    assert b["number"] == 0  # an explicit number does not advance the counter
+    fake_comfy.wait_idle()
+    requests.post(fake_comfy.url + "/history", json={"delete": [a]}, timeout=5)
+    assert list(requests.get(fake_comfy.url + "/history", timeout=5).json()) == [b["prompt_id"]]
+    requests.post(fake_comfy.url + "/api/history", json={"clear": True}, timeout=5)
+    assert requests.get(fake_comfy.url + "/history", timeout=5).json() == {}
+
+
+def test_latent_nodes_keep_comfyui_sizes(fake_comfy):
+    put_inputs(fake_comfy, "maskprobe_rgb_32x48.png")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15-random.safetensors"}},
+        "2": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": -2}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 100, "height": 70, "batch_size": 1}},
+        "5": {"class_type": "LatentUpscale", "inputs": {"samples": ["4", 0], "upscale_method": "nearest-exact",
+                                                        "width": 0, "height": 128, "crop": "disabled"}},
+        "6": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["1", 0], "add_noise": "enable", "noise_seed": 3, "steps": 10, "cfg": 7.0,
+            "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["3", 0],
+            "latent_image": ["5", 0], "start_at_step": 4, "end_at_step": 7, "return_with_leftover_noise": "disable"}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "lat"}},
+        "9": {"class_type": "LoadImage", "inputs": {"image": "maskprobe_rgb_32x48.png"}},
+        "10": {"class_type": "VAEEncode", "inputs": {"pixels": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "enc"}},
+    }
+    _, msgs = run(fake_comfy, prompt, "lat")
+    assert [m["data"]["max"] for m in msgs if m["type"] == "progress"] == [3, 3, 3]
+    outs = {m["data"]["node"]: m["data"]["output"]["images"][0]["filename"] for m in msgs if m["type"] == "executed"}
+    # EmptyLatentImage 100x70 -> latent 12x8 -> LatentUpscale height 128 -> 16 rows, width round(12*128/64)=24
+    assert fake_comfy.output_image(outs["8"]).size == (192, 128)
+    assert fake_comfy.output_image(outs["12"]).size == (32, 48)

@@ -481,6 +481,8 @@ class Executor:
         self.history_result = {"outputs": {}, "meta": {}}
 
     def start(self) -> None:
+        self.stopping.clear()
+        self.interrupt.clear()
         self.thread = threading.Thread(target=self._loop, name="fake-comfyui-worker", daemon=True)
         self.thread.start()
 

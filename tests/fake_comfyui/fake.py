@@ -205,16 +205,16 @@ class FakeComfyUI:
         """Crash: cut every websocket and connection, stop listening, lose queue/history/cache.
 
         accept_connections() afterwards behaves like a freshly restarted ComfyUI."""
-        self.executor.abandon()
+        async def crash():
+            await self._unlisten(close_connections=True)
+            self.hub.drop_all()
+        self._call(crash())
+        self.executor.abandon()  # the running prompt sends nothing more and writes no history
         self.queue.reset()
 
-        async def crash():
-            self.hub.drop_all()
-            await self._unlisten(close_connections=True)
-            # drain messages the dead process would never have sent
-            while self.hub.messages is not None and not self.hub.messages.empty():
-                self.hub.messages.get_nowait()
-        self._call(crash())
+        async def forget():
+            self.hub.discard_pending()
+        self._call(forget())
         self.hub.client_id = self.hub.last_node_id = self.hub.last_prompt_id = None
         if self._routes is not None:
             self._routes.number = 0
@@ -233,7 +233,9 @@ class FakeComfyUI:
                            f"(queue_remaining={self.queue.get_tasks_remaining()})")
 
     def running_prompt_id(self):
-        return self.executor.running_prompt_id
+        """The prompt in /queue's queue_running (it leaves it when its history is written), or None."""
+        running, _ = self.queue.get_current_queue_volatile()
+        return running[0][1] if running else None
 
     def add_model(self, folder: str, filename: str) -> None:
         catalog.add_model(self.object_info, folder, filename)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 import uuid
 
 import aiohttp
@@ -31,27 +32,44 @@ class Hub:
         self.last_node_id = None
         self.last_prompt_id = None
         self.get_queue_info = lambda: {"exec_info": {"queue_remaining": 0}}
+        self._outstanding = 0  # handed to send_sync but not yet delivered (for wait_idle)
+        self._outstanding_lock = threading.Lock()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the server's loop (must run in that loop)."""
         self.loop = loop
         self.messages = asyncio.Queue()
+        with self._outstanding_lock:
+            self._outstanding = 0
 
     # thread-safe entry points ----------------------------------------------------------------
     def send_sync(self, event, data, sid=None) -> None:
         loop = self.loop
         if loop is None or loop.is_closed():
             return
+        with self._outstanding_lock:
+            self._outstanding += 1
         try:
             loop.call_soon_threadsafe(self.messages.put_nowait, (event, data, sid))
         except RuntimeError:  # loop closed while we were here
-            pass
+            self._done_one()
+
+    def _done_one(self) -> None:
+        with self._outstanding_lock:
+            self._outstanding = max(0, self._outstanding - 1)
 
     def queue_updated(self) -> None:
         self.send_sync("status", {"status": self.get_queue_info()})
 
     def pending_messages(self) -> int:
-        return self.messages.qsize() if self.messages is not None else 0
+        with self._outstanding_lock:
+            return self._outstanding
+
+    def discard_pending(self) -> None:
+        """Forget queued messages (die(): a crashed server never sends them). Loop side."""
+        while self.messages is not None and not self.messages.empty():
+            self.messages.get_nowait()
+            self._done_one()
 
     # loop side -------------------------------------------------------------------------------
     async def publish_loop(self) -> None:
@@ -61,6 +79,8 @@ class Hub:
                 await self.send(event, data, sid)
             except Exception:  # a broken socket must not stop the pump
                 log.exception("fake ComfyUI: sending %s failed", event)
+            finally:
+                self._done_one()
 
     async def send(self, event, data, sid=None) -> None:
         if event == self.DROP_SOCKETS:
