@@ -12,7 +12,7 @@ import mimetypes
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 from urllib.parse import quote, urlsplit
 

@@ -1,12 +1,20 @@
 """Tests of comfy_client: captured ComfyUI 0.3.40 traces replayed through the pure message handling,
 then the whole client over real sockets against the fake ComfyUI (tests/fake_comfyui)."""
+import io
 import json
 import pathlib
+import socket
+import threading
+import time
+import uuid
 
 import pytest
+import requests
+from PIL import Image
 
 import comfy_client
-from comfy_client import (ComfyClient, ComfyExecutionFailed, ComfyInterrupted, Done, OutputImage,
+from comfy_client import (ComfyBadResponse, ComfyClient, ComfyExecutionFailed, ComfyInterrupted,
+                          ComfyRejected, ComfyTimeout, ComfyUnreachable, Done, OutputImage,
                           Progress, PromptWatch, raise_for_history)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -241,17 +249,6 @@ def test_ws_url_follows_base_url():
 # Over real sockets, against the fake ComfyUI (fixture `fake_comfy` from tests/fake_comfyui)
 # ==================================================================================================
 
-import io  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-
-import requests  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from comfy_client import (ComfyBadResponse, ComfyRejected, ComfyTimeout,  # noqa: E402
-                          ComfyUnreachable)
 
 WORKFLOW = FIXTURES / "workflow_inpaint_vaeencodeforinpaint.json"
 WAIT = 10  # generous upper bound for awaiting an event; never a sleep
