@@ -456,8 +456,9 @@ def test_polling_maps_execution_error_from_history(fake_comfy, client, monkeypat
 
 
 def test_comfyui_down_is_unreachable_quickly(fake_comfy):
-    fake_comfy.refuse_connections()
     c = make_client(fake_comfy, connect_timeout=3.0)
+    assert c.is_up() is True  # leaves a keep-alive connection in the pool, as in the service
+    fake_comfy.refuse_connections()
     start = time.monotonic()
     with pytest.raises(ComfyUnreachable) as info:
         c.run(workflow(fake_comfy), timeout=30)
