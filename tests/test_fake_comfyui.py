@@ -264,7 +264,7 @@ def test_success_sequence_matches_capture(fake_comfy):
 def test_history_can_lag_execution_success(fake_comfy):
     """0.3.40 writes /history after sending execution_success; clients must tolerate the gap."""
     put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
-    fake_comfy.history_delay = 0.3
+    fake_comfy.history_delay = 0.5
     ws = Ws(fake_comfy, "lag")
     prompt_id = post_prompt(fake_comfy, success_workflow(), "lag").json()["prompt_id"]
     ws.until(lambda m: m["type"] == "execution_success")
@@ -330,7 +330,7 @@ def test_exec_error_sequence_matches_capture(fake_comfy):
 
 def test_interrupt_sequence_matches_capture(fake_comfy):
     put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
-    fake_comfy.step_delay = 0.005
+    fake_comfy.step_delay = 0.02  # 200 steps: seconds of room for the interrupt to land mid-sampling
     ws = Ws(fake_comfy, "i")
     prompt_id = post_prompt(fake_comfy, success_workflow(**{"7": {"steps": 200}}), "i").json()["prompt_id"]
     ws.until(lambda m: m["type"] == "progress" and m["data"]["value"] == 3)

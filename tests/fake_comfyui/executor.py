@@ -320,7 +320,10 @@ class PromptRun:
                 if fn is None:
                     memo[node_id] = False
                 else:
-                    consts = {k: v for k, v in node["inputs"].items() if not is_link(v)}
+                    # like get_input_data(outputs=None): declared constants, links as None
+                    class_info = ex.object_info.get(node["class_type"], {})
+                    consts = {k: (None if is_link(v) else v) for k, v in node["inputs"].items()
+                              if is_link(v) or catalog.input_info(class_info, k)[1] is not None}
                     try:
                         memo[node_id] = [fn(ex.folders, **consts)]
                     except Exception as e:  # ComfyUI logs and uses NaN: never equal, so never cached
@@ -549,6 +552,8 @@ class Executor:
         if run.faults.fail is not None:
             log.warning("fake ComfyUI: fail_next(%r) did not fire in prompt %s (cached or absent)",
                         run.faults.fail[0], prompt_id)
+        if run.faults.hang:
+            log.warning("fake ComfyUI: hang_next did not fire in prompt %s (nothing executed)", prompt_id)
         if not run.alive():
             return
         if self.settings.history_delay > 0:
