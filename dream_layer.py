@@ -24,7 +24,7 @@ from comfyui_process import ComfyUIProcess, LaunchError, launch_spec
 from config import ConfigError
 from dream_layer_config import DreamLayerConfig
 from dreamlayer_settings import (SettingsError, demo_health_fields, get_directories, load_settings,
-                                 update_settings)
+                                 unreachable_hint, update_settings)
 from errors import ApiError, BadRequest, InvalidParameter
 from model_catalog import ModelCatalog
 from staging import ServedImages
@@ -35,11 +35,6 @@ bp = Blueprint("dream_layer", __name__)
 
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
               413: "request_too_large", 415: "unsupported_content_type"}
-
-UNREACHABLE_HINT = ("No ComfyUI answers at {url}. Start ComfyUI (python main.py --listen 127.0.0.1 "
-                    "--port 8188 in its folder), or set COMFYUI_DIR to its folder and run "
-                    "start_dream_layer.sh (or dream_layer.py --start-comfyui), or set COMFY_API_URL "
-                    "to where it runs. Without a GPU, start_dream_layer.sh --demo runs a stand-in.")
 
 
 class Backend:
@@ -75,7 +70,7 @@ def health():
     up = b.client.is_up()
     comfyui = {"url": b.client.base_url, "reachable": up}
     if not up:
-        comfyui["hint"] = UNREACHABLE_HINT.format(url=b.client.base_url)
+        comfyui["hint"] = unreachable_hint(b.client.base_url)
     comfyui.update(demo_health_fields(b.config.demo))
     if b.comfyui is not None:
         comfyui["started_by_dream_layer"] = {"pid": b.comfyui.pid, "running": b.comfyui.running(),
@@ -213,6 +208,8 @@ def _exit_on_sigterm() -> None:
     def handler(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGBREAK"):  # Windows: start_dream_layer stops children with CTRL_BREAK
+        signal.signal(signal.SIGBREAK, handler)
 
 
 def run_comfyui_only(config: DreamLayerConfig) -> int:
@@ -262,7 +259,7 @@ def serve(config: DreamLayerConfig, *, with_comfyui: bool) -> int:
                  config.comfy_api_url, "answers" if reachable else "does NOT answer (yet)",
                  " [DEMO: fake stand-in, no diffusion model]" if config.demo else "")
         if not reachable and comfyui is None:
-            log.warning(UNREACHABLE_HINT.format(url=config.comfy_api_url))
+            log.warning(unreachable_hint(config.comfy_api_url))
         server.run()
         return 0
     finally:

@@ -6,7 +6,8 @@ The settings file is the JSON object the frontend's Configurations page posts to
 Only two keys are used: ``outputDirectory`` (where ComfyUI writes its outputs) and
 ``modelsDirectory`` (the parent of a ``models/`` folder, handed to ComfyUI as --base-directory).
 
-This module also holds the demo-mode flag both services report on /health.
+This module also holds what both services report on /health about ComfyUI: the demo-mode flag
+and the hint given when no ComfyUI answers.
 """
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def demo_mode_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """True when start_dream_layer --demo runs the fake ComfyUI (it sets DREAMLAYER_DEMO=1)."""
     env = os.environ if environ is None else environ
     return (env.get(DEMO_ENV) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def unreachable_hint(url: str) -> str:
+    """What /health says when no ComfyUI answers: every way to point the services at one."""
+    return (f"No ComfyUI answers at {url}. Start ComfyUI (python main.py --listen 127.0.0.1 --port "
+            "8188 in its folder), or set COMFYUI_DIR to its folder and run start_dream_layer.sh "
+            "(or dream_layer.py --start-comfyui), or set COMFY_API_URL to where it runs. Without a "
+            "GPU, start_dream_layer.sh --demo runs a stand-in.")
 
 
 def demo_health_fields(demo: bool) -> dict:

@@ -32,8 +32,12 @@ SIGNALS = ("SIGINT", "SIGTERM") + (("SIGBREAK",) if IS_WINDOWS else ("SIGHUP",))
 
 
 def say(message: str = "") -> None:
-    """Console output of this command-line tool (the services themselves log to files)."""
-    print(message, flush=True)
+    """Console output of this command-line tool (the services themselves log to files). A closed
+    terminal (SIGHUP) must not keep the children from being stopped, so write errors are ignored."""
+    try:
+        print(message, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 class StartError(RuntimeError):
@@ -333,18 +337,19 @@ def main(argv=None) -> int:
     _install_signal_handlers()
     code = 0
     try:
-        sup.preflight()
-        comfy = sup.start_comfyui()
-        sup.start_services()
-        if comfy == "starting":
-            comfy = sup.wait_for_comfyui()
-        sup.banner(comfy)
-        code = sup.watch()
+        try:
+            sup.preflight()
+            comfy = sup.start_comfyui()
+            sup.start_services()
+            if comfy == "starting":
+                comfy = sup.wait_for_comfyui()
+            sup.banner(comfy)
+            code = sup.watch()
+        except StartError as exc:
+            say(f"ERROR: {exc}")
+            code = 1
     except Stop:
-        code = 0
-    except StartError as exc:
-        say(f"ERROR: {exc}")
-        code = 1
+        pass
     finally:
         for name in SIGNALS:
             signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -223,12 +223,25 @@ def test_a_busy_port_is_reported_and_nothing_is_killed(script_runner):
     assert "started" not in s.output
 
 
-def test_sigterm_also_stops_everything(script_runner):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_a_closed_terminal_also_stop_everything(script_runner, signum):
     s = script_runner("--demo")
     s.wait_for("Press Ctrl-C")
     s.seen |= descendants(s.proc.pid)
-    s.proc.send_signal(signal.SIGTERM)
+    s.proc.send_signal(signum)
     assert s.proc.wait(25) == 0
+    assert not [pid for pid in s.seen if alive(pid)]
+
+
+def test_a_service_that_dies_takes_the_rest_down_with_its_log(script_runner):
+    s = script_runner("--demo")
+    s.wait_for("Press Ctrl-C")
+    s.seen |= descendants(s.proc.pid)
+    img2img_pid = int(re.search(r"started img2img \(pid (\d+)", s.output).group(1))
+    os.kill(img2img_pid, signal.SIGKILL)
+    assert s.proc.wait(25) == 1
+    s._reader.join(5)
+    assert "img2img exited with code -9" in s.output and "img2img.log" in s.output
     assert not [pid for pid in s.seen if alive(pid)]
 
 
