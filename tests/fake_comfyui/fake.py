@@ -46,14 +46,14 @@ class FakeComfyUI:
     def __init__(self, root_dir):
         self.folders = Folders(Path(root_dir))
         self.folders.create()
-        self.object_info: dict = catalog.load_fixture()
-        catalog.refresh_input_lists(self.object_info, self.folders.input)
+        self._object_info: dict = catalog.load_fixture()
+        catalog.refresh_input_lists(self._object_info, self.folders.input)
         self.settings = Settings()
         self.hub = Hub()
         self.queue = PromptQueue(self.hub)
         self.hub.get_queue_info = lambda: {"exec_info": {"queue_remaining": self.queue.get_tasks_remaining()}}
-        self.validator = Validator(self.object_info, self.folders)
-        self.executor = Executor(self.hub, self.queue, self.folders, self.object_info, self.settings)
+        self.validator = Validator(self._object_info, self.folders)
+        self.executor = Executor(self.hub, self.queue, self.folders, self._object_info, self.settings)
         self.prompts: list = []
         self.rejected: list = []
         self.interrupt_count = 0
@@ -75,6 +75,17 @@ class FakeComfyUI:
                           lambda self, v: setattr(self.settings, "view_delay", float(v)))
     send_previews = property(lambda self: self.settings.send_previews,
                              lambda self, v: setattr(self.settings, "send_previews", bool(v)))
+
+    @property
+    def object_info(self) -> dict:
+        """The live catalog: edits (or a replacement dict) change validation and /object_info."""
+        return self._object_info
+
+    @object_info.setter
+    def object_info(self, value: dict) -> None:
+        self._object_info = value
+        self.validator.object_info = value
+        self.executor.object_info = value
 
     @property
     def url(self) -> str:

@@ -211,6 +211,10 @@ class Routes:
             return web.Response(status=404)
         return web.json_response(catalog.model_files(self.fake.object_info, folder))
 
+    async def view_metadata(self, request):
+        """The fake has no safetensors files, so ComfyUI's answer is always an empty 404."""
+        return web.Response(status=404)
+
     async def system_stats(self, request):
         total, free = 8 * 1024 ** 3, 6 * 1024 ** 3
         return web.json_response({
@@ -385,6 +389,7 @@ def build_app(fake) -> web.Application:
         ("POST", "/upload/image", routes.upload_image),
         ("POST", "/upload/mask", routes.upload_mask),
         ("GET", "/view", routes.view_image),
+        ("GET", "/view_metadata/{folder_name}", routes.view_metadata),
     ]
     for method, path, handler in table:
         app.router.add_route(method, "/api" + path, handler)
