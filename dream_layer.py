@@ -81,7 +81,7 @@ def health():
 
 
 def _models(kind: str):
-    models, warnings = backend().catalog.list(kind)
+    models, warnings = backend().catalog.models(kind)
     body = {"status": "success", "models": models}
     if warnings:
         body["warnings"] = warnings

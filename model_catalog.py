@@ -63,7 +63,7 @@ class ModelCatalog:
         self.client = client
         self.display_names_file = display_names_file
 
-    def list(self, kind: str) -> tuple[list, list]:
+    def models(self, kind: str) -> tuple[list, list]:
         """(models, warnings). object_info is fetched afresh so that a model copied into
         ComfyUI's folder shows up on the next page load. ComfyError propagates (503 etc.)."""
         class_type, input_name = MODEL_INPUTS[kind]

@@ -195,6 +195,18 @@ def test_demo_end_to_end_and_clean_stop(script_runner):
         assert not answers(port), f"port {port} still answers"
     for name in ("dream_layer.log", "img2img.log", "fake_comfyui.log"):
         assert (s.log_dir / name).stat().st_size > 0
+    assert "It runs no diffusion model" in (s.log_dir / "fake_comfyui.log").read_text()
+
+
+def test_fake_comfyui_standalone_refuses_a_busy_port(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+        result = subprocess.run([sys.executable, "-m", "fake_comfyui", "--port", str(port), "--root",
+                                 str(tmp_path / "root")], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def test_without_comfyui_the_services_start_and_say_how_to_point_at_one(script_runner):
