@@ -46,6 +46,10 @@ class Config:
     max_image_pixels: int = 40_000_000
     #: Checkpoint used when a request names none; empty = the first one ComfyUI lists.
     default_model: str = ""
+    #: Background jobs: worker threads, and how long / how many finished jobs are kept.
+    job_workers: int = 32
+    job_ttl_s: float = 3600.0
+    jobs_kept: int = 500
     api_key: str = ""
     log_level: str = "INFO"
     extra: Mapping = field(default_factory=dict)
@@ -82,6 +86,9 @@ class Config:
                 max_mask_bytes=int(get("MAX_MASK_BYTES", d.max_mask_bytes)),
                 max_image_pixels=int(get("MAX_IMAGE_PIXELS", d.max_image_pixels)),
                 default_model=get("DEFAULT_MODEL", d.default_model),
+                job_workers=int(get("IMG2IMG_JOB_WORKERS", d.job_workers)),
+                job_ttl_s=float(get("IMG2IMG_JOB_TTL_S", d.job_ttl_s)),
+                jobs_kept=int(get("IMG2IMG_JOBS_KEPT", d.jobs_kept)),
                 api_key=get("IMG2IMG_API_KEY", ""),
                 log_level=get("LOG_LEVEL", d.log_level).upper(),
             )

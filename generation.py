@@ -34,7 +34,8 @@ class Img2ImgRequest:
 
 
 class ActiveRuns:
-    """The generations this service is running, so that /api/img2img/interrupt can stop them."""
+    """The generations this service is running, so that they can be cancelled (all of them by
+    /api/img2img/interrupt, or one by its job's cancel)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -42,7 +43,7 @@ class ActiveRuns:
 
     def start(self, run_id: str) -> None:
         with self._lock:
-            self._runs[run_id] = {"prompt_id": None, "cancelled": False}
+            self._runs.setdefault(run_id, {"prompt_id": None, "cancelled": False})
 
     def finish(self, run_id: str) -> None:
         with self._lock:
@@ -62,16 +63,52 @@ class ActiveRuns:
             run = self._runs.get(run_id)
             return bool(run and run["cancelled"])
 
-    def cancel_all(self) -> list:
-        """Mark every run cancelled; returns the prompt ids they are running."""
+    def cancel(self, run_id: str) -> str | None:
+        """Mark one run cancelled (it may not have queued anything yet: then it never will);
+        returns the prompt it is running. Unknown (finished) runs are left alone."""
         with self._lock:
-            for run in self._runs.values():
+            run = self._runs.get(run_id)
+            if run is None:
+                return None
+            run["cancelled"] = True
+            return run["prompt_id"]
+
+    def cancel_all(self) -> list:
+        """Mark every run cancelled; returns the prompt ids of those not cancelled before."""
+        with self._lock:
+            fresh = [r for r in self._runs.values() if not r["cancelled"]]
+            for run in fresh:
                 run["cancelled"] = True
-            return [r["prompt_id"] for r in self._runs.values() if r["prompt_id"]]
+            # runs cancelled before were already taken care of: never cancel a prompt twice, as a
+            # second global /interrupt could stop whatever ComfyUI runs next
+            return [r["prompt_id"] for r in fresh if r["prompt_id"]]
 
     def __len__(self):
         with self._lock:
             return len(self._runs)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to run: decoded images, resolved parameters, the plan."""
+
+    params: object
+    image: object          # PIL RGB image, the original
+    keep: object           # PIL L keep-mask or None
+    control_images: list   # PIL images or None, per ControlNet unit
+    plan: object
+    warnings: list
+
+
+class Listener:
+    """Receives a run's progress; the async jobs subclass it. Every method may be called from
+    the generating thread."""
+
+    def queued(self, prompt_id: str, index: int) -> None:
+        pass
+
+    def progress(self, event) -> None:
+        pass
 
 
 class Img2ImgService:
@@ -101,6 +138,12 @@ class Img2ImgService:
             raise comfy_client.ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
 
     def generate(self, request: Img2ImgRequest) -> dict:
+        """The synchronous path: validate, run, answer."""
+        return self.execute(self.prepare(request))
+
+    def prepare(self, request: Img2ImgRequest) -> Prepared:
+        """Everything that can reject a request (4xx, or 503 when ComfyUI is down), before any
+        file is written or any prompt queued."""
         params = parse_params(request.params)
         warnings = list(request.warnings) + list(params.warnings)
         image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
@@ -119,9 +162,14 @@ class Img2ImgService:
         plan = inpainting.plan(image.image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                                width=params.width, height=params.height, paste_back=params.paste_back,
                                mask_blur=params.mask_blur)
-        gen_image, gen_keep = inpainting.prepare(image.image, keep, plan)
+        return Prepared(params, image.image, keep, control_images, plan, warnings)
 
-        run_id = uuid.uuid4().hex
+    def execute(self, job: Prepared, *, run_id: str | None = None, listener: Listener | None = None) -> dict:
+        """Stage the inputs, run every batch on ComfyUI, serve the results; inputs are removed
+        whatever happens. ``run_id`` lets a caller cancel the run (``cancel_run``)."""
+        params, plan, listener = job.params, job.plan, listener or Listener()
+        run_id = run_id or uuid.uuid4().hex
+        gen_image, gen_keep = inpainting.prepare(job.image, job.keep, plan)
         self.active.start(run_id)
         try:
             with InputStager(self.client, self.config.comfyui_input_dir) as stager:
@@ -130,10 +178,10 @@ class Img2ImgService:
                 if gen_keep is not None:
                     mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep))
                 units = []
-                for i, (unit, control) in enumerate(zip(params.controlnet_units, control_images)):
+                for i, (unit, control) in enumerate(zip(params.controlnet_units, job.control_images)):
                     ref = None
                     if control is not None:
-                        shaped = inpainting.prepare_extra(control, image.image.size, plan)
+                        shaped = inpainting.prepare_extra(control, job.image.size, plan)
                         ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
                     units.append({**unit, "image": ref})
                 outputs, workflows, prompt_ids = [], [], []
@@ -147,9 +195,9 @@ class Img2ImgService:
                         raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                        status=400) from None
                     workflows.append(workflow)
-                    result = self._run(run_id, workflow)
+                    result = self._run(run_id, workflow, index, listener)
                     prompt_ids.append(result.prompt_id)
-                    outputs += [self._serve(run_id, index, img, image.image, keep, plan) for img in result.images]
+                    outputs += [self._serve(run_id, index, img, job.image, job.keep, plan) for img in result.images]
         finally:
             self.active.finish(run_id)
         if not outputs:
@@ -161,7 +209,7 @@ class Img2ImgService:
             "run_id": run_id,
             "seed": params.seed,
             "seeds": params.seeds(),
-            "warnings": warnings,
+            "warnings": job.warnings,
             "comfy_response": {
                 "prompt_id": prompt_ids[0],
                 "prompt_ids": prompt_ids,
@@ -178,17 +226,19 @@ class Img2ImgService:
         data = decode_base64_image(unit["input_image"], unit["where"] + ".input_image")
         return decode_image(data, max_pixels=self.config.max_image_pixels).image
 
-    def _run(self, run_id: str, workflow: dict):
+    def _run(self, run_id: str, workflow: dict, index: int, listener: Listener):
         if self.active.cancelled(run_id):
             raise comfy_client.ComfyInterrupted(message="The generation was interrupted")
 
         def on_queued(prompt_id):
             if not self.active.set_prompt(run_id, prompt_id):
-                # interrupted between queueing and now: cancel what we just queued
+                # cancelled between queueing and now: cancel what we just queued
                 self.client.cancel(prompt_id)
+            listener.queued(prompt_id, index)
 
         try:
-            return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued)
+            return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
+                                   on_progress=listener.progress)
         except comfy_client.ComfyRejected:
             # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
             # the next request is checked against what ComfyUI really has.
@@ -210,6 +260,12 @@ class Img2ImgService:
         self.served.save(name, data)
         return {"filename": name, "url": f"{self.config.public_base_url}/images/{name}",
                 "type": "output", "subfolder": ""}
+
+    def cancel_run(self, run_id: str) -> str:
+        """Cancel one run: "removed" / "interrupted" on ComfyUI, or "not_found" (not queued yet
+        or already finished: a run not yet queued will not queue)."""
+        prompt_id = self.active.cancel(run_id)
+        return self.client.cancel(prompt_id) if prompt_id else "not_found"
 
     def interrupt(self) -> dict:
         """Stop every generation of this service (queued or running) — and nobody else's."""

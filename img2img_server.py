@@ -11,14 +11,15 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file, stream_with_context
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 import comfy_client
 from config import Config, ConfigError
-from errors import ApiError
+from errors import ApiError, InvalidParameter
 from generation import Img2ImgService
+from jobs import JobStore, sse
 from img2img_request import parse_request
 from staging import ServedImages
 
@@ -35,15 +36,59 @@ def service() -> Img2ImgService:
     return current_app.extensions["img2img"]
 
 
+def jobs() -> JobStore:
+    return current_app.extensions["img2img_jobs"]
+
+
+def _wants_async(req) -> bool:
+    """``"async": true`` in the parameters, or ``Prefer: respond-async`` (RFC 7240)."""
+    flag = req.params.pop("async", None)
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidParameter("async", "'async' must be true or false")
+    prefer = request.headers.get("Prefer", "")
+    return bool(flag) or any(p.strip().lower() == "respond-async" for p in prefer.split(","))
+
+
 @bp.post("/api/img2img")
 def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
-    return jsonify(service().generate(req))
+    if not _wants_async(req):
+        return jsonify(service().generate(req))
+    job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
+    base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
+    body = {"job_id": job.id, "status": "queued", "status_url": base, "events_url": f"{base}/events",
+            "cancel_url": f"{base}/cancel"}
+    return jsonify(body), 202, {"Location": base, "Preference-Applied": "respond-async"}
+
+
+@bp.get("/api/img2img/jobs/<job_id>")
+def job_status(job_id):
+    return jsonify(jobs().get(job_id).snapshot())
+
+
+@bp.get("/api/img2img/jobs/<job_id>/events")
+def job_events(job_id):
+    job = jobs().get(job_id)
+    try:
+        last = int(request.headers.get("Last-Event-ID", "0") or 0)
+    except ValueError:
+        last = 0
+    return Response(stream_with_context(sse(job, last_event_id=max(0, last))), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.post("/api/img2img/jobs/<job_id>/cancel")
+def job_cancel(job_id):
+    return jsonify(jobs().cancel(job_id).snapshot())
 
 
 @bp.post("/api/img2img/interrupt")
 def interrupt():
-    return jsonify(service().interrupt())
+    """Cancel this service's generations (jobs and synchronous requests), nobody else's."""
+    cancelled = [job.id for job in jobs().cancel_all()]
+    answer = service().interrupt()
+    answer["cancelled_jobs"] = cancelled
+    return jsonify(answer)
 
 
 @bp.get("/images/<path:filename>")
@@ -133,7 +178,10 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
                       MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
-    app.extensions["img2img"] = Img2ImgService(config, client, ServedImages(config.served_images_dir))
+    service = Img2ImgService(config, client, ServedImages(config.served_images_dir))
+    app.extensions["img2img"] = service
+    app.extensions["img2img_jobs"] = JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s,
+                                              max_kept=config.jobs_kept)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
     if config.api_key:

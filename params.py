@@ -251,7 +251,7 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
 _KNOWN_KEYS = {
     "prompt", "negative_prompt", "denoising_strength", "steps", "cfg_scale", "batch_size", "batch_count",
     "grow_mask_by", "clip_skip", "width", "height", "random_seed", "seed", "model_name", "sampler_name",
-    "scheduler", "karras_sigmas", "lora", "controlnet", "custom_workflow", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
+    "scheduler", "karras_sigmas", "async", "lora", "controlnet", "custom_workflow", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
     "inpaint_padding",
 }
 

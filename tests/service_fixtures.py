@@ -51,11 +51,17 @@ class LiveServer:
         return self
 
     def stop(self):
-        """Close the listener and every open connection, and end waitress's worker threads."""
-        self.server.task_dispatcher.shutdown(timeout=5)
-        for channel in list(self.server._map.values()):
-            channel.close()
+        """Close every connection and the listener from waitress's own loop thread (closing them
+        from here races its select()), then end its worker threads."""
+        def close_all():
+            for channel in list(self.server._map.values()):
+                if channel is not self.server.trigger:
+                    channel.close()
+            self.server.trigger.close()
+
+        self.server.trigger.pull_trigger(close_all)
         self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=5)
 
 
 @pytest.fixture

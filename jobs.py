@@ -1,0 +1,234 @@
+"""Asynchronous img2img jobs: run in the background, watched through status polls or a
+Server-Sent-Events stream, cancellable, kept for a bounded time after they finish.
+
+A job is a prepared request (validated before the 202 answer) executed on a worker thread by
+the same code as the synchronous path; its events come from ComfyUI's WebSocket messages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+
+import comfy_client
+from errors import ApiError
+from generation import Img2ImgService, Listener, Prepared
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: The SSE event ending a stream, per terminal status.
+FINAL_EVENT = {"succeeded": "done", "failed": "error", "cancelled": "cancelled"}
+
+
+def error_object(exc: BaseException) -> dict:
+    """The same error object the synchronous path answers with, plus its HTTP status."""
+    if isinstance(exc, ApiError):
+        return {**exc.to_dict(), "http_status": exc.status}
+    if isinstance(exc, comfy_client.ComfyError):
+        return {"status": "error", "code": exc.code, "message": str(exc), **exc.details(), "http_status": exc.status}
+    log.exception("job failed unexpectedly", exc_info=exc)
+    return {"status": "error", "code": "internal_error", "message": "The service failed unexpectedly; see its log",
+            "http_status": 500}
+
+
+class Job(Listener):
+    """One background generation. Thread-safe; ``changed`` wakes every waiting event stream."""
+
+    def __init__(self, job_id: str):
+        self.id = job_id
+        self.status = "queued"
+        self.prompt_id = None
+        self.queue_position = None
+        self.step = {"value": None, "max": None, "node": None}  # the latest progress
+        self.result = None
+        self.error = None
+        self.finished_at = None
+        self.cancel_requested = False
+        self.events: list = []  # (id, kind, data)
+        self.changed = threading.Condition()
+        self.position_of = None  # set by the store: prompt_id -> queue position or None
+
+    # -- Listener (called on the generating thread) -------------------------------------------
+    def queued(self, prompt_id: str, index: int) -> None:
+        with self.changed:
+            self.prompt_id = prompt_id
+        self._queue_update()
+
+    def progress(self, event) -> None:
+        if event.kind == "queued":
+            self._queue_update()
+        elif event.kind in ("started", "executing", "cached"):
+            with self.changed:
+                if self.status == "queued":
+                    self.status = "running"
+                    self.queue_position = 0
+                if event.kind == "executing":
+                    self.step = {**self.step, "node": event.node}
+        elif event.kind == "progress":
+            with self.changed:
+                self.status = "running" if self.status == "queued" else self.status
+                self.queue_position = 0
+                self.step = {"value": event.value, "max": event.max, "node": event.node}
+            self._emit("progress", dict(self.step))
+
+    def _queue_update(self) -> None:
+        with self.changed:
+            if self.status != "queued" or not self.prompt_id:
+                return
+            prompt_id = self.prompt_id
+        position = self.position_of(prompt_id) if self.position_of else None
+        with self.changed:
+            if self.status == "queued" and position != self.queue_position:
+                self.queue_position = position
+                self._emit_locked("queued", {"position": position, "prompt_id": prompt_id})
+
+    # -- state ---------------------------------------------------------------------------------
+    def _emit(self, kind: str, data: dict) -> None:
+        with self.changed:
+            self._emit_locked(kind, data)
+
+    def _emit_locked(self, kind: str, data: dict) -> None:
+        self.events.append((len(self.events) + 1, kind, {"type": kind, **data}))
+        self.changed.notify_all()
+
+    def finish(self, status: str, *, result=None, error=None) -> None:
+        with self.changed:
+            if self.status in TERMINAL:
+                return
+            self.status, self.result, self.error = status, result, error
+            self.finished_at = time.monotonic()
+            data = {"succeeded": result, "failed": error, "cancelled": {"job_id": self.id}}[status] or {}
+            self._emit_locked(FINAL_EVENT[status], dict(data))
+
+    def snapshot(self) -> dict:
+        with self.changed:
+            return {"job_id": self.id, "status": self.status, "prompt_id": self.prompt_id,
+                    "queue_position": self.queue_position, "progress": dict(self.step),
+                    "result": self.result, "error": self.error}
+
+    def events_after(self, last_id: int, timeout: float):
+        """Events newer than ``last_id`` (waiting up to ``timeout`` for one), and whether the job
+        has finished."""
+        with self.changed:
+            if len(self.events) <= last_id and self.status not in TERMINAL:
+                self.changed.wait(timeout)
+            return self.events[last_id:], self.status in TERMINAL
+
+
+class JobStore:
+    """Runs jobs on a bounded pool and forgets finished ones after ``ttl_s`` or beyond ``max_kept``."""
+
+    def __init__(self, service: Img2ImgService, *, workers: int = 32, ttl_s: float = 3600.0,
+                 max_kept: int = 500):
+        self.service = service
+        self.ttl_s, self.max_kept = ttl_s, max_kept
+        self._jobs: OrderedDict = OrderedDict()
+        self._expired: deque = deque(maxlen=10_000)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="img2img-job")
+
+    def submit(self, prepared: Prepared) -> Job:
+        job = Job(uuid.uuid4().hex)
+        job.position_of = self._queue_position
+        self.service.active.start(job.id)  # so a cancel before the worker starts is not lost
+        with self._lock:
+            self._prune()
+            self._jobs[job.id] = job
+        job._emit("queued", {"position": None, "prompt_id": None})
+        self._pool.submit(self._run, job, prepared)
+        return job
+
+    def _run(self, job: Job, prepared: Prepared) -> None:
+        try:
+            result = self.service.execute(prepared, run_id=job.id, listener=job)
+        except comfy_client.ComfyInterrupted as exc:
+            if job.cancel_requested:
+                job.finish("cancelled")
+            else:
+                job.finish("failed", error=error_object(exc))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error
+            job.finish("failed", error=error_object(exc))
+        else:
+            job.finish("succeeded", result=result)
+        finally:
+            self.service.active.finish(job.id)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            self._prune()
+            job = self._jobs.get(job_id)
+            expired = job is None and job_id in self._expired
+        if job is None:
+            if expired:
+                raise ApiError(f"Job {job_id} finished and has expired (finished jobs are kept "
+                               f"{self.ttl_s:g} s, at most {self.max_kept})", code="job_expired", status=404)
+            raise ApiError(f"No job {job_id!r}", code="job_not_found", status=404)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: idempotent; a finished job is left as it is."""
+        job = self.get(job_id)
+        with job.changed:
+            if job.status in TERMINAL or job.cancel_requested:
+                return job
+            job.cancel_requested = True
+        outcome = self.service.cancel_run(job.id)
+        log.info("job %s cancel: %s", job.id, outcome)
+        if outcome == "removed":
+            job.finish("cancelled")
+        return job
+
+    def cancel_all(self) -> list:
+        """Cancel every unfinished job; returns them."""
+        with self._lock:
+            live = [j for j in self._jobs.values() if j.finished_at is None]
+        return [self.cancel(job.id) for job in live]
+
+    def _queue_position(self, prompt_id: str):
+        """0 = running, n = n-th pending in ComfyUI's queue, None = not in it."""
+        try:
+            queue = self.service.client.get_queue()
+        except comfy_client.ComfyError:
+            return None
+        if any(item[1] == prompt_id for item in queue.get("queue_running") or []):
+            return 0
+        pending = sorted(queue.get("queue_pending") or [], key=lambda item: item[0])
+        for position, item in enumerate(pending, start=1):
+            if item[1] == prompt_id:
+                return position
+        return None
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        finished = [j for j in self._jobs.values() if j.finished_at is not None]
+        excess = len(finished) - self.max_kept
+        for job in finished:
+            if excess > 0 or now - job.finished_at > self.ttl_s:
+                del self._jobs[job.id]
+                self._expired.append(job.id)
+                excess -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def sse(job: Job, *, last_event_id: int = 0, heartbeat_s: float = 15.0):
+    """The job's events as Server-Sent Events: past ones first, then live ones, until it ends."""
+    last = last_event_id
+    while True:
+        events, finished = job.events_after(last, heartbeat_s)
+        if not events and not finished:
+            yield ": keep-alive\n\n"
+            continue
+        for event_id, kind, data in events:
+            last = event_id
+            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+            if kind in FINAL_EVENT.values():
+                return
+        if finished and not events:
+            return

@@ -1,0 +1,218 @@
+"""Async jobs: 202 + status, the SSE progress stream, cancel (pending / running / never someone
+else's prompt), expiry, many jobs at once, and stream disconnects."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import comfy_client
+from images import box_mask, gradient, png
+
+PARAMS = {"prompt": "a cabin", "steps": 4, "seed": 9, "async": True}
+
+
+def submit(base, params=None, image=None, mask=None, headers=None):
+    files = {"image": ("i.png", image or png(gradient(32, 32)))}
+    if mask:
+        files["mask"] = ("m.png", mask)
+    resp = requests.post(f"{base}/api/img2img", files=files, data={"params": json.dumps(params or PARAMS)},
+                         headers=headers or {}, timeout=10)
+    return resp
+
+
+def accepted(resp):
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert set(body) >= {"job_id", "status_url", "events_url", "cancel_url"}
+    assert resp.headers["Location"] == body["status_url"]
+    return body
+
+
+def status(job):
+    return requests.get(job["status_url"], timeout=5).json()
+
+
+def wait_for(job, predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = status(job)
+        if predicate(snap):
+            return snap
+        time.sleep(0.02)
+    raise AssertionError(f"timed out; last status {snap}")
+
+
+def events(job, timeout=15):
+    """Parse the whole SSE stream into (event, data) pairs."""
+    out, kind = [], None
+    with requests.get(job["events_url"], stream=True, timeout=timeout) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                out.append((kind, json.loads(line[6:])))
+    return out
+
+
+def test_events_arrive_in_order_and_end_with_done(live_server, fake_comfy):
+    fake_comfy.step_delay = 0.02
+    job = accepted(submit(live_server.url))
+    got = events(job)
+    kinds = [k for k, _ in got]
+    assert kinds[0] == "queued" and kinds[-1] == "done"
+    assert all(data["type"] == kind for kind, data in got)
+    steps = [d["value"] for k, d in got if k == "progress"]
+    assert steps == [1, 2, 3, 4] and all(d["max"] == 4 for k, d in got if k == "progress")
+    assert kinds.index("progress") < kinds.index("done")
+    result = got[-1][1]
+    assert result["status"] == "success" and result["comfy_response"]["generated_images"]
+    snap = status(job)
+    assert snap["status"] == "succeeded" and snap["result"]["run_id"] == result["run_id"]
+    assert snap["progress"]["value"] == 4 and snap["prompt_id"] == result["comfy_response"]["prompt_id"]
+    img = requests.get(result["comfy_response"]["generated_images"][0]["url"], timeout=5)
+    assert img.status_code == 200
+    # a late subscriber gets the whole history, and Last-Event-ID resumes after it
+    assert [k for k, _ in events(job)] == kinds
+    with requests.get(job["events_url"], headers={"Last-Event-ID": str(len(got) - 1)}, stream=True,
+                      timeout=5) as resp:
+        assert [line for line in resp.iter_lines(decode_unicode=True) if line.startswith("event:")] == ["event: done"]
+
+
+def test_prefer_respond_async_header(live_server):
+    params = {k: v for k, v in PARAMS.items() if k != "async"}
+    job = accepted(submit(live_server.url, params, headers={"Prefer": "respond-async"}))
+    assert wait_for(job, lambda s: s["status"] == "succeeded")["result"]["status"] == "success"
+
+
+def test_bad_input_is_rejected_before_any_job(live_server, fake_comfy):
+    resp = submit(live_server.url, {**PARAMS, "steps": 0})
+    assert resp.status_code == 400 and resp.json()["code"] == "invalid_parameter"
+    resp = submit(live_server.url, PARAMS, image=b"nope")
+    assert resp.status_code == 400 and resp.json()["code"] == "invalid_image"
+    assert fake_comfy.prompts == []
+
+
+def test_failed_job_carries_the_same_error_object(live_server, fake_comfy):
+    fake_comfy.fail_next(node="KSampler", message="out of memory")
+    job = accepted(submit(live_server.url))
+    got = events(job)
+    kind, err = got[-1]
+    assert kind == "error" and err["code"] == "comfyui_execution_error" and "out of memory" in err["message"]
+    snap = status(job)
+    assert snap["status"] == "failed" and snap["error"]["code"] == "comfyui_execution_error"
+    assert snap["result"] is None
+
+
+def test_cancel_pending_then_running(live_server, fake_comfy):
+    fake_comfy.hang_next()
+    first = accepted(submit(live_server.url))
+    running = wait_for(first, lambda s: s["status"] == "running")
+    second = accepted(submit(live_server.url, {**PARAMS, "seed": 10}))
+    pending = wait_for(second, lambda s: s["queue_position"] == 1)
+    assert pending["status"] == "queued" and pending["prompt_id"]
+
+    answer = requests.post(second["cancel_url"], timeout=5).json()
+    assert answer["status"] == "cancelled"
+    assert fake_comfy.interrupt_count == 0, "cancelling a pending prompt must not interrupt the running one"
+    assert fake_comfy.running_prompt_id() == running["prompt_id"]
+    assert events(second)[-1][0] == "cancelled"
+    assert requests.post(second["cancel_url"], timeout=5).json()["status"] == "cancelled"  # idempotent
+
+    requests.post(first["cancel_url"], timeout=5)
+    assert wait_for(first, lambda s: s["status"] in ("cancelled", "failed"))["status"] == "cancelled"
+    assert fake_comfy.interrupt_count == 1
+    assert requests.post(first["cancel_url"], timeout=5).json()["status"] == "cancelled"
+    assert fake_comfy.interrupt_count == 1
+    assert not [p for p in fake_comfy.input_dir.rglob("*") if p.is_file()]
+
+
+def test_cancel_never_touches_another_clients_prompt(live_server, fake_comfy, tmp_path):
+    """Someone else's prompt runs on the same ComfyUI; cancelling our queued job must not stop it."""
+    other = comfy_client.ComfyClient(fake_comfy.url)
+    (fake_comfy.input_dir / "other.png").write_bytes(png(gradient(16, 16)))
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15-random.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "other.png"}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "other"}},
+    }
+    fake_comfy.hang_next()
+    other_id = other.queue_prompt(prompt, str(uuid.uuid4()))
+    deadline = time.monotonic() + 5
+    while fake_comfy.running_prompt_id() != other_id and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job = accepted(submit(live_server.url))
+    wait_for(job, lambda s: s["queue_position"] == 1)
+    assert requests.post(job["cancel_url"], timeout=5).json()["status"] == "cancelled"
+    # the frontend's interrupt button must not stop it either
+    assert requests.post(f"{live_server.url}/api/img2img/interrupt", json={}, timeout=5).status_code == 200
+    assert fake_comfy.interrupt_count == 0 and fake_comfy.running_prompt_id() == other_id
+    other.interrupt()
+
+
+def test_interrupt_endpoint_cancels_our_jobs(live_server, fake_comfy):
+    fake_comfy.hang_next()
+    job = accepted(submit(live_server.url))
+    wait_for(job, lambda s: s["status"] == "running")
+    answer = requests.post(f"{live_server.url}/api/img2img/interrupt", json={}, timeout=5).json()
+    assert answer["cancelled_jobs"] == [job["job_id"]]
+    assert wait_for(job, lambda s: s["status"] != "running")["status"] == "cancelled"
+
+
+def test_finished_jobs_expire_with_a_clear_code(fake_comfy, service_config):
+    from img2img_server import create_app
+    from service_fixtures import LiveServer
+    server = LiveServer(create_app(service_config.replace(job_ttl_s=0.3)), service_config.port).start()
+    try:
+        job = accepted(submit(server.url))
+        wait_for(job, lambda s: s["status"] == "succeeded")
+        time.sleep(0.4)
+        resp = requests.get(job["status_url"], timeout=5)
+        assert resp.status_code == 404 and resp.json()["code"] == "job_expired"
+        resp = requests.get(f"{server.url}/api/img2img/jobs/{uuid.uuid4().hex}", timeout=5)
+        assert resp.status_code == 404 and resp.json()["code"] == "job_not_found"
+    finally:
+        server.stop()
+
+
+def test_many_jobs_at_once_each_get_their_own_result(live_server, fake_comfy):
+    colours = [(i * 25, 200 - i * 20, 90) for i in range(8)]
+    jobs = [accepted(submit(live_server.url, {**PARAMS, "steps": 2},
+                            image=png(Image.new("RGB", (32, 32), c)), mask=png(box_mask((32, 32), (0, 0, 8, 8)))))
+            for c in colours]
+    for colour, job in zip(colours, jobs):
+        snap = wait_for(job, lambda s: s["status"] in ("succeeded", "failed"), timeout=20)
+        assert snap["status"] == "succeeded", snap
+        url = snap["result"]["comfy_response"]["generated_images"][0]["url"]
+        out = np.asarray(Image.open(io.BytesIO(requests.get(url, timeout=5).content)).convert("RGB"))
+        assert (out[16:, 16:] == np.array(colour)).all()
+    assert len({j["job_id"] for j in jobs}) == len(jobs)
+
+
+def test_leaving_the_event_stream_neither_cancels_nor_leaks(live_server, fake_comfy):
+    fake_comfy.step_delay = 0.05
+    job = accepted(submit(live_server.url, {**PARAMS, "steps": 10}))
+    with requests.get(job["events_url"], stream=True, timeout=5) as resp:
+        next(resp.iter_lines())  # read one line, then hang up
+    snap = wait_for(job, lambda s: s["status"] in ("succeeded", "failed", "cancelled"), timeout=15)
+    assert snap["status"] == "succeeded"
+    # the worker thread that served the abandoned stream is free again
+    dispatcher = live_server.server.task_dispatcher
+    deadline = time.monotonic() + 5
+    while dispatcher.active_count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dispatcher.active_count == 0
