@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
+from dreamlayer_settings import demo_mode_from_env
+
 HERE = Path(__file__).resolve().parent
 
 DEFAULT_CORS_ORIGINS = ("http://localhost:8080", "http://127.0.0.1:8080")
@@ -52,6 +54,8 @@ class Config:
     jobs_kept: int = 500
     api_key: str = ""
     log_level: str = "INFO"
+    #: start_dream_layer.sh --demo: the "ComfyUI" is the project's fake; /health says so.
+    demo: bool = False
     extra: Mapping = field(default_factory=dict)
 
     @property
@@ -70,17 +74,18 @@ class Config:
             value = env.get(name, "")
             return value.strip() if value.strip() else default
 
+        port = get("IMG2IMG_PORT", str(d.port))
         try:
             cfg = cls(
                 comfy_api_url=get("COMFY_API_URL", d.comfy_api_url),
                 comfyui_dir=_path_or_none(get("COMFYUI_DIR", "")),
                 comfyui_input_dir=_path_or_none(get("COMFYUI_INPUT_DIR", "")),
                 served_images_dir=Path(get("SERVED_IMAGES_DIR", str(d.served_images_dir))),
-                public_base_url=get("PUBLIC_BASE_URL", d.public_base_url),
+                public_base_url=get("PUBLIC_BASE_URL", f"http://localhost:{port}"),
                 cors_origins=tuple(o.strip() for o in get("CORS_ORIGINS", ",".join(d.cors_origins)).split(",") if o.strip()),
                 comfy_timeout_s=float(get("COMFY_TIMEOUT_S", d.comfy_timeout_s)),
                 host=get("IMG2IMG_HOST", d.host),
-                port=int(get("IMG2IMG_PORT", d.port)),
+                port=int(port),
                 threads=int(get("IMG2IMG_THREADS", d.threads)),
                 max_content_length=int(get("MAX_CONTENT_LENGTH", d.max_content_length)),
                 max_mask_bytes=int(get("MAX_MASK_BYTES", d.max_mask_bytes)),
@@ -91,6 +96,7 @@ class Config:
                 jobs_kept=int(get("IMG2IMG_JOBS_KEPT", d.jobs_kept)),
                 api_key=get("IMG2IMG_API_KEY", ""),
                 log_level=get("LOG_LEVEL", d.log_level).upper(),
+                demo=demo_mode_from_env(env),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid configuration value: {exc}") from exc

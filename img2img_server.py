@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 import comfy_client
 from config import Config, ConfigError
+from dreamlayer_settings import demo_health_fields, unreachable_hint
 from errors import ApiError, InvalidParameter
 from generation import Img2ImgService
 from jobs import JobStore, sse
@@ -104,9 +105,11 @@ def served_image(filename):
 def health():
     client = service().client
     up = client.is_up()
+    comfyui = {"url": client.base_url, "reachable": up, **demo_health_fields(current_app.config["IMG2IMG"].demo)}
+    if not up:
+        comfyui["hint"] = unreachable_hint(client.base_url)
     return jsonify({"status": "ok", "service": "img2img", "active_generations": len(service().active),
-                    "comfyui": {"url": client.base_url, "reachable": up,
-                                **({} if up else {"hint": "Start ComfyUI or set COMFY_API_URL to its address"})}})
+                    "comfyui": comfyui})
 
 
 @bp.get("/openapi.json")

@@ -343,3 +343,23 @@ def test_smoke_script_fails_clearly_when_the_service_is_down():
     proc = subprocess.run([sys.executable, str(ROOT / "test_mask_upload.py"), "--url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "cannot reach" in proc.stderr
+
+
+def test_health_labels_the_demo_stand_in(fake_comfy, service_config):
+    from img2img_server import create_app
+    plain = create_app(service_config).test_client().get("/health").get_json()["comfyui"]
+    assert plain["reachable"] is True and "demo" not in plain
+    demo = create_app(service_config.replace(demo=True)).test_client().get("/health").get_json()["comfyui"]
+    assert demo["demo"] is True and "no diffusion" in demo["note"].lower()
+
+
+def test_config_from_env_defaults_and_derived_values():
+    from config import Config
+    cfg = Config.from_env({})
+    assert (cfg.host, cfg.port, cfg.comfy_api_url, cfg.public_base_url) == \
+        ("127.0.0.1", 5004, "http://127.0.0.1:8188", "http://localhost:5004")
+    assert cfg.uploads_over_http and cfg.cors_origins == ("http://localhost:8080", "http://127.0.0.1:8080")
+    cfg = Config.from_env({"IMG2IMG_PORT": "6000", "COMFYUI_DIR": "/opt/ComfyUI", "DREAMLAYER_DEMO": "1",
+                           "CORS_ORIGINS": "http://a, http://b", "COMFY_API_URL": "http://h:1/"})
+    assert cfg.public_base_url == "http://localhost:6000" and str(cfg.comfyui_input_dir) == "/opt/ComfyUI/input"
+    assert cfg.demo and cfg.cors_origins == ("http://a", "http://b") and cfg.comfy_api_url == "http://h:1"
