@@ -4,8 +4,9 @@
     python test_mask_upload.py [--url http://localhost:5004] [--model NAME] [--steps N]
 
 Creates an input image and a mask (black = the area to inpaint), sends them as multipart with
-the parameters, waits, downloads every returned image and checks that it is a PNG of the input's
-size. Exits 0 on success, non-zero with the reason otherwise; removes the files it created.
+the parameters as an async job, shows a live progress bar from the job's event stream (or, with
+--sync, waits on one request), downloads every returned image and checks that it is a PNG of the
+input's size. Exits 0 on success, non-zero with the reason otherwise; removes the files it created.
 """
 from __future__ import annotations
 
@@ -62,6 +63,32 @@ class Waiting:
         self._thread.join()
 
 
+def progress_bar(value, maximum, width=30) -> str:
+    done = int(width * value / maximum) if maximum else 0
+    return f"[{'#' * done}{'.' * (width - done)}] {value}/{maximum}"
+
+
+def follow_job(job: dict, timeout: float, stream=sys.stderr) -> tuple:
+    """Read the job's Server-Sent Events, drawing a progress bar; returns (kind, data) of the last."""
+    kind, last = None, (None, {})
+    with requests.get(job["events_url"], stream=True, timeout=timeout) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                last = (kind, data)
+                if kind == "queued":
+                    where = data.get("position")
+                    stream.write(f"\r  queued{'' if where is None else f' (position {where})'}" + " " * 30)
+                elif kind == "progress":
+                    stream.write(f"\r  {progress_bar(data['value'], data['max'])} node {data.get('node')}   ")
+                stream.flush()
+    stream.write("\n")
+    return last
+
+
 def check_image(data: bytes, expected_size: tuple) -> str | None:
     """None if ``data`` is a PNG of ``expected_size``, else what is wrong."""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -76,7 +103,7 @@ def check_image(data: bytes, expected_size: tuple) -> str | None:
     return None
 
 
-def run(url: str, model: str | None, steps: int, timeout: float, keep: bool) -> int:
+def run(url: str, model: str | None, steps: int, timeout: float, keep: bool, sync: bool = False) -> int:
     url = url.rstrip("/")
     folder = Path(tempfile.mkdtemp(prefix="dreamlayer-smoke-"))
     try:
@@ -87,21 +114,33 @@ def run(url: str, model: str | None, steps: int, timeout: float, keep: bool) -> 
             params["model_name"] = model
         print(f"POST {url}/api/img2img  ({WIDTH}x{HEIGHT} image, mask inpaints the centre, {steps} steps)")
         start = time.monotonic()
+        if not sync:
+            params["async"] = True
         try:
-            with Waiting(), open(image_path, "rb") as img, open(mask_path, "rb") as msk:
-                resp = requests.post(f"{url}/api/img2img", timeout=timeout, data={"params": json.dumps(params)},
-                                     files={"image": ("image.png", img, "image/png"),
-                                            "mask": ("mask.png", msk, "image/png")})
+            with open(image_path, "rb") as img, open(mask_path, "rb") as msk:
+                files = {"image": ("image.png", img, "image/png"), "mask": ("mask.png", msk, "image/png")}
+                if sync:
+                    with Waiting():
+                        resp = requests.post(f"{url}/api/img2img", timeout=timeout,
+                                             data={"params": json.dumps(params)}, files=files)
+                else:
+                    resp = requests.post(f"{url}/api/img2img", timeout=60, data={"params": json.dumps(params)},
+                                         files=files)
+            body = resp.json()
+            if resp.status_code == 202:
+                kind, body = follow_job(body, timeout)
+                if kind != "done":
+                    print(f"FAIL: the job ended with '{kind}': {body.get('code')}: {body.get('message')}",
+                          file=sys.stderr)
+                    return 1
         except requests.RequestException as exc:
             print(f"FAIL: cannot reach the service at {url}: {exc}", file=sys.stderr)
             return 2
-        elapsed = time.monotonic() - start
-        try:
-            body = resp.json()
         except ValueError:
             print(f"FAIL: HTTP {resp.status_code} with a body that is not JSON", file=sys.stderr)
             return 1
-        if not resp.ok:
+        elapsed = time.monotonic() - start
+        if resp.status_code not in (200, 202):
             print(f"FAIL: HTTP {resp.status_code} {body.get('code')}: {body.get('message')}", file=sys.stderr)
             return 1
         images = (body.get("comfy_response") or {}).get("generated_images") or []
@@ -140,8 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for the answer")
     ap.add_argument("--keep", action="store_true", help="keep the created and downloaded files")
+    ap.add_argument("--sync", action="store_true", help="one synchronous request instead of an async job")
     args = ap.parse_args(argv)
-    return run(args.url, args.model, args.steps, args.timeout, args.keep)
+    return run(args.url, args.model, args.steps, args.timeout, args.keep, args.sync)
 
 
 if __name__ == "__main__":

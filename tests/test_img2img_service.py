@@ -332,11 +332,24 @@ def test_concurrent_requests_get_their_own_images(live_server, fake_comfy):
 
 # --- the smoke script ----------------------------------------------------------------------
 
-def test_smoke_script_against_the_served_app(live_server, fake_comfy):
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_smoke_script_against_the_served_app(live_server, fake_comfy, mode):
+    fake_comfy.step_delay = 0.01
+    extra = ["--sync"] if mode == "sync" else []
     proc = subprocess.run([sys.executable, str(ROOT / "test_mask_upload.py"), "--url", live_server.url,
-                           "--steps", "2"], capture_output=True, text=True, timeout=60)
+                           "--steps", "3", *extra], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+    if mode == "async":  # the live progress bar, drawn from the job's event stream
+        assert "[##########....................] 1/3" in proc.stderr
+        assert "[##############################] 3/3" in proc.stderr
+
+
+def test_smoke_script_reports_a_failed_generation(live_server, fake_comfy):
+    fake_comfy.fail_next(node="KSampler", message="boom")
+    proc = subprocess.run([sys.executable, str(ROOT / "test_mask_upload.py"), "--url", live_server.url,
+                           "--steps", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "comfyui_execution_error" in proc.stderr
 
 
 def test_smoke_script_fails_clearly_when_the_service_is_down():
