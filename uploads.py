@@ -105,6 +105,15 @@ def _first_frame(im: Image.Image, what: str, warnings: list) -> Image.Image:
     return im
 
 
+def _upright(im: Image.Image, what: str, warnings: list) -> Image.Image:
+    """Apply the EXIF orientation; corrupt EXIF data leaves the pixels as stored, with a warning."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as exc:  # Pillow's EXIF parser raises SyntaxError, struct.error, ValueError, ...
+        warnings.append(f"The {what}'s EXIF data is corrupt ({_short(exc)}); its orientation was not applied")
+        return im
+
+
 def _to_8bit(im: Image.Image) -> Image.Image:
     """Scale 16/32-bit greyscale to 8 bits instead of clipping it (Pillow's convert clips)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -128,7 +137,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
             code="unsupported_image_type")
     warnings: list = []
     im = _first_frame(im, "image", warnings)
-    im = ImageOps.exif_transpose(im)
+    im = _upright(im, "image", warnings)
     im = _to_8bit(im)
     if im.mode != "RGB":
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -153,7 +162,7 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
     im = _open(data, "mask", max_pixels, "invalid_mask")
     warnings: list = []
     im = _first_frame(im, "mask", warnings)
-    im = ImageOps.exif_transpose(im)
+    im = _upright(im, "mask", warnings)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = im.convert("RGBA")
