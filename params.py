@@ -17,6 +17,9 @@ from img2img_workflow import UNION_TYPES, WorkflowError, normalise_custom_workfl
 
 MAX_SEED = 2**64 - 1  # KSampler's own maximum
 MAX_PROMPT_CHARS = 20_000
+#: Deepest nesting of lists/objects accepted in a parameter value (a custom workflow needs ~4).
+#: Deeper values are refused up front, so nothing downstream recurses into them.
+MAX_NESTING = 64
 
 #: AUTOMATIC1111 sampler labels (as DreamLayer's frontend shows them), and the frontend's ids for
 #: them, mapped to ComfyUI's (sampler_name, scheduler). None keeps the requested scheduler.
@@ -159,6 +162,18 @@ def _is_off(value, off_values) -> bool:
     return any(value is off or (type(value) is type(off) and value == off) for off in off_values)
 
 
+def _too_deep(value, limit: int = MAX_NESTING) -> bool:
+    """True when ``value`` nests lists/objects more than ``limit`` levels deep (iterative)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:60] + "…"
@@ -194,6 +209,10 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
     """
     if not isinstance(data, Mapping):
         raise InvalidParameter("params", "The parameters must be a JSON object", code="invalid_params")
+    for key, value in data.items():
+        if _too_deep(value):
+            name = str(key)[:100]
+            raise InvalidParameter(name, f"'{name}' is nested more than {MAX_NESTING} levels deep")
     warnings = []
     prompt = _string(data, "prompt", default="", required=True)
     negative = _string(data, "negative_prompt", default="")
@@ -352,9 +371,12 @@ def parse_custom_workflow(value):
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidParameter("custom_workflow", "'custom_workflow' is a string that is not JSON",
                                    code="invalid_custom_workflow") from None
+        if _too_deep(value):
+            raise InvalidParameter("custom_workflow", f"'custom_workflow' is nested more than {MAX_NESTING} "
+                                   "levels deep", code="invalid_custom_workflow")
     try:
         return normalise_custom_workflow(value)
     except WorkflowError as exc:
