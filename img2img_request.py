@@ -14,6 +14,16 @@ from generation import Img2ImgRequest
 from uploads import decode_base64_image
 
 
+def _loads(text, what: str, code: str):
+    """json.loads that answers 400 for anything it cannot parse, absurd nesting included."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply to be parsed", code=code) from None
+    except ValueError as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc})", code=code) from None
+
+
 def _read_limited(storage, limit: int, what: str, code: str) -> bytes:
     """Read a file part, refusing (413) as soon as it exceeds ``limit`` bytes."""
     data = storage.stream.read(limit + 1)
@@ -31,6 +41,10 @@ def parse_multipart(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
         raise BadRequest("The 'image' file part is empty", code="missing_image")
     mask = None
     mask_part = request.files.get("mask")
+    if mask_part is None and request.form.get("mask"):
+        # a mask must never be dropped silently, e.g. curl -F mask=<m.png (text) instead of -F mask=@m.png
+        raise BadRequest("'mask' was sent as a text field; send the mask PNG as a file part "
+                         "(curl: -F mask=@mask.png)", code="invalid_mask")
     if mask_part is not None:
         mask = _read_limited(mask_part, max_mask_bytes, "mask", "mask_too_large")
         if not mask:
@@ -42,20 +56,14 @@ def parse_multipart(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
         else:
             raise BadRequest("The multipart request has no 'params' field: send the parameters as a JSON "
                              "object string in 'params'", code="missing_params")
-    try:
-        params = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"'params' is not valid JSON ({exc})", code="invalid_params") from None
+    params = _loads(raw, "'params'", "invalid_params")
     if not isinstance(params, dict):
         raise BadRequest("'params' must be a JSON object", code="invalid_params")
     return Img2ImgRequest(image=image, mask=mask, params=params)
 
 
 def parse_json(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
-    try:
-        body = json.loads(request.get_data(cache=False))
-    except ValueError as exc:
-        raise BadRequest(f"The body is not valid JSON ({exc})", code="invalid_json") from None
+    body = _loads(request.get_data(cache=False), "The body", "invalid_json")
     if not isinstance(body, dict):
         raise BadRequest("The JSON body must be an object", code="invalid_params")
     value = body.get("input_image")
