@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
+from uploads import png_bytes
+
 VAE_MULTIPLE = 8
 
 
@@ -163,6 +165,4 @@ def finish_png(data: bytes, original: Image.Image, keep: Image.Image | None, p: 
         for key, value in (getattr(generated, "text", None) or {}).items():
             info.add_text(key, value)
         final = finish(generated, original, keep, p)
-    buf = io.BytesIO()
-    final.save(buf, format="PNG", pnginfo=info, compress_level=1)
-    return buf.getvalue()
+    return png_bytes(final, chunks=info.chunks)

@@ -9,7 +9,9 @@ import base64
 import binascii
 import io
 import re
+import struct
 import warnings as _warnings
+import zlib
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,8 +23,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WEBP"}
 IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 MASK_MIME_TYPES = {"image/png"}
-#: Fast PNG encoding: the files only travel to ComfyUI and are deleted afterwards.
-PNG_COMPRESS_LEVEL = 1
+#: zlib level of the PNGs this service writes (inputs for ComfyUI, results it serves): 0 = stored.
+#: They travel over a local disk or loopback and are read once, where raw bytes beat any deflate:
+#: a 4096x4096 photo is written in 0.23 s instead of 1.8 s (Pillow, level 1), and read 6x faster.
+PNG_COMPRESS_LEVEL = 0
+#: Masks are flat: level 1 makes them both smaller and faster to write than stored.
+MASK_COMPRESS_LEVEL = 1
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.I)
 
@@ -185,10 +191,76 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
     return Decoded(keep, warnings, "PNG")
 
 
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
+# --- PNG encoding -------------------------------------------------------------------------------
+# Pillow's PNG encoder tries all five row filters on every row (libpng's heuristic), which costs
+# more than the deflate itself: 30 ms for a 512x512 photo, 0.9 s for 4096x4096 even at level 0.
+# The files written here are read once by ComfyUI (or a browser), so rows are left unfiltered and
+# the samples go to zlib as they are, a few MiB at a time (the memory beside the output stays small).
+
+_PNG_COLOR_TYPES = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}  # mode -> (type, channels)
+_PNG_BAND_BYTES = 4 << 20
+
+
+def _png_chunk(out, kind: bytes, data) -> None:
+    out.write(struct.pack(">I", len(data)))
+    out.write(kind)
+    out.write(data)
+    out.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+
+def encode_png(size: tuple, mode: str, rows, *, level: int, chunks=()) -> bytes:
+    """An 8-bit PNG of ``mode`` (L, LA, RGB or RGBA) whose samples ``rows(top, bottom)`` returns,
+    row after row, for those rows. ``chunks``: extra (type, data, after_idat) chunks, as in
+    PIL.PngImagePlugin.PngInfo.chunks (text chunks, for instance)."""
+    width, height = size
+    color_type, channels = _PNG_COLOR_TYPES[mode]
+    stride = width * channels
+    out = io.BytesIO()
+    out.write(PNG_SIGNATURE)
+    _png_chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+    for kind, data, *after in chunks:
+        if not (after and after[0]):
+            _png_chunk(out, kind, data)
+    deflate = zlib.compressobj(level)
+    step = max(1, _PNG_BAND_BYTES // (stride + 1))
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        samples = memoryview(rows(top, bottom))
+        band = bytearray((stride + 1) * (bottom - top))  # each row: filter type 0 (None), samples
+        for r in range(bottom - top):
+            band[r * (stride + 1) + 1:(r + 1) * (stride + 1)] = samples[r * stride:(r + 1) * stride]
+        data = deflate.compress(band)
+        if data:
+            _png_chunk(out, b"IDAT", data)
+    _png_chunk(out, b"IDAT", deflate.flush())
+    for kind, data, *after in chunks:
+        if after and after[0]:
+            _png_chunk(out, kind, data)
+    _png_chunk(out, b"IEND", b"")
+    return out.getvalue()
+
+
+def _samples(im: Image.Image, height: int):
+    """rows(top, bottom) for encode_png: the image's own bytes, cropped band by band."""
+    def rows(top, bottom):
+        band = im if (top, bottom) == (0, height) else im.crop((0, top, im.width, bottom))
+        return band.tobytes()
+    return rows
+
+
+def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) -> bytes:
+    """``im`` as a PNG (see encode_png); modes other than L, LA, RGB and RGBA go through Pillow."""
+    if im.mode not in _PNG_COLOR_TYPES or not (im.width and im.height):
+        buf = io.BytesIO()
+        info = None
+        if chunks:
+            from PIL.PngImagePlugin import PngInfo
+            info = PngInfo()
+            for kind, data, *after in chunks:
+                info.add(kind, data, bool(after and after[0]))
+        im.save(buf, format="PNG", compress_level=level, pnginfo=info)
+        return buf.getvalue()
+    return encode_png(im.size, im.mode, _samples(im, im.height), level=level, chunks=chunks)
 
 
 def comfy_mask_png(keep: Image.Image) -> bytes:
@@ -196,5 +268,18 @@ def comfy_mask_png(keep: Image.Image) -> bytes:
 
     LoadImageMask yields 1 - alpha/255 for "alpha", so the alpha channel carries the 'keep'
     luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque mask would mask nothing.
+    The file is an LA PNG whose L and A both hold ``keep`` (mode L), written without building an
+    LA image (Pillow stores LA in 4 bytes per pixel: 64 MiB for 4096x4096).
     """
-    return png_bytes(Image.merge("LA", (keep, keep)))
+    if keep.mode != "L":
+        keep = keep.convert("L")
+    plain = _samples(keep, keep.height)
+
+    def rows(top, bottom):
+        luminance = plain(top, bottom)
+        pairs = bytearray(2 * len(luminance))
+        pairs[0::2] = luminance
+        pairs[1::2] = luminance
+        return pairs
+
+    return encode_png(keep.size, "LA", rows, level=MASK_COMPRESS_LEVEL)

@@ -1,0 +1,95 @@
+"""The service's own PNG writer (uploads.encode_png / png_bytes / comfy_mask_png): valid files,
+every pixel as given, text chunks kept, any size (several bands included)."""
+from __future__ import annotations
+
+import io
+import zlib
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+import inpainting
+import uploads
+from images import box_mask, gradient, png
+
+
+def noisy(mode: str, size: tuple) -> Image.Image:
+    """Every byte different from its neighbours, so a misplaced row or sample shows."""
+    channels = len(mode)
+    data = bytes((i * 131 + (i // 7) * 17) % 256 for i in range(size[0] * size[1] * channels))
+    return Image.frombytes(mode, size, data)
+
+
+def reopen(data: bytes) -> Image.Image:
+    check = Image.open(io.BytesIO(data))
+    check.verify()  # signature, chunk order and every CRC
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (64, 48)])
+def test_round_trip(mode, size):
+    src = noisy(mode, size)
+    out = reopen(uploads.png_bytes(src))
+    assert out.mode == mode and out.size == size
+    assert out.tobytes() == src.tobytes()
+
+
+def test_several_bands_and_levels(monkeypatch):
+    monkeypatch.setattr(uploads, "_PNG_BAND_BYTES", 1000)  # 1000 // (3*101 + 1) = 3 rows per band
+    src = noisy("RGB", (101, 50))
+    for level in (0, 1, 9):
+        assert reopen(uploads.png_bytes(src, level=level)).tobytes() == src.tobytes()
+
+
+def test_stored_by_default_and_unfiltered():
+    src = gradient(32, 16)
+    data = uploads.png_bytes(src)
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "PNG"
+    pos, raw = 8, b""
+    while pos < len(data):  # collect the IDAT stream: rows with filter byte 0, samples unchanged
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            raw += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    rows = zlib.decompress(raw)
+    stride = 32 * 3
+    assert all(rows[r * (stride + 1)] == 0 for r in range(16))
+    assert len(raw) > len(rows)  # stored, not deflated
+
+
+def test_other_modes_go_through_pillow():
+    for im in (Image.new("P", (5, 5), 3), Image.new("1", (9, 2), 1), Image.new("I;16", (4, 4), 40000)):
+        out = reopen(uploads.png_bytes(im))
+        assert out.size == im.size
+
+
+def test_text_chunks_are_written():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", '{"1": {"class_type": "SaveImage"}}')
+    info.add_text("note", "ünïcode ✓")  # not latin-1: an iTXt chunk
+    out = reopen(uploads.png_bytes(gradient(8, 8), chunks=info.chunks))
+    assert out.text == {"prompt": '{"1": {"class_type": "SaveImage"}}', "note": "ünïcode ✓"}
+
+
+def test_comfy_mask_png_has_keep_in_luminance_and_alpha():
+    keep = noisy("L", (33, 20))
+    out = reopen(uploads.comfy_mask_png(keep))
+    assert out.mode == "LA"
+    assert out.getchannel("L").tobytes() == keep.tobytes()
+    assert out.getchannel("A").tobytes() == keep.tobytes()
+
+
+def test_finish_png_keeps_text_and_pixels():
+    original = gradient(64, 48)
+    keep = box_mask((64, 48), (8, 8, 24, 24))
+    plan = inpainting.plan(original.size, keep, mask_blur=0)
+    generated = Image.new("RGB", plan.padded_size, (200, 10, 10))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", "{}")
+    out = reopen(inpainting.finish_png(png(generated, pnginfo=info), original, keep, plan))
+    assert out.text == {"prompt": "{}"}
+    assert out.tobytes() == inpainting.finish(generated, original, keep, plan).tobytes()
