@@ -44,6 +44,21 @@ def test_several_bands_and_levels(monkeypatch):
         assert reopen(uploads.png_bytes(src, level=level)).tobytes() == src.tobytes()
 
 
+def test_stored_blocks_across_bands(monkeypatch):
+    """Stored deflate blocks (at most 65535 bytes) and bands of rows do not line up."""
+    monkeypatch.setattr(uploads, "_PNG_BAND_BYTES", 50_000)
+    src = noisy("RGB", (300, 290))  # 261,290 bytes of scanlines: 4 blocks, 6 bands
+    data = uploads.png_bytes(src, level=0)
+    assert reopen(data).tobytes() == src.tobytes()
+    assert len(data) == 8 + 25 + 12 + uploads._stored_idat_size(261_290) + 12
+
+
+def test_chunks_after_idat():
+    data = uploads.png_bytes(gradient(4, 4), chunks=[(b"prVt", b"abc", True), (b"tEXt", b"k\0v")])
+    assert data.index(b"prVt") > data.index(b"IDAT") > data.index(b"tEXt")
+    assert reopen(data).text == {"k": "v"}
+
+
 def test_stored_by_default_and_unfiltered():
     src = gradient(32, 16)
     data = uploads.png_bytes(src)
