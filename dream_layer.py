@@ -17,7 +17,6 @@ import threading
 
 from flask import Blueprint, Flask, current_app, jsonify, request, send_file
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
 
 import comfy_client
 from comfyui_process import ComfyUIProcess, LaunchError, launch_spec
@@ -25,16 +24,13 @@ from config import ConfigError
 from dream_layer_config import DreamLayerConfig
 from dreamlayer_settings import (SettingsError, demo_health_fields, get_directories, load_settings,
                                  unreachable_hint, update_settings)
-from errors import ApiError, BadRequest, InvalidParameter
+from errors import ApiError, BadRequest, InvalidParameter, register_error_handlers
 from model_catalog import ModelCatalog
 from staging import ServedImages
 
 log = logging.getLogger("dream_layer")
 
 bp = Blueprint("dream_layer", __name__)
-
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-              413: "request_too_large", 415: "unsupported_content_type"}
 
 
 class Backend:
@@ -145,30 +141,6 @@ def served_image(filename):
 
 # ---------------------------------------------------------------------------- errors -> JSON
 
-def _error(status: int, code: str, message: str, **details):
-    return jsonify({"status": "error", "code": code, "message": message, **details}), status
-
-
-def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
-        return jsonify(exc.to_dict()), exc.status
-
-    @app.errorhandler(comfy_client.ComfyError)
-    def comfy_error(exc: comfy_client.ComfyError):
-        log.warning("ComfyUI error (%s): %s", exc.code, exc)
-        return _error(exc.status, exc.code, str(exc), **exc.details())
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return _error(exc.code or 500, HTTP_CODES.get(exc.code, "http_error"), exc.description or exc.name)
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception):
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return _error(500, "internal_error", "The service failed unexpectedly; see its log")
-
-
 def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.ComfyClient | None = None,
                comfyui: ComfyUIProcess | None = None) -> Flask:
     """Build the app. Tests pass their own config (files, ComfyUI address)."""
@@ -181,7 +153,7 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     app.extensions["dream_layer"] = Backend(config, client, comfyui)
     CORS(app, origins=list(config.shared.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type"], max_age=600)
-    _register_error_handlers(app)
+    register_error_handlers(app)
     app.register_blueprint(bp)
     return app
 

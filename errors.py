@@ -45,3 +45,49 @@ class PayloadTooLarge(ApiError):
 class UnsupportedMediaType(ApiError):
     status = 415
     code = "unsupported_media_type"
+
+
+#: Stable codes for the HTTP errors Flask/Werkzeug raise themselves.
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "request_too_large", 415: "unsupported_content_type"}
+
+
+def error_response(status: int, code: str, message: str, **details):
+    """The one JSON error shape of both services."""
+    from flask import jsonify
+
+    return jsonify({"status": "error", "code": code, "message": message, **details}), status
+
+
+def register_error_handlers(app) -> None:
+    """Turn every exception into the JSON error shape: ApiError and ComfyUI errors with their own
+    status and code, Werkzeug's HTTP errors with a stable code, anything else a logged 500."""
+    import logging
+
+    from flask import request
+    from werkzeug.exceptions import HTTPException
+
+    import comfy_client
+
+    log = logging.getLogger(app.import_name)
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, **exc.details)
+
+    @app.errorhandler(comfy_client.ComfyError)
+    def comfy_error(exc: comfy_client.ComfyError):
+        log.warning("ComfyUI error (%s): %s", exc.code, exc)
+        return error_response(exc.status, exc.code, str(exc), **exc.details())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"The request is larger than this service accepts ({app.config['MAX_CONTENT_LENGTH']} bytes)"
+        return error_response(exc.code or 500, HTTP_CODES.get(exc.code, "http_error"), message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "The service failed unexpectedly; see its log")

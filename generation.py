@@ -185,19 +185,14 @@ class Img2ImgService:
                         ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
                     units.append({**unit, "image": ref})
                 outputs, workflows, prompt_ids = [], [], []
-                for index, seed in enumerate(params.seeds()):
-                    try:
-                        workflow = build_img2img_workflow(
-                            params, image_name=image_ref, mask_name=mask_ref, seed=seed,
-                            filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
-                            controlnet_units=units)
-                    except WorkflowError as exc:
-                        raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
-                                       status=400) from None
-                    workflows.append(workflow)
-                    result = self._run(run_id, workflow, index, listener)
-                    prompt_ids.append(result.prompt_id)
-                    outputs += [self._serve(run_id, index, img, job.image, job.keep, plan) for img in result.images]
+                try:
+                    self._run_batches(job, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
+                                      prompt_ids)
+                except BaseException:
+                    # the client gets an error and never learns these URLs: do not keep them
+                    for output in outputs:
+                        self.served.remove(output["filename"])
+                    raise
         finally:
             self.active.finish(run_id)
         if not outputs:
@@ -218,6 +213,24 @@ class Img2ImgService:
             },
             "workflow": workflows[0],
         }
+
+    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
+                     prompt_ids) -> None:
+        """One ComfyUI run per batch_count (seed + i); appends to the three lists as it goes."""
+        params = job.params
+        for index, seed in enumerate(params.seeds()):
+            try:
+                workflow = build_img2img_workflow(
+                    params, image_name=image_ref, mask_name=mask_ref, seed=seed,
+                    filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
+                    controlnet_units=units)
+            except WorkflowError as exc:
+                raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
+                               status=400) from None
+            workflows.append(workflow)
+            result = self._run(run_id, workflow, index, listener)
+            prompt_ids.append(result.prompt_id)
+            outputs += [self._serve(run_id, index, img, job.image, job.keep, job.plan) for img in result.images]
 
     def _control_image(self, unit):
         """A ControlNet unit's own image, decoded and checked like the input image (or None)."""

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file, stream_with_context
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
 
 import comfy_client
 from config import Config, ConfigError
 from dreamlayer_settings import demo_health_fields, unreachable_hint
-from errors import ApiError, InvalidParameter
+from errors import ApiError, InvalidParameter, error_response, register_error_handlers
 from generation import Img2ImgService
 from jobs import JobStore, sse
 from img2img_request import parse_request
@@ -28,9 +27,6 @@ log = logging.getLogger("img2img_server")
 
 bp = Blueprint("img2img", __name__)
 OPENAPI_PATH = Path(__file__).resolve().parent / "docs" / "openapi.yaml"
-
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "request_too_large", 415: "unsupported_content_type"}
 
 
 def service() -> Img2ImgService:
@@ -130,36 +126,6 @@ def index():
     return jsonify({"status": "ok", "service": "img2img"})
 
 
-def _error_response(status: int, code: str, message: str, **details):
-    body = {"status": "error", "code": code, "message": message, **details}
-    return jsonify(body), status
-
-
-def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
-        return jsonify(exc.to_dict()), exc.status
-
-    @app.errorhandler(comfy_client.ComfyError)
-    def comfy_error(exc: comfy_client.ComfyError):
-        log.warning("ComfyUI error (%s): %s", exc.code, exc)
-        return _error_response(exc.status, exc.code, str(exc), **exc.details())
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        code = HTTP_CODES.get(exc.code, "http_error")
-        message = exc.description or exc.name
-        if exc.code == 413:
-            message = (f"The request is larger than this service accepts "
-                       f"({current_app.config['MAX_CONTENT_LENGTH']} bytes)")
-        return _error_response(exc.code or 500, code, message)
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception):
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return _error_response(500, "internal_error", "The service failed unexpectedly; see its log")
-
-
 def _require_api_key(app: Flask, key: str) -> None:
     @app.before_request
     def check_key():
@@ -168,7 +134,7 @@ def _require_api_key(app: Flask, key: str) -> None:
         auth = request.headers.get("Authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("X-API-Key", "")
         if not hmac.compare_digest(given.encode(), key.encode()):
-            return _error_response(401, "unauthorized", "A valid API key is required "
+            return error_response(401, "unauthorized", "A valid API key is required "
                                    "(Authorization: Bearer <key> or X-API-Key: <key>)")
         return None
 
@@ -189,7 +155,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
     if config.api_key:
         _require_api_key(app, config.api_key)
-    _register_error_handlers(app)
+    register_error_handlers(app)
     app.register_blueprint(bp)
     return app
 

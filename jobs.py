@@ -111,6 +111,10 @@ class Job(Listener):
                     "queue_position": self.queue_position, "progress": dict(self.step),
                     "result": self.result, "error": self.error}
 
+    def wait_finished(self, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.status in TERMINAL, timeout)
+
     def events_after(self, last_id: int, timeout: float):
         """Events newer than ``last_id`` (waiting up to ``timeout`` for one), and whether the job
         has finished."""
@@ -127,6 +131,7 @@ class JobStore:
                  max_kept: int = 500):
         self.service = service
         self.ttl_s, self.max_kept = ttl_s, max_kept
+        self.cancel_wait_s = 2.0  # how long a cancel request waits for the job to end
         self._jobs: OrderedDict = OrderedDict()
         self._expired: deque = deque(maxlen=10_000)
         self._lock = threading.Lock()
@@ -170,8 +175,9 @@ class JobStore:
             raise ApiError(f"No job {job_id!r}", code="job_not_found", status=404)
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a job: idempotent; a finished job is left as it is."""
+    def cancel(self, job_id: str, *, wait: bool = True) -> Job:
+        """Cancel a job: idempotent; a finished job is left as it is. Waits briefly for the job to
+        end, so the answer usually says "cancelled"."""
         job = self.get(job_id)
         with job.changed:
             if job.status in TERMINAL or job.cancel_requested:
@@ -179,15 +185,16 @@ class JobStore:
             job.cancel_requested = True
         outcome = self.service.cancel_run(job.id)
         log.info("job %s cancel: %s", job.id, outcome)
-        if outcome == "removed":
-            job.finish("cancelled")
+        # The worker ends the job once its inputs are cleaned up; usually that is at once.
+        if wait:
+            job.wait_finished(self.cancel_wait_s)
         return job
 
     def cancel_all(self) -> list:
         """Cancel every unfinished job; returns them."""
         with self._lock:
             live = [j for j in self._jobs.values() if j.finished_at is None]
-        return [self.cancel(job.id) for job in live]
+        return [self.cancel(job.id, wait=False) for job in live]
 
     def _queue_position(self, prompt_id: str):
         """0 = running, n = n-th pending in ComfyUI's queue, None = not in it."""

@@ -86,6 +86,10 @@ class ServedImages:
         write_atomic(self.directory, name, data)
         return name
 
+    def remove(self, name: str) -> None:
+        if SAFE_NAME.match(name):
+            _remove(self.directory / name)
+
     def resolve(self, name: str) -> Path | None:
         """The file for a served name, or None: no traversal, no absolute paths, no symlinks
         leading out of the folder, no hidden or temporary files."""

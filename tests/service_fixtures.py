@@ -2,6 +2,7 @@
 talking to the fake ComfyUI over real sockets."""
 from __future__ import annotations
 
+import random
 import socket
 import threading
 
@@ -13,9 +14,17 @@ from img2img_server import create_app
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now, chosen below Linux's ephemeral range (32768+) so that the
+    outgoing connections of concurrent tests cannot take it before the server binds it."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 @pytest.fixture

@@ -44,22 +44,9 @@ def client(app):
     return app.test_client()
 
 
-class QuietLiveServer(LiveServer):
-    """Stops waitress from inside its own loop (via its trigger), so no channel is closed under
-    a select() running in another thread (that race shows as "Bad file descriptor")."""
-
-    def stop(self):
-        def close_all():
-            for channel in list(self.server._map.values()):
-                channel.close()
-        self.server.trigger.pull_trigger(close_all)
-        self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=5)
-
-
 @pytest.fixture
 def live(app, dl_config):
-    server = QuietLiveServer(app, dl_config.port).start()
+    server = LiveServer(app, dl_config.port).start()
     yield server
     server.stop()
 
