@@ -1,0 +1,327 @@
+"""ComfyUI faults, caused with the fake ComfyUI, and what the service does about them.
+
+Each fault gets its status and code within a bounded time; afterwards the same service serves a
+normal request correctly and nothing is left behind (ComfyUI's input folder, our served folder,
+temporary files). Faults already covered by tests/test_img2img_service.py (503 naming the URL,
+502 with node errors for a vanished model, 502 naming KSampler, /api/img2img/interrupt, 504 with
+cancel) are not repeated here; this file adds recovery, the other phases and paths a fault can
+hit, and the faults those tests do not cause at all.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from config import HTTP_UPLOAD_SUBFOLDER
+from images import box_mask, gradient, png
+from img2img_server import create_app
+
+SIZE = (64, 48)
+BOX = (16, 8, 40, 32)
+PARAMS = {"prompt": "a cabin", "steps": 3, "seed": 11, "grow_mask_by": 0, "mask_blur": 0}
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def post(client, params=PARAMS, *, image=None, mask=True):
+    data = {"params": json.dumps(params), "image": (io.BytesIO(image or png(gradient(*SIZE))), "in.png")}
+    if mask:
+        data["mask"] = (io.BytesIO(png(box_mask(SIZE, BOX))), "mask.png")
+    return client.post("/api/img2img", data=data, content_type="multipart/form-data")
+
+
+def in_thread(fn, *args, **kwargs):
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args, **kwargs)
+    pool.shutdown(wait=False)
+    return future
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def error(resp, status, code):
+    data = resp.get_json()
+    assert resp.status_code == status and resp.content_type == "application/json", (resp.status_code, data)
+    assert data["status"] == "error" and data["code"] == code and data["message"], data
+    return data
+
+
+class Ledger:
+    """Result files of successful requests: the only files allowed in the served folder."""
+
+    def __init__(self, fake, config):
+        self.fake, self.config, self.results = fake, config, set()
+
+    def normal_request_succeeds(self, client):
+        """A masked request: 200, the black box regenerated, every other pixel kept exactly."""
+        resp = post(client)
+        assert resp.status_code == 200, resp.get_json()
+        images = resp.get_json()["comfy_response"]["generated_images"]
+        self.results.update(i["filename"] for i in images)
+        got = client.get(f"/images/{images[0]['filename']}")
+        assert got.status_code == 200
+        out = np.asarray(Image.open(io.BytesIO(got.data)).convert("RGB"), dtype=int)
+        src = np.asarray(gradient(*SIZE), dtype=int)
+        inside = np.zeros(out.shape[:2], bool)
+        inside[BOX[1]:BOX[3], BOX[0]:BOX[2]] = True
+        assert (out[~inside] == src[~inside]).all()
+        assert (out[inside] != src[inside]).any(axis=-1).mean() > 0.9
+
+    def assert_nothing_left(self):
+        inputs = [p.relative_to(self.fake.input_dir) for p in self.fake.input_dir.rglob("*") if p.is_file()]
+        if self.config.comfyui_input_dir is None:  # over HTTP ComfyUI cannot delete uploads (documented)
+            inputs = [p for p in inputs if p.parts[0] != HTTP_UPLOAD_SUBFOLDER]
+        assert inputs == [], "uploads left in ComfyUI's input folder"
+        served = sorted(p.name for p in self.config.served_images_dir.glob("*"))
+        assert served == sorted(self.results), "the served folder holds files no client was given"
+
+
+@pytest.fixture
+def ledger(fake_comfy, service_config):
+    return Ledger(fake_comfy, service_config)
+
+
+def make(service_config, fake_comfy, *, http=False, **changes):
+    config = service_config.replace(**changes)
+    if http:
+        config = config.replace(comfyui_input_dir=None, comfyui_dir=None)
+    app = create_app(config)
+    return app, app.test_client(), Ledger(fake_comfy, config)
+
+
+def warnings_of(caplog, logger="comfy_client"):
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= logging.WARNING]
+
+
+# --- ComfyUI down before the request ----------------------------------------------------------
+
+@pytest.mark.parametrize("http,warm", [(False, False), (False, True), (True, True)],
+                         ids=["shared-disk-cold", "shared-disk-warm", "http-upload-warm"])
+def test_down_before_the_request_is_a_fast_503_and_the_service_recovers(fake_comfy, service_config, http, warm):
+    """cold: nothing cached, object_info fails; warm: object_info cached, staging/queueing fails."""
+    app, client, ledger = make(service_config, fake_comfy, http=http)
+    if warm:
+        ledger.normal_request_succeeds(client)
+    fake_comfy.refuse_connections()
+    start = time.monotonic()
+    data = error(post(client), 503, "comfyui_unreachable")
+    assert time.monotonic() - start < 2.0
+    assert fake_comfy.url in data["message"]
+    ledger.assert_nothing_left()
+    assert client.get("/health").get_json()["comfyui"]["reachable"] is False
+    fake_comfy.accept_connections()
+    assert client.get("/health").get_json()["comfyui"]["reachable"] is True
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+# --- ComfyUI dies mid-run --------------------------------------------------------------------
+
+@pytest.mark.parametrize("restarts", [False, True], ids=["stays-down", "restarts-at-once"])
+def test_dies_mid_run_fails_long_before_the_timeout(fake_comfy, service_config, restarts):
+    """Stays down: HTTP fails for unreachable_grace (3 s). Restarts at once (queue and history
+    lost): the liveness check (5 s) finds the prompt gone. Either way 503, far from the 60 s."""
+    app, client, ledger = make(service_config, fake_comfy, comfy_timeout_s=60)
+    fake_comfy.hang_next()
+    future = in_thread(post, client)
+    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
+    fake_comfy.die()
+    died = time.monotonic()
+    if restarts:
+        fake_comfy.accept_connections()
+    data = error(future.result(timeout=30), 503, "comfyui_unreachable")
+    assert time.monotonic() - died < 8.0
+    assert fake_comfy.url in data["message"]
+    assert client.get("/health").get_json()["active_generations"] == 0
+    ledger.assert_nothing_left()
+    if not restarts:
+        fake_comfy.accept_connections()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+# --- ComfyUI rejects the workflow ------------------------------------------------------------
+
+def custom_workflow(**extra_nodes):
+    wf = {
+        "ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15-random.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "p", "clip": ["ck", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "n", "clip": ["ck", 1]}},
+        "load": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["ck", 2]}},
+        "ks": {"class_type": "KSampler", "inputs": {"model": ["ck", 0], "positive": ["pos", 0],
+                                                    "negative": ["neg", 0], "latent_image": ["enc", 0], "seed": 1,
+                                                    "steps": 3, "cfg": 7.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "denoise": 0.5}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ck", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "mine"}},
+    }
+    wf.update(extra_nodes)
+    return wf
+
+
+def test_rejected_workflow_with_a_missing_input_is_502_with_comfyuis_node_errors(client, fake_comfy, ledger):
+    wf = custom_workflow()
+    del wf["dec"]["inputs"]["vae"]
+    data = error(post(client, {**PARAMS, "custom_workflow": wf}, mask=False), 502, "comfyui_rejected_workflow")
+    assert "dec" in data["node_errors"]
+    assert any(e["type"] == "required_input_missing" for e in data["node_errors"]["dec"]["errors"])
+    assert fake_comfy.rejected and not fake_comfy.prompts
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+def test_rejected_workflow_with_a_node_comfyui_lacks_is_502_naming_it(client, fake_comfy, ledger):
+    wf = custom_workflow(sharp={"class_type": "NotInstalledSharpen", "inputs": {"image": ["dec", 0]}})
+    data = error(post(client, {**PARAMS, "custom_workflow": wf}), 502, "comfyui_rejected_workflow")
+    assert "NotInstalledSharpen" in json.dumps(data)
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+# --- a node fails while running --------------------------------------------------------------
+
+@pytest.mark.parametrize("node,exception_type", [("VAEDecode", "torch.OutOfMemoryError"),
+                                                 ("SaveImage", "PermissionError")])
+def test_execution_error_names_the_node_and_the_exception(client, fake_comfy, ledger, node, exception_type):
+    fake_comfy.fail_next(node=node, message="it broke here", exception_type=exception_type)
+    data = error(post(client), 502, "comfyui_execution_error")
+    assert data["node_type"] == node and data["node_id"]
+    assert "it broke here" in data["message"] and node in data["message"]
+    assert data.get("exception_type") == exception_type or exception_type in data["message"]
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+def test_a_batch_that_fails_in_its_second_run_leaves_no_orphaned_results(client, fake_comfy, ledger):
+    fake_comfy.view_delay = 0.5  # time to arm the fault between the two runs
+    future = in_thread(post, client, {**PARAMS, "batch_count": 2})
+    wait_for(lambda: len(fake_comfy.prompts) == 1 and fake_comfy.running_prompt_id() is None
+             and fake_comfy.wait_idle(), what="the first run to finish")
+    fake_comfy.fail_next(node="KSampler", message="second run fails")
+    error(future.result(timeout=20), 502, "comfyui_execution_error")
+    assert len(fake_comfy.prompts) == 2
+    fake_comfy.view_delay = 0
+    ledger.assert_nothing_left()
+
+
+# --- interrupted -----------------------------------------------------------------------------
+
+def test_interrupt_pressed_in_comfyui_itself_is_409(client, fake_comfy, ledger):
+    fake_comfy.hang_next()
+    future = in_thread(post, client)
+    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
+    start = time.monotonic()
+    assert requests.post(f"{fake_comfy.url}/interrupt", timeout=5).status_code == 200
+    data = error(future.result(timeout=10), 409, "interrupted")
+    assert time.monotonic() - start < 3.0
+    assert "interrupted" in data["message"]
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+def test_prompt_deleted_from_comfyuis_queue_is_409(live_server, fake_comfy, service_config):
+    """Someone clears ComfyUI's queue while our prompt waits behind another: found by the
+    liveness check (5 s), not at the timeout."""
+    ledger = Ledger(fake_comfy, service_config)
+
+    def send():
+        files = {"image": ("in.png", png(gradient(*SIZE))), "mask": ("m.png", png(box_mask(SIZE, BOX)))}
+        return requests.post(f"{live_server.url}/api/img2img", files=files, data={"params": json.dumps(PARAMS)},
+                             timeout=30)
+
+    fake_comfy.hang_next()
+    first = in_thread(send)
+    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the first prompt to run")
+    second = in_thread(send)
+    wait_for(lambda: len(fake_comfy.prompts) == 2, what="the second prompt to be queued")
+    queue = requests.get(f"{fake_comfy.url}/queue", timeout=5).json()
+    pending = [item[1] for item in queue["queue_pending"]]
+    assert len(pending) == 1
+    start = time.monotonic()
+    requests.post(f"{fake_comfy.url}/queue", json={"delete": pending}, timeout=5)
+    resp = second.result(timeout=20)
+    assert resp.status_code == 409 and resp.json()["code"] == "interrupted", resp.text
+    assert time.monotonic() - start < 8.0
+    requests.post(f"{live_server.url}/api/img2img/interrupt", timeout=5)
+    assert first.result(timeout=10).json()["code"] == "interrupted"
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(live_server.app.test_client())
+    ledger.assert_nothing_left()
+
+
+# --- never finishes --------------------------------------------------------------------------
+
+def test_never_finishes_is_504_at_comfy_timeout_s_then_recovers(fake_comfy, service_config):
+    app, client, ledger = make(service_config, fake_comfy, http=True, comfy_timeout_s=1.5)
+    interrupts = fake_comfy.interrupt_count
+    fake_comfy.hang_next()
+    start = time.monotonic()
+    data = error(post(client), 504, "comfyui_timeout")
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed < 4.0, elapsed
+    assert "1.5" in data["message"]
+    fake_comfy.wait_idle(timeout=5)  # the hung prompt was cancelled on ComfyUI, not left running
+    assert fake_comfy.interrupt_count > interrupts
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+# --- the WebSocket drops; history is late; /view is slow --------------------------------------
+
+@pytest.mark.parametrize("after_progress", [0, 2])
+def test_websocket_drop_result_still_arrives_via_history(client, fake_comfy, ledger, caplog, after_progress):
+    caplog.set_level(logging.WARNING, logger="comfy_client")
+    fake_comfy.step_delay = 0.03
+    fake_comfy.drop_ws_next(after_progress=after_progress)
+    ledger.normal_request_succeeds(client)
+    assert any("WebSocket" in m and "polling" in m for m in warnings_of(caplog)), warnings_of(caplog)
+    ledger.assert_nothing_left()
+    ledger.normal_request_succeeds(client)  # and the next one, with a socket again
+    ledger.assert_nothing_left()
+
+
+def test_history_written_after_the_grace_uses_the_executed_outputs(client, fake_comfy, ledger, caplog):
+    caplog.set_level(logging.WARNING, logger="comfy_client")
+    fake_comfy.history_delay = 2.5  # longer than the client's 2 s history grace
+    ledger.normal_request_succeeds(client)
+    assert any("/history" in m for m in warnings_of(caplog)), warnings_of(caplog)
+    fake_comfy.history_delay = 0.005
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
+
+
+def test_slow_view_still_succeeds(client, fake_comfy, ledger):
+    fake_comfy.view_delay = 0.6
+    start = time.monotonic()
+    resp = post(client, {**PARAMS, "batch_size": 2})
+    assert resp.status_code == 200, resp.get_json()
+    assert time.monotonic() - start >= 0.6
+    images = resp.get_json()["comfy_response"]["generated_images"]
+    assert len(images) == 2 and len({i["filename"] for i in images}) == 2
+    ledger.results.update(i["filename"] for i in images)
+    for image in images:
+        assert Image.open(io.BytesIO(client.get(f"/images/{image['filename']}").data)).size == SIZE
+    fake_comfy.view_delay = 0
+    ledger.normal_request_succeeds(client)
+    ledger.assert_nothing_left()
