@@ -202,11 +202,11 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
 # Pillow's PNG encoder tries all five row filters on every row (libpng's heuristic), which costs
 # more than the deflate itself: 30 ms for a 512x512 photo, 0.9 s for 4096x4096 even at level 0.
 # The files written here are read once by ComfyUI (or a browser), so rows are left unfiltered and
-# the samples go out as they are, a band of rows at a time. At level 0 the deflate stream is
-# written here too (stored blocks): its size is known in advance, so the output is allocated once
-# and nothing but one band exists beside it.
+# the samples go out as Pillow's raw encoder packs them, a band of rows at a time. At level 0 the
+# deflate stream is written here too (stored blocks): its size is known in advance, so the output
+# is allocated once and nothing but one band exists beside it.
 
-_PNG_COLOR_TYPES = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}  # mode -> (type, channels)
+_PNG_COLOR_TYPES = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3)}  # mode -> (colour type, channels)
 _PNG_BAND_BYTES = 1 << 20
 _STORED_BLOCK = 0xFFFF  # the largest stored deflate block
 
@@ -218,16 +218,30 @@ def _png_chunk(out, kind: bytes, data) -> None:
     out.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
 
 
-def _filtered_bands(rows, height: int, stride: int):
-    """Bands of PNG scanlines: each row is filter type 0 (None) followed by its samples."""
-    step = max(1, _PNG_BAND_BYTES // (stride + 1))
+def _padded_bands(im: Image.Image, mode: str, make=None):
+    """``im``'s rows in bands of about _PNG_BAND_BYTES, as ``mode`` samples with one zero byte
+    after each row (Pillow's raw encoder pads rows to the stride it is given). ``make`` turns a
+    band of ``im`` into an image of ``mode``."""
+    width, height = im.size
+    stride = width * _PNG_COLOR_TYPES[mode][1] + 1
+    step = max(1, _PNG_BAND_BYTES // stride)
     for top in range(0, height, step):
         bottom = min(height, top + step)
-        samples = memoryview(rows(top, bottom))
-        band = bytearray((stride + 1) * (bottom - top))  # zero-filled: the filter bytes are in place
-        for r in range(bottom - top):
-            band[r * (stride + 1) + 1:(r + 1) * (stride + 1)] = samples[r * stride:(r + 1) * stride]
-        yield band
+        band = im if (top, bottom) == (0, height) else im.crop((0, top, width, bottom))
+        yield (make(band) if make else band).tobytes("raw", mode, stride)
+
+
+def _scanlines(bands):
+    """PNG scanlines (filter type 0, None, then the row's samples) from padded bands: the zero
+    after each row is the next row's filter byte, and the last one is dropped."""
+    yield b"\0"
+    last = None
+    for band in bands:
+        if last is not None:
+            yield last
+        last = memoryview(band)
+    if last is not None:
+        yield last[:-1]
 
 
 def _stored_idat_size(raw_size: int) -> int:
@@ -235,10 +249,9 @@ def _stored_idat_size(raw_size: int) -> int:
     return 2 + 5 * max(1, -(-raw_size // _STORED_BLOCK)) + raw_size + 4
 
 
-def _write_stored_idat(out, bands, raw_size: int) -> None:
-    """One IDAT chunk holding a zlib stream of stored blocks, written as the bands come."""
-    size = _stored_idat_size(raw_size)
-    out.write(struct.pack(">I", size))
+def _write_stored_idat(out, pieces, raw_size: int) -> None:
+    """One IDAT chunk holding a zlib stream of stored blocks of ``pieces`` (raw_size bytes)."""
+    out.write(struct.pack(">I", _stored_idat_size(raw_size)))
     out.write(b"IDAT")
     crc = zlib.crc32(b"IDAT")
 
@@ -251,8 +264,8 @@ def _write_stored_idat(out, bands, raw_size: int) -> None:
     adler, left, in_block = 1, raw_size, 0
     if raw_size == 0:
         put(struct.pack("<BHH", 1, 0, 0xFFFF))
-    for band in bands:
-        view = memoryview(band)
+    for piece in pieces:
+        view = memoryview(piece)
         adler = zlib.adler32(view, adler)
         pos = 0
         while pos < len(view):
@@ -266,18 +279,16 @@ def _write_stored_idat(out, bands, raw_size: int) -> None:
     out.write(struct.pack(">I", crc))
 
 
-def encode_png(size: tuple, mode: str, rows, *, level: int, chunks=()) -> bytes:
-    """An 8-bit PNG of ``mode`` (L, LA, RGB or RGBA) whose samples ``rows(top, bottom)`` returns,
-    row after row, for those rows; zlib ``level`` 0 (stored) to 9. ``chunks``: extra
-    (type, data[, after_idat]) chunks, as in PIL.PngImagePlugin.PngInfo.chunks (text, for instance)."""
+def encode_png(size: tuple, mode: str, bands, *, level: int, chunks=()) -> bytes:
+    """An 8-bit PNG of ``mode`` (L, LA or RGB) from ``bands`` (see _padded_bands); zlib ``level``
+    0 (stored) to 9. ``chunks``: extra (type, data[, after_idat]) chunks, as in
+    PIL.PngImagePlugin.PngInfo.chunks (text, for instance)."""
     width, height = size
     color_type, channels = _PNG_COLOR_TYPES[mode]
-    stride = width * channels
     before = [(c[0], c[1]) for c in chunks if not (len(c) > 2 and c[2])]
     after = [(c[0], c[1]) for c in chunks if len(c) > 2 and c[2]]
-    bands = _filtered_bands(rows, height, stride)
     out = io.BytesIO()
-    raw_size = (stride + 1) * height
+    raw_size = (width * channels + 1) * height
     if level == 0:  # allocate the whole file once: no growing, no copy in getvalue()
         total = (len(PNG_SIGNATURE) + 12 + 13 + sum(12 + len(d) for _, d in before + after)
                  + 12 + _stored_idat_size(raw_size) + 12)
@@ -289,11 +300,11 @@ def encode_png(size: tuple, mode: str, rows, *, level: int, chunks=()) -> bytes:
     for kind, data in before:
         _png_chunk(out, kind, data)
     if level == 0:
-        _write_stored_idat(out, bands, raw_size)
+        _write_stored_idat(out, _scanlines(bands), raw_size)
     else:
         deflate = zlib.compressobj(level)
-        for band in bands:
-            data = deflate.compress(band)
+        for piece in _scanlines(bands):
+            data = deflate.compress(piece)
             if data:
                 _png_chunk(out, b"IDAT", data)
         _png_chunk(out, b"IDAT", deflate.flush())
@@ -303,16 +314,8 @@ def encode_png(size: tuple, mode: str, rows, *, level: int, chunks=()) -> bytes:
     return out.getvalue()
 
 
-def _samples(im: Image.Image, height: int):
-    """rows(top, bottom) for encode_png: the image's own bytes, cropped band by band."""
-    def rows(top, bottom):
-        band = im if (top, bottom) == (0, height) else im.crop((0, top, im.width, bottom))
-        return band.tobytes()
-    return rows
-
-
 def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) -> bytes:
-    """``im`` as a PNG (see encode_png); modes other than L, LA, RGB and RGBA go through Pillow."""
+    """``im`` as a PNG (see encode_png); modes other than L, LA and RGB go through Pillow."""
     if im.mode not in _PNG_COLOR_TYPES or not (im.width and im.height):
         buf = io.BytesIO()
         info = None
@@ -323,7 +326,7 @@ def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) ->
                 info.add(kind, data, bool(after and after[0]))
         im.save(buf, format="PNG", compress_level=level, pnginfo=info)
         return buf.getvalue()
-    return encode_png(im.size, im.mode, _samples(im, im.height), level=level, chunks=chunks)
+    return encode_png(im.size, im.mode, _padded_bands(im, im.mode), level=level, chunks=chunks)
 
 
 def comfy_mask_png(keep: Image.Image) -> bytes:
@@ -331,18 +334,10 @@ def comfy_mask_png(keep: Image.Image) -> bytes:
 
     LoadImageMask yields 1 - alpha/255 for "alpha", so the alpha channel carries the 'keep'
     luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque mask would mask nothing.
-    The file is an LA PNG whose L and A both hold ``keep`` (mode L), written without building an
-    LA image (Pillow stores LA in 4 bytes per pixel: 64 MiB for 4096x4096).
+    The file is an LA PNG whose L and A both hold ``keep`` (mode L), built a band at a time
+    (Pillow stores LA in 4 bytes per pixel: a whole LA image of 4096x4096 would be 64 MiB).
     """
     if keep.mode != "L":
         keep = keep.convert("L")
-    plain = _samples(keep, keep.height)
-
-    def rows(top, bottom):
-        luminance = plain(top, bottom)
-        pairs = bytearray(2 * len(luminance))
-        pairs[0::2] = luminance
-        pairs[1::2] = luminance
-        return pairs
-
-    return encode_png(keep.size, "LA", rows, level=MASK_COMPRESS_LEVEL)
+    bands = _padded_bands(keep, "LA", lambda band: Image.merge("LA", (band, band)))
+    return encode_png(keep.size, "LA", bands, level=MASK_COMPRESS_LEVEL)
