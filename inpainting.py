@@ -118,11 +118,29 @@ def prepare_extra(image: Image.Image, original_size: tuple, p: Plan) -> Image.Im
     return image.resize(p.padded_size, Image.LANCZOS)
 
 
+def blur_reach(blur: int) -> int:
+    """How far (px) Pillow's GaussianBlur(blur) carries a pixel: 3 box-blur passes of radius at
+    most blur + 0.5 each, so 3 * (blur + 1) px; two pixels more for safety."""
+    return 3 * (blur + 2)
+
+
 def paste_mask(keep: Image.Image, blur: int) -> Image.Image:
-    """Alpha for pasting the result: 255 where inpainted, blurred by ``blur`` px at the edges."""
+    """Alpha for pasting the result: 255 where inpainted, blurred by ``blur`` px at the edges.
+
+    Only the inpainted area plus the blur's reach is blurred: everywhere else the alpha is 0 and
+    stays 0 (the result is the same as blurring the whole image, pixel for pixel)."""
     alpha = ImageOps.invert(keep)
     if blur > 0:
-        alpha = alpha.filter(ImageFilter.GaussianBlur(blur))
+        box = alpha.getbbox()
+        if box is None:
+            return alpha  # nothing inpainted: a blur of zeros is zeros
+        reach = blur_reach(blur)
+        width, height = alpha.size
+        region = (max(0, box[0] - reach), max(0, box[1] - reach),
+                  min(width, box[2] + reach), min(height, box[3] + reach))
+        if region == (0, 0, width, height):
+            return alpha.filter(ImageFilter.GaussianBlur(blur))
+        alpha.paste(alpha.crop(region).filter(ImageFilter.GaussianBlur(blur)), region[:2])
     return alpha
 
 
@@ -144,7 +162,9 @@ def finish(generated: Image.Image, original: Image.Image, keep: Image.Image | No
         out.paste(result, p.box[:2])
         return out
     alpha = paste_mask(keep, p.mask_blur).crop(p.box)
-    out.paste(result, p.box[:2], alpha)
+    region = alpha.getbbox()  # where alpha is 0 the original stays: paste only the rest
+    if region is not None:
+        out.paste(result.crop(region), (p.box[0] + region[0], p.box[1] + region[1]), alpha.crop(region))
     return out
 
 
