@@ -34,6 +34,7 @@ import requests
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+SERVICE_SCRIPT = HERE / "service.py"
 sys.path.insert(0, str(HERE))
 
 from workload import JsonBodies, write_inputs  # noqa: E402
@@ -90,7 +91,7 @@ class Service:
                    IMG2IMG_PORT=str(self.port), PUBLIC_BASE_URL=self.url, SERVED_IMAGES_DIR=str(work / f"served-{wait}"),
                    COMFY_TIMEOUT_S="300", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
         self.log = open(work / f"service-{wait}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "service.py"), "--wait", wait],
+        self.proc = subprocess.Popen([sys.executable, str(SERVICE_SCRIPT), "--wait", wait],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while True:
