@@ -10,6 +10,7 @@ import binascii
 import io
 import re
 import struct
+import sys
 import warnings as _warnings
 import zlib
 from dataclasses import dataclass, field
@@ -62,13 +63,15 @@ def decode_base64_image(value, field_name: str, *, mask: bool = False) -> bytes:
         if not match.group("b64"):
             raise BadRequest(f"'{field_name}' data URL must be base64-encoded (';base64,')",
                              code="invalid_base64", field=field_name)
-        text = text[match.end():]
-    if text:
-        try:  # the usual case, unbroken and padded: no copy of the text to strip breaks from
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
+    start = match.end() if match else 0
+    if len(text) > start:
+        # The usual case, ASCII, unbroken and padded: one copy of the text (as bytes, the prefix
+        # skipped by a memoryview) instead of a slice, a stripped copy and an ASCII copy of it.
+        try:
+            return _b64decode_strict(memoryview(text.encode("ascii"))[start:])
+        except (UnicodeEncodeError, binascii.Error, ValueError):
             pass
-    text = "".join(text.split())  # tolerate line breaks inside the base64
+    text = "".join(text[start:].split())  # tolerate line breaks inside the base64
     if not text:
         raise BadRequest(f"'{field_name}' is empty", code="missing_image" if not mask else "invalid_mask",
                          field=field_name)
@@ -76,6 +79,13 @@ def decode_base64_image(value, field_name: str, *, mask: bool = False) -> bytes:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"'{field_name}' is not valid base64", code="invalid_base64", field=field_name) from None
+
+
+def _b64decode_strict(data) -> bytes:
+    """base64.b64decode(data, validate=True) for a bytes-like ``data``, without copying it."""
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(data, strict_mode=True)  # what b64decode(validate=True) calls
+    return base64.b64decode(bytes(data), validate=True)
 
 
 def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.Image:
