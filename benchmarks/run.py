@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,9 @@ from workload import JsonBodies, write_inputs  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # processes
 # ---------------------------------------------------------------------------------------------
+
+
+MIB = 1024 * 1024
 
 
 def free_port() -> int:
@@ -271,83 +275,110 @@ def machine() -> dict:
         ram = "unknown"
     import PIL
     return {"cpu": cpu, "cores": os.cpu_count(), "ram": ram, "python": platform.python_version(),
-            "pillow": PIL.__version__, "os": f"{platform.system()} {platform.release()}"}
+            "pillow": PIL.__version__, "os": f"{platform.system()} {platform.release()}", "load": load()}
+
+
+def load() -> str:
+    """The 1-minute load average: what else the machine was doing (2 cores: above 1 is contention)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
 
 
 def ms(x: float) -> str:
-    return f"{x * 1000:8.1f}"
+    return f"{x * 1000:.1f}"
 
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
+def table(rows: list) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def print_report(r: dict) -> None:
-    m = r["machine"]
-    cfg = r["config"]
+    m, cfg = r["machine"], r["config"]
+    p1n, p1m, c, poll = r["p1_nomask"], r["p1_mask"], r["p2"], r["polling"]
     print()
     print("img2img service benchmark (python benchmarks/run.py)")
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; Python {m['python']}, Pillow {m['pillow']}, "
-          f"{m['os']}")
-    print(f"fake ComfyUI: {cfg['steps']} steps x {cfg['step_delay'] * 1000:g} ms = "
-          f"{cfg['steps'] * cfg['step_delay'] * 1000:g} ms of sampling per prompt (+ its pixel model), "
-          f"one prompt at a time; /history written {cfg['history_delay'] * 1000:g} ms after execution_success "
-          "(as ComfyUI 0.3.40 does, late)")
-    print("NOTE: a noisy 2-core machine. Ratios and differences are what count, not absolute times;")
-    print("      'added' = client-observed request time - the fake's own execution time (from its /history).")
+          f"{m['os']}; load average {m['load']} before the run, {r['load_after']} after")
+    print(f"fake ComfyUI (own process): {cfg['steps']} steps x {cfg['step_delay'] * 1000:g} ms = "
+          f"{cfg['steps'] * cfg['step_delay'] * 1000:g} ms of sampling per prompt plus its pixel model, one prompt "
+          f"at a time; /history written {cfg['history_delay'] * 1000:g} ms after execution_success (late, as "
+          "ComfyUI 0.3.40)")
+    print("service (own process): img2img_server.main(), waitress, inputs staged in the fake's input folder")
+    print("added = client-observed request time - the fake's execution time of that prompt (execution_start ->")
+    print("        execution_success in its /history), so it includes the fake's own HTTP handling too.")
+    print("NOTE: a noisy 2-core machine shared with other work: the ratios and the differences between rows")
+    print("      are what count, not the absolute times.")
     print()
-    print("P1  added latency, sequential, 512x512 JSON (base64) requests              p50      p95      p99      max   (ms)")
-    for name, key in (("no mask", "p1_nomask"), ("with mask (inpainting)", "p1_mask")):
-        s = r[key]["added"]
-        e = r[key]["exec"]
-        print(f"    {name:<24} n={s['n']:<4} exec p50 {e['p50'] * 1000:6.1f} ms    "
-              f"{ms(s['p50'])} {ms(s['p95'])} {ms(s['p99'])} {ms(s['max'])}")
-    ok = all(r[k]["added"]["p50"] <= 0.020 and r[k]["added"]["p99"] <= 0.060 for k in ("p1_nomask", "p1_mask"))
-    print(f"    target p50 <= 20 ms, p99 <= 60 ms: {verdict(ok)}")
-    print(f"    first request after start (object_info fetched, connections opened): "
-          f"{r['cold_added'] * 1000:.1f} ms added")
-    print()
-    c = r["p2"]
-    print(f"P2  {cfg['clients']} concurrent clients, {c['exec']['n']} requests with mask, fake running one prompt at a time")
-    print(f"    wall time {c['wall']:.2f} s, sum of execution times {c['sum_exec']:.2f} s: "
-          f"ratio {c['ratio']:.3f} (target <= 1.05: {verdict(c['ratio'] <= 1.05)})")
-    print(f"    fake idle: {c['lead_in'] * 1000:.0f} ms before the first prompt, {c['idle_between'] * 1000:.0f} ms "
-          f"between prompts (longest gap {c['max_gap'] * 1000:.0f} ms), {c['tail'] * 1000:.0f} ms after the last")
-    print(f"    execution time p50 {c['exec']['p50'] * 1000:.1f} ms (sequential: {r['p1_mask']['exec']['p50'] * 1000:.1f} ms)")
-    for label, key in (("request - own execution (incl. queueing)", "added_raw"),
-                       ("... minus other prompts' execution while queued", "added_own")):
-        s = c[key]
-        print(f"    added, {label:<48} p50 {ms(s['p50'])}  p95 {ms(s['p95'])}  max {ms(s['max'])} ms")
-    print()
-    p = r["polling"]
-    print(f"vs  DreamLayer's 2-second polling loop: the same {p['websocket']['n']} requests with mask, execution "
-          f"times spread over one polling period ({p['exec_min']:.2f}-{p['exec_max']:.2f} s)")
-    for label, key in (("this service (WebSocket)", "websocket"), ("2 s polling of /queue + /history", "poll2s")):
-        s = p[key]
-        print(f"    {label:<34} added mean {ms(s['mean'])}  p50 {ms(s['p50'])}  max {ms(s['max'])} ms")
-    print(f"    polling adds {p['poll2s']['mean'] / max(p['websocket']['mean'], 1e-9):.0f}x as much on average")
-    print()
+    rows = [("", "measure", "measured", "target", "verdict")]
+
+    def p1_row(name, d):
+        a = d["added"]
+        ok = a["p50"] <= 0.020 and a["p99"] <= 0.060
+        return ("P1", f"added latency, {name}, {a['n']} sequential 512x512 JSON requests, p50 / p95 / p99 ms",
+                f"{ms(a['p50'])} / {ms(a['p95'])} / {ms(a['p99'])}", "<= 20 / - / <= 60", verdict(ok))
+
+    rows.append(p1_row("no mask", p1n))
+    rows.append(p1_row("with mask", p1m))
+    rows.append(("P2", f"wall time / sum of execution times, {c['exec']['n']} requests from {cfg['clients']} clients "
+                 f"({c['wall']:.2f} s / {c['sum_exec']:.2f} s)", f"{c['ratio']:.3f}", "<= 1.05",
+                 verdict(c["ratio"] <= 1.05)))
+    own = c["added_own"]
+    rows.append(("P2", "added latency per request, ComfyUI's work for others excluded, p50 / p95 / max ms",
+                 f"{ms(own['p50'])} / {ms(own['p95'])} / {ms(own['max'])}", "", ""))
     if "p3" in r:
         u = r["p3"]
         svc, pil = u["service"], u["pillow"]
-        mib = 1024 * 1024
-        print(f"P3  upload handling, {svc['width']}x{svc['height']} RGB PNG ({svc['input_sizes'][0] / mib:.1f} MiB) "
-              f"+ mask PNG ({svc['input_sizes'][1] / mib:.2f} MiB); decoded image {svc['decoded_bytes'] / mib:.0f} MiB")
-        print(f"    service (decode_image, decode_mask, plan, prepare, png_bytes, comfy_mask_png): "
-              f"{svc['median']:.3f} s (median of {len(svc['seconds'])})")
-        print(f"    Pillow bare decode + encode (PNG level {u['level']}), same files:                "
-              f"{pil['median']:.3f} s")
         ratio = svc["median"] / pil["median"]
-        print(f"    ratio {ratio:.2f} (target <= 1.5: {verdict(ratio <= 1.5)})")
-        peak = svc["peak_bytes"]
-        if peak is not None:
-            times = peak / svc["decoded_bytes"]
-            print(f"    peak memory of the service's handling: {peak / mib:.0f} MiB = {times:.2f} x the decoded image "
-                  f"(target <= 3: {verdict(times <= 3)}); Pillow bare: {pil['peak_bytes'] / mib:.0f} MiB")
-        b = u.get("base64")
+        rows.append(("P3", f"upload handling time, service / Pillow bare decode+encode, {svc['width']}x{svc['height']} "
+                     f"({svc['median']:.3f} s / {pil['median']:.3f} s)", f"{ratio:.2f}", "<= 1.5", verdict(ratio <= 1.5)))
+        if svc["peak_bytes"] is not None:
+            times = svc["peak_bytes"] / svc["decoded_bytes"]
+            rows.append(("P3", f"peak memory / decoded image ({svc['peak_bytes'] / MIB:.0f} MiB / "
+                         f"{svc['decoded_bytes'] / MIB:.0f} MiB)", f"{times:.2f}", "<= 3", verdict(times <= 3)))
+    rows.append(("vs", f"mean added latency, WebSocket (this service) vs DreamLayer's 2-s polling, "
+                 f"{poll['websocket']['n']} requests, ms", f"{ms(poll['websocket']['mean'])} vs "
+                 f"{ms(poll['poll2s']['mean'])}", "", ""))
+    print(table(rows))
+    print()
+    print("Details")
+    for name, d in (("no mask", p1n), ("with mask", p1m)):
+        a, e = d["added"], d["exec"]
+        print(f"  P1 {name:<9}: added mean {ms(a['mean'])}, max {ms(a['max'])} ms; the fake's execution p50 "
+              f"{ms(e['p50'])} ms")
+    print(f"  P1 first request after start (object_info fetched, connections opened): {ms(r['cold_added'])} ms added")
+    print(f"  P2 the fake was idle {ms(c['lead_in'])} ms before the first prompt, {ms(c['idle_between'])} ms between "
+          f"prompts in all (longest gap {ms(c['max_gap'])} ms), {ms(c['tail'])} ms after the last; execution p50 "
+          f"{ms(c['exec']['p50'])} ms (sequential: {ms(p1m['exec']['p50'])} ms)")
+    raw = c["added_raw"]
+    print(f"  P2 request time - own execution, queueing behind the other prompts included: p50 {ms(raw['p50'])}, "
+          f"max {ms(raw['max'])} ms")
+    print(f"  vs execution times spread over one polling period ({poll['exec_min']:.2f}-{poll['exec_max']:.2f} s): "
+          f"WebSocket added p50 {ms(poll['websocket']['p50'])}, max {ms(poll['websocket']['max'])} ms; 2-s polling "
+          f"p50 {ms(poll['poll2s']['p50'])}, max {ms(poll['poll2s']['max'])} ms "
+          f"({poll['poll2s']['mean'] / max(poll['websocket']['mean'], 1e-9):.0f}x the WebSocket's mean)")
+    if "p3" in r:
+        u = r["p3"]
+        svc, pil, b = u["service"], u["pillow"], u.get("base64")
+        print(f"  P3 input: {svc['input_sizes'][0] / MIB:.1f} MiB PNG + {svc['input_sizes'][1] / MIB:.2f} MiB mask PNG; "
+              f"service steps: decode_image, decode_mask, plan, prepare, png_bytes, comfy_mask_png; Pillow bare: "
+              f"open+load both, save both as PNG level {u['level']} (its fastest)")
+        print(f"  P3 peak memory: RSS high-water mark above the RSS before (uploads already in memory); "
+              f"Pillow bare {pil['peak_bytes'] / MIB:.0f} MiB")
         if b:
-            print(f"    JSON form only: base64 data URLs -> bytes: {b['median']:.3f} s, peak {b['peak_bytes'] / mib:.0f} MiB "
-                  f"above the request body's text")
+            print(f"  P3 JSON form only, base64 data URLs -> bytes before that: {b['median']:.3f} s, peak "
+                  f"{b['peak_bytes'] / MIB:.0f} MiB above the text")
     print()
 
 
@@ -368,6 +399,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-p3", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not figures")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, images)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.concurrent_requests, args.polling_requests, args.p3_repeat = 8, 16, 3, 1
@@ -380,7 +412,7 @@ def main(argv=None) -> int:
     seeds = iter(range(1, 1_000_000))
     report: dict = {"machine": machine()}
 
-    print(f"benchmark: work folder {work}", file=sys.stderr)
+    print(f"benchmark: work folder {work} (removed at the end unless --keep)", file=sys.stderr)
     fake = Fake(work / "comfyui", args.step_delay, args.history_delay)
     report["config"] = {"steps": args.steps, "step_delay": fake.step_delay, "history_delay": fake.history_delay,
                         "clients": args.clients}
@@ -391,10 +423,12 @@ def main(argv=None) -> int:
             cold = sequential(service, fake, [with_mask.body(next(seeds))])[0]
             report["cold_added"] = cold.added
             sequential(service, fake, [b.body(next(seeds)) for b in (with_mask, without_mask) for _ in range(3)])
-            for key, bodies in (("p1_nomask", without_mask), ("p1_mask", with_mask)):
-                samples = sequential(service, fake, [bodies.body(next(seeds)) for _ in range(args.requests)])
-                report[key] = {"added": summary([s.added for s in samples]),
-                               "exec": summary([s.exec_seconds for s in samples])}
+            # the two variants alternate, so that whatever else the machine does hits both alike
+            bodies = [b.body(next(seeds)) for _ in range(args.requests) for b in (without_mask, with_mask)]
+            samples = sequential(service, fake, bodies)
+            for key, mine in (("p1_nomask", samples[0::2]), ("p1_mask", samples[1::2])):
+                report[key] = {"added": summary([s.added for s in mine]),
+                               "exec": summary([s.exec_seconds for s in mine])}
             print("P2 ...", file=sys.stderr)
             samples = concurrent(service, fake, [with_mask.body(next(seeds)) for _ in range(args.concurrent_requests)],
                                  args.clients)
@@ -427,6 +461,9 @@ def main(argv=None) -> int:
                         **{what: upload_cost(what, big_image, big_mask, args.p3_repeat)
                            for what in ("service", "pillow", "base64")}}
 
+    report["load_after"] = load()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
