@@ -146,6 +146,7 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     """Build the app. Tests pass their own config (files, ComfyUI address)."""
     config = config or DreamLayerConfig.from_env()
     app = Flask(__name__, static_folder=None)
+    app.debug = False  # Flask would read FLASK_DEBUG from the environment
     app.config.update(MAX_CONTENT_LENGTH=1024 * 1024)
     app.json.sort_keys = False
     app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found

@@ -144,6 +144,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     config = config or Config.from_env()
     app = Flask(__name__, static_folder=None)
     app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found
+    app.debug = False  # Flask would read FLASK_DEBUG from the environment: never a debugger here
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
                       MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
     client = client or comfy_client.ComfyClient(config.comfy_api_url)

@@ -236,9 +236,6 @@ def test_a_normal_start_serves_with_waitress_never_flasks_debug_server(captured_
     assert ".run(" not in source and "debug=True" not in source and "run_simple" not in source
 
 
-@pytest.mark.xfail(strict=True, reason="img2img_server.create_app: Flask reads FLASK_DEBUG from the environment "
-                                       "when the app is built, so `FLASK_DEBUG=1 python img2img_server.py` runs "
-                                       "in debug mode; set app.debug = False (config DEBUG=False) in create_app")
 @pytest.mark.parametrize("env", [{"FLASK_DEBUG": "1"}, {"FLASK_DEBUG": "true", "FLASK_ENV": "development"}])
 def test_flask_debug_in_the_environment_does_not_turn_debug_mode_on(captured_serve, monkeypatch, env):
     for name, value in env.items():
