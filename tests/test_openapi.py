@@ -1,0 +1,216 @@
+"""docs/openapi.yaml: served at GET /openapi.json, a valid OpenAPI 3 document that matches the
+app's routes and error codes, and a property-based test (schemathesis + hypothesis) that drives
+the real app from it — schema-valid and schema-violating requests — and finds no 5xx and no
+answer the document does not describe."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from openapi_spec_validator import validate
+from PIL import Image
+from schemathesis import GenerationMode
+from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
+                                 response_schema_conformance, status_code_conformance)
+
+import comfy_client
+import errors
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_PATH = ROOT / "docs" / "openapi.yaml"
+HTTP_METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
+#: Modules whose errors reach clients.
+SOURCES = ["errors.py", "params.py", "uploads.py", "img2img_request.py", "generation.py", "comfy_client.py",
+           "img2img_server.py", "jobs.py", "staging.py", "img2img_workflow.py", "inpainting.py"]
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    return yaml.safe_load(DOC_PATH.read_text(encoding="utf-8"))
+
+
+def documented_codes(doc) -> dict:
+    """status -> the error codes the document lists for it."""
+    out = {}
+    for response in doc["components"]["responses"].values():
+        schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+        for part in schema.get("allOf", []):
+            enum = part.get("properties", {}).get("code", {}).get("enum")
+            if enum:
+                out.setdefault(response_status(doc, response), set()).update(enum)
+    return out
+
+
+def response_status(doc, response) -> int:
+    name = next(k for k, v in doc["components"]["responses"].items() if v is response)
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            for status, ref in op.get("responses", {}).items():
+                if ref.get("$ref") == f"#/components/responses/{name}":
+                    return int(status)
+    raise AssertionError(f"response {name} is not used")
+
+
+# --- the document ---------------------------------------------------------------------------------
+
+def test_the_document_is_served_at_openapi_json(client, doc):
+    resp = client.get("/openapi.json")
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    assert resp.get_json() == doc
+
+
+def test_the_document_is_valid_openapi_3(doc):
+    validate(doc)
+    assert doc["openapi"].startswith("3.")
+
+
+def test_every_route_of_the_app_is_documented_and_nothing_else(app, doc):
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        routes |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    documented = {(path, m) for path, ops in doc["paths"].items() for m in ops if m in HTTP_METHODS}
+    assert routes == documented
+
+
+def test_every_parameter_the_service_reads_is_documented(doc):
+    import params
+
+    props = doc["components"]["schemas"]["Img2ImgParameters"]["properties"]
+    missing = (params._KNOWN_KEYS | set(params.NOT_IMPLEMENTED) | {"async"}) - set(props) - {"vae_name"}
+    assert not missing, f"not in the document: {sorted(missing)}"
+    json_props = doc["components"]["schemas"]["Img2ImgJson"]["allOf"][1]["properties"]
+    assert set(params.IMAGE_KEYS) <= set(json_props)
+    assert {"image", "mask", "params"} == set(doc["components"]["schemas"]["Img2ImgMultipart"]["properties"])
+
+
+def test_ranges_in_the_document_are_the_services(doc):
+    """Every documented minimum/maximum is enforced: one past it is a 400 naming the field."""
+    import params as P
+
+    props = doc["components"]["schemas"]["Img2ImgParameters"]["properties"]
+    checked = 0
+    for name, schema in props.items():
+        for bound, step in (("minimum", -1), ("maximum", 1)):
+            if bound not in schema or name == "seed" and bound == "maximum":
+                continue
+            beyond = schema[bound] + (step if schema.get("type") == "integer" else step * 0.001)
+            with pytest.raises(errors.InvalidParameter) as info:
+                P.parse_params({"prompt": "x", name: beyond})
+            assert info.value.details["field"] == name
+            P.parse_params({"prompt": "x", name: schema[bound]})  # the bound itself is fine
+            checked += 1
+    assert checked >= 20
+
+
+def test_every_error_code_of_the_code_is_documented_under_its_status(doc):
+    codes = documented_codes(doc)
+    all_documented = set().union(*codes.values())
+    found = set()
+    for name in SOURCES:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        found |= set(re.findall(r"\bcode\s*=\s*\"([a-z][a-z0-9_]*)\"", text))
+        found |= set(re.findall(r"\"code\"\s*:\s*\"([a-z][a-z0-9_]*)\"", text))
+    found |= set(errors.HTTP_CODES.values()) | {"internal_error"}
+    # 405 belongs to no operation (it answers the methods a path does not have): the overview says it
+    assert "`method_not_allowed`" in doc["info"]["description"]
+    found.discard("method_not_allowed")
+    assert found - all_documented == set(), f"codes the document does not list: {sorted(found - all_documented)}"
+    # the exception classes answer with the status the document lists their code under
+    classes = [errors.ApiError, errors.BadRequest, errors.InvalidParameter, errors.PayloadTooLarge,
+               errors.UnsupportedMediaType] + [getattr(comfy_client, n) for n in dir(comfy_client)
+                                               if n.startswith("Comfy") and n.endswith(("Error", "Unreachable",
+                                               "Rejected", "Failed", "Interrupted", "Timeout", "Response"))]
+    for cls in classes:
+        if isinstance(cls, type) and hasattr(cls, "status") and hasattr(cls, "code"):
+            assert cls.code in codes.get(cls.status, set()), (cls.__name__, cls.status, cls.code)
+    for status, code in errors.HTTP_CODES.items():
+        assert code in codes.get(status, set()) or status in (400, 405), (status, code)
+
+
+# --- the property-based test ------------------------------------------------------------------------
+
+@st.composite
+def png_files(draw):
+    """Small valid PNGs of various modes and sizes (random bytes are almost never an image)."""
+    size = (draw(st.integers(1, 48)), draw(st.integers(1, 48)))
+    mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P", "LA", "1"]))
+    im = Image.new("RGB", size, tuple(draw(st.integers(0, 255)) for _ in range(3)))
+    im.paste((0, 0, 0), (0, 0, max(1, size[0] // 2), max(1, size[1] // 2)))  # some black: a usable mask
+    buf = io.BytesIO()
+    im.convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+schemathesis.openapi.media_type("image/png", png_files())
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          response_headers_conformance]
+#: Generation is bounded so that a valid request stays cheap (the fake computes every pixel).
+LIMITS = {"batch_size": 2, "batch_count": 2, "width": 128, "height": 128}
+
+
+def bounded(params):
+    """Clamp the few numbers that make a valid generation expensive; keep every other value."""
+    if isinstance(params, dict):
+        for key, limit in LIMITS.items():
+            value = params.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                params[key] = limit if key not in ("width", "height") else 64 + value % 65
+    return params
+
+
+def wait_until_idle(client, fake_comfy, timeout=30.0):
+    """Async jobs outlive their 202: let them end before the leftover check."""
+    deadline = time.monotonic() + timeout
+    while client.get("/health").get_json()["active_generations"]:
+        assert time.monotonic() < deadline, "generations still running"
+        time.sleep(0.05)
+    fake_comfy.wait_idle(timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+def test_the_app_driven_from_the_document_never_answers_5xx(app, client, fake_comfy, doc, mode):
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    seen, unsatisfiable = {}, []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    documented = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops if m in HTTP_METHODS}
+    # schemathesis leaves out the document's own route (GET /openapi.json is tested above)
+    assert {op.label for op in operations} == documented - {"GET /openapi.json"}
+    for operation in operations:
+        @given(case=operation.as_strategy(generation_mode=mode), image=png_files(), use_image=st.booleans())
+        @settings(max_examples=80 if operation.label == "POST /api/img2img" else 10, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case, image, use_image):
+            body = case.body
+            if isinstance(body, dict):
+                bounded(body.get("params") if case.media_type == "multipart/form-data" else body)
+                if case.media_type == "application/json" and use_image and "input_image" in body:
+                    body["input_image"] = base64.b64encode(image).decode()  # sometimes a real image
+            response = case.call()
+            seen[(operation.label, response.status_code)] = seen.get((operation.label, response.status_code), 0) + 1
+            case.validate_response(response, checks=CHECKS)
+
+        try:
+            run()
+        except Unsatisfiable:  # nothing violates an operation whose inputs are free strings or none
+            assert mode is GenerationMode.NEGATIVE
+            unsatisfiable.append(operation.label)
+    assert "POST /api/img2img" not in unsatisfiable
+    wait_until_idle(client, fake_comfy)
+    statuses = {status for _, status in seen}
+    assert all(status < 500 for status in statuses), seen
+    if mode is GenerationMode.POSITIVE:  # the generator reached real generations, not only errors
+        assert seen.get(("POST /api/img2img", 200)), seen
+    else:
+        assert seen.get(("POST /api/img2img", 400)), seen
+    assert [p for p in fake_comfy.input_dir.rglob("*") if p.is_file()] == []
