@@ -1,0 +1,80 @@
+"""docs/troubleshooting.md lists every error code the service can answer, under its status, and has
+the sections the issue asks for."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+import comfy_client
+import errors
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+SOURCES = ["errors.py", "params.py", "uploads.py", "img2img_request.py", "generation.py", "comfy_client.py",
+           "img2img_server.py", "jobs.py", "staging.py", "img2img_workflow.py", "inpainting.py"]
+
+
+def codes_in_the_code() -> set:
+    found = {"internal_error", "http_error"} | set(errors.HTTP_CODES.values())
+    for name in SOURCES:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        found |= set(re.findall(r"\bcode\s*=\s*\"([a-z][a-z0-9_]*)\"", text))
+        found |= set(re.findall(r"\"code\"\s*:\s*\"([a-z][a-z0-9_]*)\"", text))
+    # codes handed to helpers positionally (img2img_request._loads)
+    found |= set(re.findall(r"_loads\([^)]*\"([a-z][a-z0-9_]*)\"\)", (ROOT / "img2img_request.py").read_text()))
+    return found
+
+
+def codes_in_openapi() -> set:
+    doc = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text(encoding="utf-8"))
+    out = set()
+    for response in doc["components"]["responses"].values():
+        for part in response.get("content", {}).get("application/json", {}).get("schema", {}).get("allOf", []):
+            out |= set(part.get("properties", {}).get("code", {}).get("enum", []))
+    return out
+
+
+def rows() -> dict:
+    """code -> the status of the table it is listed in (a table row starting with it)."""
+    out, status = {}, None
+    for line in DOC.splitlines():
+        heading = re.match(r"^###\s+(\d{3})", line)
+        if heading:
+            status = int(heading.group(1))
+        row = re.match(r"^\|\s*(?:(\d{3})\s*\|\s*)?`([a-z][a-z0-9_]*)`\s*\|", line)
+        if row and status is not None:
+            out[row.group(2)] = int(row.group(1) or status)
+    return out
+
+
+def test_every_error_code_has_a_row_with_cause_and_fix():
+    listed = rows()
+    missing = (codes_in_the_code() | codes_in_openapi()) - set(listed)
+    assert not missing, f"docs/troubleshooting.md lacks {sorted(missing)}"
+    assert len(listed) >= 40
+
+
+def test_codes_are_listed_under_their_status():
+    listed = rows()
+    for cls in [errors.ApiError, errors.InvalidParameter, errors.PayloadTooLarge, errors.UnsupportedMediaType,
+                comfy_client.ComfyError, comfy_client.ComfyUnreachable, comfy_client.ComfyRejected,
+                comfy_client.ComfyExecutionFailed, comfy_client.ComfyInterrupted, comfy_client.ComfyTimeout,
+                comfy_client.ComfyBadResponse]:
+        assert listed.get(cls.code) == cls.status, (cls.__name__, cls.code, cls.status, listed.get(cls.code))
+    for status, code in errors.HTTP_CODES.items():
+        assert listed.get(code) == status, (code, status)
+    for code, status in {"image_not_found": 404, "job_not_found": 404, "job_expired": 404, "mask_not_png": 415,
+                         "mask_too_large": 413, "image_too_large": 413, "missing_image": 400, "mask_empty": 400,
+                         "unknown_model": 400, "http_error": 416}.items():
+        assert listed.get(code) == status, (code, status)
+
+
+def test_the_three_situations_have_their_sections():
+    for heading in ("## ComfyUI is not running", "## Model not found", "## Mask rejected"):
+        assert heading in DOC
+    section = DOC.split("## Mask rejected")[1].split("\n## ")[0]
+    for code in ("mask_not_png", "mask_too_large", "invalid_mask", "mask_empty"):
+        assert f"`{code}`" in section
+    assert "COMFY_API_URL" in DOC.split("## ComfyUI is not running")[1].split("\n## ")[0]
