@@ -189,10 +189,13 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
     warnings: list = []
     im = _first_frame(im, "mask", warnings)
     im = _upright(im, "mask", warnings)
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    # an alpha channel, or tRNS colour-key transparency (P, and also L / RGB / 16-bit grey: PNG
+    # optimisers store binary-alpha masks that way)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     if has_alpha:
         rgba = im.convert("RGBA")
-        lum = rgba.convert("L")
+        # 16-bit grey: RGBA conversion clips the values; the luminance is scaled instead
+        lum = _to_8bit(im).convert("L") if im.mode.startswith("I") else rgba.convert("L")
         keep = Image.composite(ImageOps.invert(lum) if invert else lum, Image.new("L", im.size, 255),
                                rgba.getchannel("A"))
     else:
