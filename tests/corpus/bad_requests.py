@@ -481,6 +481,13 @@ def _mask_cases():
              200, check=inpainted(box_region)),
         Case("valid-mask-la-transparent-keeps", "valid", form(EXACT_MASK, grad, _mask_la), 200,
              check=inpainted(box_region)),
+        # colour-key transparency (tRNS), as PNG optimisers write binary-alpha masks: transparent = keep
+        Case("valid-mask-grey-colour-key", "valid", form(EXACT_MASK, grad, lambda: _mask_colour_key("L")), 200,
+             check=inpainted(box_region)),
+        Case("valid-mask-rgb-colour-key", "valid", js(EXACT_MASK, image=grad, mask=lambda: _mask_colour_key("RGB")),
+             200, check=inpainted(box_region)),
+        Case("valid-mask-16-bit-colour-key", "valid", form(EXACT_MASK, grad, lambda: _mask_colour_key("I;16")), 200,
+             check=inpainted(box_region)),
         Case("valid-mask-1-bit", "valid", js(EXACT_MASK, image=grad, mask=lambda: box_mask("1")), 200,
              check=inpainted(box_region)),
         Case("valid-mask-apng-first-frame", "animated", form(EXACT_MASK, grad, _mask_apng), 200,
@@ -506,6 +513,15 @@ def _mask_la() -> bytes:
     alpha = Image.new("L", IMG_SIZE, 0)
     alpha.paste(255, BOX)
     return M.png(Image.merge("LA", (Image.new("L", IMG_SIZE, 0), alpha)))
+
+
+def _mask_colour_key(mode) -> bytes:
+    """Black everywhere; the box opaque (black = inpaint), the rest transparent through the tRNS
+    colour key, which here is black as well: only the transparency tells the two apart."""
+    black, grey = {"L": (0, 60), "RGB": ((0, 0, 0), (60, 60, 60)), "I;16": (0, 60 * 257)}[mode]
+    im = Image.new(mode, IMG_SIZE, black)
+    im.paste(grey, BOX)  # dark grey, opaque: mostly inpainted
+    return M.png(im, transparency=black)
 
 
 def _mask_apng() -> bytes:
