@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import comfy_client
 import inpainting
 from img2img_workflow import WorkflowError, build_img2img_workflow
-from errors import ApiError
+from errors import ApiError, InvalidParameter
 from params import parse_params, resolve_choices
 from staging import SAFE_NAME, InputStager, ServedImages
 from uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
@@ -117,8 +118,27 @@ class Img2ImgService:
         self.client = client
         self.served = served
         self.active = ActiveRuns()
+        self._last_refresh = float("-inf")
 
     # -- choices that depend on the ComfyUI server ------------------------------------------
+    #: Names that may have been installed in ComfyUI after we cached its object_info.
+    _REFRESHABLE = {"unknown_model", "unknown_sampler", "unknown_scheduler", "unknown_lora", "unknown_controlnet"}
+    #: At most one object_info refresh per this many seconds for unknown names.
+    REFRESH_INTERVAL_S = 2.0
+
+    def _resolve(self, params):
+        """Check the names against ComfyUI's lists; an unknown name re-reads them once (a model
+        installed while the service runs), at most every REFRESH_INTERVAL_S."""
+        try:
+            return resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
+        except InvalidParameter as exc:
+            now = time.monotonic()
+            if exc.code not in self._REFRESHABLE or now - self._last_refresh < self.REFRESH_INTERVAL_S:
+                raise
+            self._last_refresh = now
+            self.client.object_info(refresh=True)
+            return resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
+
     def _choices(self, params) -> dict:
         def optional(class_type, name):
             try:
@@ -155,7 +175,7 @@ class Img2ImgService:
             warnings += mask.warnings
             keep = mask.image
         control_images = [self._control_image(unit) for unit in params.controlnet_units]
-        params = resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
+        params = self._resolve(params)
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
             warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
                             "'fill' (VAEEncodeForInpaint) needs full denoise; use 'original' to keep it")

@@ -196,10 +196,6 @@ def test_rejected_workflow_with_a_node_comfyui_lacks_is_502_naming_it(client, fa
     ledger.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="generation.py checks model/sampler/LoRA names against the object_info the "
-                                       "client cached at the first request and never re-reads it unless ComfyUI "
-                                       "rejects a workflow: a model installed while the service runs is 400 "
-                                       "unknown_model until the service restarts")
 def test_a_model_installed_while_the_service_runs_can_be_used(client, fake_comfy, ledger):
     ledger.normal_request_succeeds(client)  # the service has read ComfyUI's lists
     fake_comfy.add_model("checkpoints", "installed-later.safetensors")
