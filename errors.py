@@ -84,10 +84,23 @@ def register_error_handlers(app) -> None:
     def http_error(exc: HTTPException):
         message = exc.description or exc.name
         if exc.code == 413:
-            message = f"The request is larger than this service accepts ({app.config['MAX_CONTENT_LENGTH']} bytes)"
+            message = _too_large_message(app, request)
         return error_response(exc.code or 500, HTTP_CODES.get(exc.code, "http_error"), message)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unexpected error while handling %s %s", request.method, request.path)
         return error_response(500, "internal_error", "The service failed unexpectedly; see its log")
+
+
+def _too_large_message(app, request) -> str:
+    """Werkzeug answers 413 for a body over MAX_CONTENT_LENGTH and for a multipart body with too
+    many parts or too large a text field: say which, as far as the request tells."""
+    limit = app.config.get("MAX_CONTENT_LENGTH")
+    length = request.content_length
+    if limit is not None and length is not None and length > limit:
+        return f"The request is {length} bytes; this service accepts at most {limit} bytes"
+    parts = app.config.get("MAX_FORM_PARTS") or 1000
+    size = f"larger than {limit} bytes, or " if limit is not None else ""
+    return (f"The request is too large: {size}a multipart body with more than {parts} parts or a text "
+            f"field over {app.config.get('MAX_FORM_MEMORY_SIZE') or 500_000} bytes")
