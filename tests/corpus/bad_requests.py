@@ -324,6 +324,9 @@ def _shape_cases():
              form(BASE, img, extra=[("mask", "data:image/png;base64," + b64(box_mask()), None, None)]), 400,
              "invalid_mask"),
         Case("multipart-empty-mask", "missing part", form(BASE, img, b""), 400, "invalid_mask"),
+        # a small body with more parts than the form parser takes: 413, but not "larger than N bytes"
+        Case("multipart-1500-parts", "size", form(BASE, img, extra=[(f"f{i}", "x", None, None) for i in range(1500)]),
+             413, "request_too_large", says=("parts",)),
         # params not JSON / not an object
         Case("params-not-json", "params", form("{prompt: x}", img), 400, "invalid_params"),
         Case("params-empty-string", "params", form("", img), 400, "invalid_params"),
