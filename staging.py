@@ -16,7 +16,7 @@ from config import HTTP_UPLOAD_SUBFOLDER
 
 log = logging.getLogger(__name__)
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")  # \Z: "$" would accept a final newline
 
 
 def write_atomic(directory: Path, name: str, data: bytes) -> Path:
