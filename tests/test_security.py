@@ -205,6 +205,17 @@ def test_images_route_serves_its_own_files(live_server, served, service_config):
         assert status == 200 and "Content-Type: image/png" in head and body.startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize("name", ["x.png\n", "../x.png", "/tmp/x.png", ".tmp-x.png", "a/b.png", "x.png\x00", ""])
+def test_the_service_writes_only_names_it_considers_safe(tmp_path, name):
+    """Names of written files come from the server, or from ComfyUI's answers (output file names):
+    anything that is not a plain file name is refused, a trailing newline included."""
+    import staging
+
+    with pytest.raises(ValueError):
+        staging.write_atomic(tmp_path, name, b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- no debug mode --------------------------------------------------------------------------------
 
 @pytest.fixture
