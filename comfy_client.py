@@ -301,11 +301,12 @@ class ComfyClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8188", *, connect_timeout: float = 3.0,
                  read_timeout: float = 30.0, poll_interval: float = 0.05, history_grace: float = 2.0,
                  unreachable_grace: float = 3.0, liveness_interval: float = 5.0,
-                 ws_tick: float = 0.1, pool_size: int = 32):
+                 ws_tick: float = 0.1, pool_size: int = 32, end_of_prompt_wait: float = 0.5):
         """unreachable_grace: how long HTTP may fail persistently during a run before
         ComfyUnreachable; liveness_interval: how often a run checks /queue that its prompt still
         exists when nothing arrives for it; ws_tick: how often the WebSocket wait looks at
-        cancellation and the deadline."""
+        cancellation and the deadline; end_of_prompt_wait: how long, after execution_success, to
+        wait for the `executing` null that follows ComfyUI's /history write."""
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -314,6 +315,7 @@ class ComfyClient:
         self.unreachable_grace = unreachable_grace
         self.liveness_interval = liveness_interval
         self.ws_tick = ws_tick
+        self.end_of_prompt_wait = end_of_prompt_wait
         self._session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._session.mount("http://", adapter)
@@ -429,12 +431,18 @@ class ComfyClient:
     def view(self, image: OutputImage) -> bytes:
         """GET /view: the file's bytes."""
         params = {"filename": image.filename, "subfolder": image.subfolder, "type": image.type}
-        resp = self._request("GET", "/view", params=params)
-        if resp.status_code == 404:
-            raise ComfyBadResponse(f"ComfyUI at {self.base_url} has no {image.type} image "
-                                   f"{image.subfolder + '/' if image.subfolder else ''}{image.filename}")
-        self._ok(resp, "GET /view")
-        return resp.content
+        resp = self._request("GET", "/view", params=params, stream=True)
+        try:
+            if resp.status_code == 404:
+                raise ComfyBadResponse(f"ComfyUI at {self.base_url} has no {image.type} image "
+                                       f"{image.subfolder + '/' if image.subfolder else ''}{image.filename}")
+            self._ok(resp, "GET /view")
+            # 1 MiB reads: requests' .content reads 10 KiB at a time, twice as slow for images
+            return b"".join(resp.iter_content(1 << 20))
+        except requests.RequestException as exc:
+            raise ComfyUnreachable(self.base_url, _transport_reason(exc)) from None
+        finally:
+            resp.close()
 
     def get_queue(self, *, timeout=None) -> dict:
         return self._json(self._request("GET", "/queue", timeout=timeout), "GET /queue")
@@ -619,13 +627,40 @@ class ComfyClient:
             next_liveness = time.monotonic() + self.liveness_interval
             if isinstance(event, Done):
                 log.debug("prompt %s done (%s)", run.prompt_id, event.signal)
+                if event.signal == "execution_success":
+                    run.succeeded_at = time.monotonic()
+                    self._await_end_of_prompt(ws, run)
                 return True
             _safe_call(run.on_progress, event)
 
+    def _await_end_of_prompt(self, ws, run: "_Run") -> None:
+        """ComfyUI sends execution_success, then writes /history, then sends `executing` with
+        node null. Waiting (briefly) for that last frame lets a single GET /history find the entry,
+        instead of a first GET that misses it and a poll_interval's wait for the next."""
+        deadline = min(run.deadline, time.monotonic() + self.end_of_prompt_wait)
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                ws.settimeout(max(0.005, remaining))
+                opcode, frame = ws.recv_data()
+            except (websocket.WebSocketException, OSError):
+                return  # /history polling copes
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                frame = frame.decode("utf-8", "replace")
+            try:
+                if isinstance(run.watch.handle(frame), Done):
+                    return
+            except ComfyError:
+                return  # nothing can fail after success; let /history tell
+
     def _history_after_success(self, run: "_Run") -> dict:
         """Read /history after the success signal, allowing for 0.3.40's late write."""
+        grace = self.history_grace
+        if run.succeeded_at is not None:  # the grace counts from the success signal
+            grace = max(self.poll_interval, grace - (time.monotonic() - run.succeeded_at))
         try:
-            return self.wait_for_history(run.prompt_id, self.history_grace)
+            return self.wait_for_history(run.prompt_id, grace)
         except ComfyTimeout:
             if run.watch.outputs:
                 log.warning("no /history entry for prompt %s %gs after it succeeded; using the "
@@ -708,6 +743,7 @@ class _Run:
         self.watch = watch
         self.on_progress = on_progress
         self.lost_contact = False
+        self.succeeded_at = None  # monotonic time of execution_success, when seen
 
     def timeout_error(self) -> ComfyTimeout:
         return ComfyTimeout(self.timeout, f"ComfyUI prompt {self.prompt_id} did not finish "
