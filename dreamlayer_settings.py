@@ -86,21 +86,26 @@ def demo_health_fields(demo: bool) -> dict:
 _write_lock = threading.Lock()
 
 
-def load_settings(path: Path) -> dict:
-    """The saved settings, or {} when there are none. A file that is not a JSON object is
-    reported in the log and ignored (it may be mid-edit by hand), never fatal."""
+def read_json_object(path: Path, what: str) -> dict:
+    """A user-editable JSON object file, or {} when there is none. A file that is not a JSON
+    object is reported in the log and ignored (it may be mid-edit by hand), never fatal."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring settings file %s: %s", path, exc)
+        log.warning("ignoring %s %s: %s", what, path, exc)
         return {}
     if not isinstance(data, dict):
-        log.warning("ignoring settings file %s: not a JSON object", path)
+        log.warning("ignoring %s %s: not a JSON object", what, path)
         return {}
     return data
+
+
+def load_settings(path: Path) -> dict:
+    """The saved settings, or {} when there are none (see read_json_object)."""
+    return read_json_object(path, "settings file")
 
 
 def save_settings(path: Path, settings: dict) -> None:

@@ -7,9 +7,10 @@ model_display_names.json, same format.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+
+from dreamlayer_settings import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,7 @@ def load_display_names(path: Path | None) -> dict:
     broken one is logged and ignored (the derived names still work)."""
     if path is None:
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring model display names file %s: %s", path, exc)
-        return {}
-    if not isinstance(data, dict):
-        log.warning("ignoring model display names file %s: not a JSON object", path)
-        return {}
+    data = read_json_object(path, "model display names file")
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
 
 
