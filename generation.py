@@ -7,6 +7,7 @@ every case.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -101,6 +102,14 @@ class Prepared:
     warnings: list
 
 
+def _finishing(plan, keep) -> dict:
+    """build_img2img_workflow's paste_back / crop_to for a plan the workflow finishes."""
+    if not plan.final_from_comfyui:
+        return {}
+    return {"paste_back": keep is not None and plan.paste_back,
+            "crop_to": tuple(plan.work_size) if plan.padded_size != plan.work_size else None}
+
+
 class Listener:
     """Receives a run's progress; the async jobs subclass it. Every method may be called from
     the generating thread."""
@@ -182,6 +191,10 @@ class Img2ImgService:
         plan = inpainting.plan(image.image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                                width=params.width, height=params.height, paste_back=params.paste_back,
                                mask_blur=params.mask_blur)
+        if params.custom_workflow is None and inpainting.comfy_can_finish(plan, keep is not None):
+            # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
+            # final image and the service serves it without decoding it (docs/performance.md)
+            plan = dataclasses.replace(plan, final_from_comfyui=True)
         return Prepared(params, image.image, keep, control_images, plan, warnings)
 
     def execute(self, job: Prepared, *, run_id: str | None = None, listener: Listener | None = None) -> dict:
@@ -196,7 +209,10 @@ class Img2ImgService:
                 image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
                 mask_ref = None
                 if gen_keep is not None:
-                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep))
+                    weight = None
+                    if plan.final_from_comfyui and plan.paste_back:
+                        weight = inpainting.paste_weight(job.keep, plan)
+                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep, weight))
                 units = []
                 for i, (unit, control) in enumerate(zip(params.controlnet_units, job.control_images)):
                     ref = None
@@ -243,7 +259,7 @@ class Img2ImgService:
                 workflow = build_img2img_workflow(
                     params, image_name=image_ref, mask_name=mask_ref, seed=seed,
                     filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
-                    controlnet_units=units)
+                    controlnet_units=units, **_finishing(job.plan, job.keep))
             except WorkflowError as exc:
                 raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                status=400) from None

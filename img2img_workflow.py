@@ -251,19 +251,58 @@ def _samplers_downstream(workflow: dict, node_id: str) -> list:
 
 
 def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, filename_prefix: str,
-                           seed: int, inpaint_mode: str = "fill", controlnet_units=()) -> dict:
+                           seed: int, inpaint_mode: str = "fill", controlnet_units=(),
+                           paste_back: bool = False, crop_to: tuple | None = None) -> dict:
     """The whole workflow for one run: the core template (or the user's custom workflow), filled,
     with the mask injected and the LoRA and ControlNet nodes added.
 
     ``controlnet_units``: the request's units with "image" set to a staged file name or None.
+    ``paste_back`` / ``crop_to``: let ComfyUI make the final image (see ``finish_outputs``).
     """
     wf = transform_to_img2img_workflow(params, image_name=image_name, filename_prefix=filename_prefix,
                                        seed=seed, template=getattr(params, "custom_workflow", None))
     input_loader = (input_image_loaders(wf) or nodes_of(wf, "LoadImage"))[0]
     if mask_name is not None:
         wf = inject_mask_into_workflow(wf, mask_name, grow_mask_by=params.grow_mask_by, mode=inpaint_mode)
+    if (paste_back and mask_name is not None) or crop_to is not None:
+        wf = finish_outputs(wf, input_loader=input_loader, keep_mask_name=mask_name if paste_back else None,
+                            crop_to=crop_to)
     wf = apply_loras(wf, getattr(params, "loras", ()))
     return apply_controlnets(wf, controlnet_units, input_loader=input_loader)
+
+
+#: LoadImageMask channel of the mask file holding how much of the input to keep when pasting back
+#: (the alpha channel holds the inpainting mask itself; see uploads.comfy_mask_png).
+PASTE_BACK_CHANNEL = "red"
+
+
+def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | None = None,
+                   crop_to: tuple | None = None) -> dict:
+    """Make the images ComfyUI saves the final ones, so the service serves them as they are.
+
+    With ``keep_mask_name``: ImageCompositeMasked puts the input image back over the generated
+    one, weighted by the red channel of that mask file (1 = keep the input: outside the inpainted
+    area the input's pixels come back unchanged; a blurred edge blends the two). The generated
+    batch is the destination, so every image of a batch is pasted into. With ``crop_to`` (w, h):
+    ImageCrop removes the padding to a multiple of 8 from the bottom and right.
+    """
+    wf = copy.deepcopy(workflow)
+    mask = None
+    for sid in nodes_of(wf, "SaveImage"):
+        images = wf[sid]["inputs"].get("images")
+        if not is_link(images):
+            continue
+        if keep_mask_name is not None:
+            if mask is None:
+                mask = add_node(wf, "LoadImageMask", {"image": keep_mask_name, "channel": PASTE_BACK_CHANNEL})
+            images = [add_node(wf, "ImageCompositeMasked", {
+                "destination": images, "source": [input_loader, 0], "x": 0, "y": 0, "resize_source": False,
+                "mask": [mask, 0]}), 0]
+        if crop_to is not None:
+            images = [add_node(wf, "ImageCrop", {"image": images, "width": crop_to[0], "height": crop_to[1],
+                                                 "x": 0, "y": 0}), 0]
+        wf[sid]["inputs"]["images"] = images
+    return wf
 
 
 # --- LoRA, ControlNet, custom workflows -----------------------------------------------------

@@ -28,6 +28,9 @@ class Plan:
     padded_size: tuple    # work_size padded up to multiples of 8: what ComfyUI receives
     paste_back: bool
     mask_blur: int
+    #: ComfyUI's workflow pastes back and crops itself (img2img_workflow.finish_outputs): its
+    #: output already is the final image
+    final_from_comfyui: bool = False
 
     @property
     def whole(self) -> bool:
@@ -168,8 +171,28 @@ def finish(generated: Image.Image, original: Image.Image, keep: Image.Image | No
     return out
 
 
+def comfy_can_finish(p: Plan, masked: bool) -> bool:
+    """Whether the workflow can make the final image: a paste-back in place and a crop of the
+    padding. "Only masked" (a crop, scaled) is put back into the original by the service."""
+    return p.whole and (not masked or p.work_size == p.original_size)
+
+
+def paste_weight(keep: Image.Image, p: Plan) -> Image.Image:
+    """How much of the input to keep at each pixel when pasting back (255 outside the inpainted
+    area, 0 inside, the blurred edge between), at the size ComfyUI receives; the padding keeps.
+    The inverse of ``paste_mask``: ComfyUI pastes the input over the generated image."""
+    weight = ImageOps.invert(paste_mask(keep, p.mask_blur))
+    if weight.size != p.padded_size:
+        padded = Image.new("L", p.padded_size, 255)
+        padded.paste(weight, (0, 0))
+        weight = padded
+    return weight
+
+
 def needs_work(generated_size: tuple, keep, p: Plan) -> bool:
     """False when ComfyUI's output already is the final image (no crop, scale or paste)."""
+    if p.final_from_comfyui:
+        return tuple(generated_size) != tuple(p.work_size)
     return not (keep is None and p.whole and p.work_size == p.original_size == p.padded_size
                 and generated_size == p.padded_size)
 

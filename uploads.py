@@ -239,14 +239,14 @@ def _png_chunk(out, kind: bytes, data) -> None:
 def _padded_bands(im: Image.Image, mode: str, make=None):
     """``im``'s rows in bands of about _PNG_BAND_BYTES, as ``mode`` samples with one zero byte
     after each row (Pillow's raw encoder pads rows to the stride it is given). ``make`` turns a
-    band of ``im`` into an image of ``mode``."""
+    band of ``im`` and its box into an image of ``mode``."""
     width, height = im.size
     stride = width * _PNG_COLOR_TYPES[mode][1] + 1
     step = max(1, _PNG_BAND_BYTES // stride)
     for top in range(0, height, step):
-        bottom = min(height, top + step)
-        band = im if (top, bottom) == (0, height) else im.crop((0, top, width, bottom))
-        yield (make(band) if make else band).tobytes("raw", mode, stride)
+        box = (0, top, width, min(height, top + step))
+        band = im if box == (0, 0, width, height) else im.crop(box)
+        yield (make(band, box) if make else band).tobytes("raw", mode, stride)
 
 
 def _scanlines(bands):
@@ -347,15 +347,23 @@ def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) ->
     return encode_png(im.size, im.mode, _padded_bands(im, im.mode), level=level, chunks=chunks)
 
 
-def comfy_mask_png(keep: Image.Image) -> bytes:
+def comfy_mask_png(keep: Image.Image, paste_weight: Image.Image | None = None) -> bytes:
     """The mask as ComfyUI's LoadImageMask(channel="alpha") needs it.
 
     LoadImageMask yields 1 - alpha/255 for "alpha", so the alpha channel carries the 'keep'
     luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque mask would mask nothing.
-    The file is an LA PNG whose L and A both hold ``keep`` (mode L), built a band at a time
-    (Pillow stores LA in 4 bytes per pixel: a whole LA image of 4096x4096 would be 64 MiB).
+    The file is an LA PNG: A holds ``keep`` (mode L); L holds ``paste_weight`` (how much of the
+    input to keep when pasting back, read by LoadImageMask(channel="red") as L/255), or ``keep``
+    again. It is built a band at a time (Pillow stores LA in 4 bytes per pixel: a whole LA image of
+    4096x4096 would be 64 MiB).
     """
     if keep.mode != "L":
         keep = keep.convert("L")
-    bands = _padded_bands(keep, "LA", lambda band: Image.merge("LA", (band, band)))
+    if paste_weight is None:
+        bands = _padded_bands(keep, "LA", lambda band, box: Image.merge("LA", (band, band)))
+    else:
+        if paste_weight.size != keep.size or paste_weight.mode != "L":
+            raise ValueError("paste_weight must be an L image of the mask's size")
+        bands = _padded_bands(keep, "LA", lambda band, box: Image.merge(
+            "LA", (paste_weight if band is keep else paste_weight.crop(box), band)))
     return encode_png(keep.size, "LA", bands, level=MASK_COMPRESS_LEVEL)

@@ -55,7 +55,8 @@ PARAMS = {"prompt": "a cabin", "steps": 3, "seed": 7, "grow_mask_by": 0}
 
 def test_multipart_with_mask_inpaints_only_the_black_area(live_server, fake_comfy):
     src = gradient(64, 48)
-    resp = post_multipart(live_server.url, png(src), PARAMS, png(box_mask((64, 48), BOX)))
+    # mask_blur 0: no blended edge, so every white pixel comes back exactly
+    resp = post_multipart(live_server.url, png(src), {**PARAMS, "mask_blur": 0}, png(box_mask((64, 48), BOX)))
     assert resp.status_code == 200, resp.text
     data = resp.json()
     assert data["status"] == "success" and data["seed"] == 7
@@ -102,7 +103,7 @@ def test_json_body_with_data_urls_and_cors_preflight(live_server):
     assert pre.headers.get("Access-Control-Allow-Origin") == origin
     assert "content-type" in pre.headers.get("Access-Control-Allow-Headers", "").lower()
     src = gradient(64, 48)
-    payload = {**PARAMS, "input_image": "data:image/png;base64," + base64.b64encode(png(src)).decode(),
+    payload = {**PARAMS, "mask_blur": 0, "input_image": "data:image/png;base64," + base64.b64encode(png(src)).decode(),
                "mask_image": base64.b64encode(png(box_mask((64, 48), BOX))).decode()}
     resp = requests.post(f"{live_server.url}/api/img2img", json=payload, headers={"Origin": origin}, timeout=30)
     assert resp.status_code == 200, resp.text

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from images import box_mask, gradient, png
@@ -112,3 +113,52 @@ def test_every_combination_runs_and_keeps_the_input_size(client, mode, area, pas
     out, body = run(client, {"inpaint_mode": mode, "inpaint_area": area, "paste_back": paste,
                              "mask_invert": invert, "width": 64, "height": 96})
     assert out.shape == SRC.shape
+
+
+def _saved_by_comfyui(fake_comfy, body) -> bytes:
+    prompt_id = body["comfy_response"]["prompt_id"]
+    entry = requests.get(f"{fake_comfy.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
+    (node_output,) = [o for o in entry["outputs"].values() if o.get("images")]
+    image = node_output["images"][0]
+    return (fake_comfy.output_dir / image["subfolder"] / image["filename"]).read_bytes()
+
+
+@pytest.mark.parametrize("params", [{"mask_blur": 4}, {"mask_blur": 0, "inpaint_mode": "original"},
+                                    {"paste_back": False}])
+def test_whole_image_inpainting_is_finished_by_comfyui_and_served_as_saved(client, fake_comfy, params):
+    """The paste-back and the crop of the padding are nodes of the workflow: the service serves
+    ComfyUI's file byte for byte (it never decodes it)."""
+    out, body = run(client, params)
+    assert out.shape == SRC.shape
+    classes = [n["class_type"] for n in body["workflow"].values()]
+    assert classes.count("ImageCrop") == 1  # 101x77 was padded to 104x80
+    assert classes.count("ImageCompositeMasked") == (0 if params.get("paste_back") is False else 1)
+    served = client.get("/images/" + body["comfy_response"]["generated_images"][0]["filename"]).data
+    assert served == _saved_by_comfyui(fake_comfy, body)
+
+
+def test_only_masked_is_still_pasted_back_by_the_service(client, fake_comfy):
+    out, body = run(client, {"inpaint_area": "only_masked", "width": 64, "height": 64, "mask_blur": 0})
+    classes = [n["class_type"] for n in body["workflow"].values()]
+    assert "ImageCompositeMasked" not in classes and "ImageCrop" not in classes
+    served = client.get("/images/" + body["comfy_response"]["generated_images"][0]["filename"]).data
+    assert served != _saved_by_comfyui(fake_comfy, body)
+    assert Image.open(io.BytesIO(_saved_by_comfyui(fake_comfy, body))).size == (64, 64)
+    assert out.shape == SRC.shape
+
+
+def test_every_image_of_a_batch_is_pasted_back(client, fake_comfy):
+    data = {"params": json.dumps({"prompt": "p", "steps": 2, "seed": 5, "mask_blur": 0, "batch_size": 3}),
+            "image": (io.BytesIO(png(gradient(W, H))), "i.png"),
+            "mask": (io.BytesIO(png(box_mask((W, H), BOX))), "m.png")}
+    body = client.post("/api/img2img", data=data, content_type="multipart/form-data").get_json()
+    images = body["comfy_response"]["generated_images"]
+    assert len(images) == 3
+    inside = region(BOX)
+    outs = [np.asarray(Image.open(io.BytesIO(client.get("/images/" + i["filename"]).data)).convert("RGB"),
+                       dtype=np.int16) for i in images]
+    for out in outs:
+        assert out.shape == SRC.shape
+        assert (out[~inside] == SRC[~inside]).all()
+        assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
+    assert not (outs[0] == outs[1]).all()  # three different generations, each pasted back

@@ -6,7 +6,7 @@ import io
 import zlib
 
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 import inpainting
 import uploads
@@ -96,6 +96,34 @@ def test_comfy_mask_png_has_keep_in_luminance_and_alpha():
     assert out.mode == "LA"
     assert out.getchannel("L").tobytes() == keep.tobytes()
     assert out.getchannel("A").tobytes() == keep.tobytes()
+
+
+@pytest.mark.parametrize("size", [(33, 20), (700, 2000)])  # one band, and several bands of 1 MiB
+def test_comfy_mask_png_can_carry_the_paste_weight_in_luminance(size):
+    keep = noisy("L", size)
+    weight = Image.eval(keep, lambda v: (v * 7 + 3) % 256)
+    out = reopen(uploads.comfy_mask_png(keep, weight))
+    assert out.mode == "LA"
+    assert out.getchannel("L").tobytes() == weight.tobytes()
+    assert out.getchannel("A").tobytes() == keep.tobytes()
+    # what ComfyUI's LoadImageMask reads: RGBA conversion, red = L
+    assert out.convert("RGBA").getchannel("R").tobytes() == weight.tobytes()
+
+
+def test_comfy_mask_png_rejects_a_weight_of_another_size():
+    with pytest.raises(ValueError):
+        uploads.comfy_mask_png(noisy("L", (8, 8)), noisy("L", (8, 9)))
+
+
+def test_paste_weight_is_the_inverse_paste_mask_padded_with_keep():
+    keep = box_mask((101, 77), (30, 20, 70, 55))
+    plan = inpainting.plan(keep.size, keep, mask_blur=3)
+    weight = inpainting.paste_weight(keep, plan)
+    assert weight.size == plan.padded_size == (104, 80)
+    inner = weight.crop((0, 0, 101, 77))
+    assert inner.tobytes() == ImageOps.invert(inpainting.paste_mask(keep, 3)).tobytes()
+    assert weight.crop((101, 0, 104, 80)).getextrema() == (255, 255)
+    assert weight.crop((0, 77, 104, 80)).getextrema() == (255, 255)
 
 
 def test_finish_png_keeps_text_and_pixels():

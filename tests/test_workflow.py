@@ -109,3 +109,31 @@ def test_clip_skip_inserts_clip_set_last_layer():
     for nid in W.nodes_of(wf, "CLIPTextEncode"):
         assert wf[nid]["inputs"]["clip"] == [lid, 0]
     assert W.nodes_of(build(), "CLIPSetLastLayer") == []
+
+
+def test_finish_outputs_pastes_the_input_back_over_the_batch_and_crops():
+    wf = W.build_img2img_workflow(gp(batch_size=2), image_name="in.png", mask_name="m.png",
+                                  filename_prefix="img2img_x_0", seed=7, paste_back=True, crop_to=(101, 77))
+    save_id, save = only(wf, "SaveImage")
+    comp_id, comp = only(wf, "ImageCompositeMasked")
+    crop_id, crop = only(wf, "ImageCrop")
+    assert save["images"] == [crop_id, 0]
+    assert (crop["image"], crop["width"], crop["height"], crop["x"], crop["y"]) == ([comp_id, 0], 101, 77, 0, 0)
+    # the generated batch is the destination (a 1-image destination would cut the batch to 1)
+    assert wf[comp["destination"][0]]["class_type"] == "VAEDecode"
+    assert comp["source"] == [only(wf, "LoadImage")[0], 0]
+    assert (comp["x"], comp["y"], comp["resize_source"]) == (0, 0, False)
+    masks = {wf[n]["inputs"]["channel"]: n for n in W.nodes_of(wf, "LoadImageMask")}
+    assert set(masks) == {"alpha", "red"} and comp["mask"] == [masks["red"], 0]
+    assert all(wf[n]["inputs"]["image"] == "m.png" for n in masks.values())
+
+
+def test_finish_outputs_only_crops_without_paste_back():
+    wf = W.build_img2img_workflow(gp(), image_name="in.png", mask_name=None, filename_prefix="p", seed=7,
+                                  crop_to=(500, 300))
+    assert not W.nodes_of(wf, "ImageCompositeMasked")
+    crop_id, crop = only(wf, "ImageCrop")
+    assert only(wf, "SaveImage")[1]["images"] == [crop_id, 0]
+    assert wf[crop["image"][0]]["class_type"] == "VAEDecode"
+    assert build() == W.build_img2img_workflow(gp(), image_name="in.png", mask_name=None,
+                                               filename_prefix="img2img_x_0", seed=7)  # nothing asked, nothing added

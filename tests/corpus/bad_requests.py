@@ -497,7 +497,8 @@ def _mask_cases():
              says=("animated",), check=inpainted(box_region)),
         Case("valid-mask-other-aspect-ratio", "aspect ratio",
              form(EXACT_MASK, grad, lambda: M.png(M.keep_mask((32, 64), (0, 0, 16, 64)))), 200,
-             says=("resized", "aspect ratio"), check=inpainted(left_half, margin=4)),
+             # the mask scaled 2x has a soft edge: x=31 and x=32 are 75 % and 25 % inpainted
+             says=("resized", "aspect ratio"), check=inpainted(left_half, margin=5)),
         Case("valid-mask-half-size", "aspect ratio",
              js(EXACT_MASK, image=grad, mask=lambda: M.png(M.keep_mask((32, 24), (8, 4, 20, 16)))), 200,
              says=("resized",), check=inpainted(box_region, margin=2)),
