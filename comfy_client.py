@@ -201,7 +201,14 @@ class PromptWatch:
     def __init__(self, prompt_id: str):
         self.prompt_id = prompt_id
         self.started = False
-        self.outputs: dict = {}  # node_id -> output of `executed`; a fallback if /history stays empty
+        self.outputs: dict = {}  # node_id -> output of `executed`: the outputs /history will list
+
+    def history_entry(self) -> dict:
+        """The /history entry of a prompt that succeeded, from the `executed` messages seen: ComfyUI
+        sends one per output node (cached ones too) with the very `output` it files in /history,
+        before execution_success. Its own frontend shows results from these messages alone."""
+        return {"outputs": dict(self.outputs),
+                "status": {"status_str": "success", "completed": True, "messages": []}}
 
     def handle(self, message) -> Union[None, Progress, Done]:
         if isinstance(message, (bytes, bytearray, memoryview)):
@@ -549,7 +556,9 @@ class ComfyClient:
             entry = None
             if ws is not None:
                 finished = self._wait_ws(ws, run)
-                if finished:
+                if finished and run.succeeded_at is not None and run.watch.outputs:
+                    entry = run.watch.history_entry()  # what /history will say, already announced
+                elif finished:
                     entry = self._history_after_success(run)
                 else:
                     run.lost_contact = True  # a prompt that vanishes now most likely died with ComfyUI
@@ -629,7 +638,8 @@ class ComfyClient:
                 log.debug("prompt %s done (%s)", run.prompt_id, event.signal)
                 if event.signal == "execution_success":
                     run.succeeded_at = time.monotonic()
-                    self._await_end_of_prompt(ws, run)
+                    if not run.watch.outputs:
+                        self._await_end_of_prompt(ws, run)  # /history will have to tell
                 return True
             _safe_call(run.on_progress, event)
 
@@ -665,8 +675,7 @@ class ComfyClient:
             if run.watch.outputs:
                 log.warning("no /history entry for prompt %s %gs after it succeeded; using the "
                             "outputs announced over the WebSocket", run.prompt_id, self.history_grace)
-                return {"outputs": dict(run.watch.outputs), "status": {
-                    "status_str": "success", "completed": True, "messages": []}}
+                return run.watch.history_entry()
             raise ComfyBadResponse(f"ComfyUI at {self.base_url} reported prompt {run.prompt_id} "
                                    f"done but wrote no /history entry within "
                                    f"{self.history_grace:g}s") from None

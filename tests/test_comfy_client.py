@@ -368,6 +368,7 @@ def test_run_succeeds_and_images_download(fake_comfy, client):
     pid, sent, client_id = fake_comfy.prompts[-1]
     assert pid == result.prompt_id and sent == wf
     assert uuid.UUID(client_id)
+    assert fake_comfy.wait_idle()  # ComfyUI files the history entry just after it reports success
     assert client.get_history(result.prompt_id)["outputs"] == result.history["outputs"]
 
 
@@ -503,13 +504,24 @@ def test_comfyui_dying_mid_run_raises_unreachable_within_bounded_time(fake_comfy
     assert fake_comfy.url in str(run.error)
 
 
-def test_history_written_late_still_returns_the_result(fake_comfy, client):
-    fake_comfy.history_delay = 0.3
-    start = time.monotonic()
+def test_result_comes_from_the_announced_outputs_without_waiting_for_history(fake_comfy, client):
+    fake_comfy.history_delay = 1.0
     result = client.run(workflow(fake_comfy), timeout=WAIT)
-    assert time.monotonic() - start >= 0.3
     assert result.source == "websocket"
-    assert "prompt" in result.history  # the real /history entry, not the executed-message fallback
+    assert client.get_history(result.prompt_id) is None  # not written yet: the run did not wait for it
+    assert [i.node_id for i in result.images] == ["9"]
+    assert fake_comfy.wait_idle()
+    entry = client.get_history(result.prompt_id)
+    assert entry["outputs"] == result.history["outputs"]  # the announced outputs are /history's
+    assert client.output_images(entry) == result.images
+
+
+def test_without_announced_outputs_a_late_history_is_read(fake_comfy, client):
+    fake_comfy.announce_outputs = False
+    fake_comfy.history_delay = 0.3
+    result = client.run(workflow(fake_comfy), timeout=WAIT)
+    assert result.source == "websocket"
+    assert "prompt" in result.history  # the real /history entry, read once it was written
     assert result.history["status"]["status_str"] == "success"
     assert [i.node_id for i in result.images] == ["9"]
 

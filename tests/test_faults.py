@@ -310,11 +310,26 @@ def test_websocket_drop_result_still_arrives_via_history(client, fake_comfy, led
     ledger.assert_nothing_left()
 
 
-def test_history_written_after_the_grace_uses_the_executed_outputs(client, fake_comfy, ledger, caplog):
+def test_history_written_late_does_not_hold_up_the_answer(client, fake_comfy, ledger, caplog):
     caplog.set_level(logging.WARNING, logger="comfy_client")
     fake_comfy.history_delay = 2.5  # longer than the client's 2 s history grace
+    ledger.normal_request_succeeds(client)  # the outputs announced over the socket suffice
+    assert not warnings_of(caplog), warnings_of(caplog)
+    fake_comfy.wait_idle(5)
+    fake_comfy.history_delay = 0.005
     ledger.normal_request_succeeds(client)
-    assert any("/history" in m for m in warnings_of(caplog)), warnings_of(caplog)
+    ledger.assert_nothing_left()
+
+
+def test_no_history_after_the_grace_and_no_announced_outputs_is_a_bad_response(client, fake_comfy, ledger):
+    fake_comfy.announce_outputs = False
+    fake_comfy.history_delay = 2.5
+    resp = post(client, PARAMS)
+    assert resp.status_code == 502, resp.get_json()
+    assert resp.get_json()["code"] == "comfyui_bad_response"
+    assert "/history" in resp.get_json()["message"]
+    fake_comfy.wait_idle(5)
+    fake_comfy.announce_outputs = True
     fake_comfy.history_delay = 0.005
     ledger.normal_request_succeeds(client)
     ledger.assert_nothing_left()

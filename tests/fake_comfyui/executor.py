@@ -360,7 +360,7 @@ class PromptRun:
         node = self.prompt[node_id]
         class_type = node["class_type"]
         if ex.cache.get_output(node_id) is not None:
-            if self.client_id is not None:
+            if self.client_id is not None and ex.settings.announce_outputs:
                 cached_ui = ex.cache.get_ui(node_id) or {}
                 self.send("executed", {"node": node_id, "display_node": node_id, "output": cached_ui.get("output", None),
                                        "prompt_id": self.prompt_id}, self.client_id)
@@ -394,7 +394,7 @@ class PromptRun:
             if output_ui:
                 ex.cache.set_ui(node_id, {"meta": {"node_id": node_id, "display_node": node_id, "parent_node": None,
                                                    "real_node_id": node_id}, "output": output_ui})
-                if self.client_id is not None:
+                if self.client_id is not None and ex.settings.announce_outputs:
                     self.send("executed", {"node": node_id, "display_node": node_id, "output": output_ui,
                                            "prompt_id": self.prompt_id}, self.client_id)
             ex.cache.set_output(node_id, output_data)
@@ -453,6 +453,8 @@ class Settings:
         self.history_delay = 0.005
         self.view_delay = 0.0
         self.send_previews = False
+        #: False: no `executed` messages (a fault: clients must then read outputs from /history)
+        self.announce_outputs = True
 
 
 class Executor:

@@ -75,6 +75,8 @@ class FakeComfyUI:
                           lambda self, v: setattr(self.settings, "view_delay", float(v)))
     send_previews = property(lambda self: self.settings.send_previews,
                              lambda self, v: setattr(self.settings, "send_previews", bool(v)))
+    announce_outputs = property(lambda self: self.settings.announce_outputs,
+                                lambda self, v: setattr(self.settings, "announce_outputs", bool(v)))
 
     @property
     def object_info(self) -> dict:
