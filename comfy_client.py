@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import select
 import threading
 import time
 import uuid
@@ -308,12 +309,14 @@ class ComfyClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8188", *, connect_timeout: float = 3.0,
                  read_timeout: float = 30.0, poll_interval: float = 0.05, history_grace: float = 2.0,
                  unreachable_grace: float = 3.0, liveness_interval: float = 5.0,
-                 ws_tick: float = 0.1, pool_size: int = 32, end_of_prompt_wait: float = 0.5):
+                 ws_tick: float = 0.1, pool_size: int = 32, end_of_prompt_wait: float = 0.5,
+                 spare_socket: bool = True):
         """unreachable_grace: how long HTTP may fail persistently during a run before
         ComfyUnreachable; liveness_interval: how often a run checks /queue that its prompt still
         exists when nothing arrives for it; ws_tick: how often the WebSocket wait looks at
         cancellation and the deadline; end_of_prompt_wait: how long, after execution_success, to
-        wait for the `executing` null that follows ComfyUI's /history write."""
+        wait for the `executing` null that follows ComfyUI's /history write; spare_socket: keep one
+        WebSocket open ahead of the next run (opening one costs a round trip and a handshake)."""
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -331,11 +334,21 @@ class ComfyClient:
         self._object_info_lock = threading.Lock()
         self._active: dict = {}  # prompt_id -> Event set when cancel() removed it from the queue
         self._active_lock = threading.Lock()
+        self.spare_socket = spare_socket
+        self._spare = None  # (client_id, WebSocket) opened ahead of the next run
+        self._spare_lock = threading.Lock()
+        self._spare_opening = False
+        self._closed = False
 
     def __repr__(self):
         return f"ComfyClient({self.base_url!r})"
 
     def close(self):
+        with self._spare_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            _close_ws(spare[1])
         self._session.close()
 
     def ws_url(self, client_id: str) -> str:
@@ -541,8 +554,10 @@ class ComfyClient:
         on timeout the prompt is cancelled (unless cancel_on_timeout=False) and ComfyTimeout raised.
         """
         deadline = time.monotonic() + timeout
-        client_id = str(uuid.uuid4())
-        ws = self._open_ws(client_id, deadline)
+        client_id, ws = self._take_spare()
+        if ws is None:
+            client_id = str(uuid.uuid4())
+            ws = self._open_ws(client_id, deadline)
         prompt_id = None
         cancelled = threading.Event()
         try:
@@ -581,6 +596,42 @@ class ComfyClient:
                     self._active.pop(prompt_id, None)
             if ws is not None:
                 _close_ws(ws)
+                self._open_spare_soon()
+
+    # ---------------------------------------------------------------- the spare WebSocket
+
+    def _take_spare(self):
+        """(client_id, ws) of the spare socket, emptied of what it collected while idle (queue
+        broadcasts, the greeting), or (None, None) when there is none or it has died."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None, None
+        if not _drain(spare[1]):
+            _close_ws(spare[1])
+            return None, None
+        return spare
+
+    def _open_spare_soon(self) -> None:
+        """Open the next run's socket in the background, off every request's path."""
+        with self._spare_lock:
+            if not self.spare_socket or self._closed or self._spare is not None or self._spare_opening:
+                return
+            self._spare_opening = True
+        threading.Thread(target=self._open_spare, name="comfy-spare-ws", daemon=True).start()
+
+    def _open_spare(self) -> None:
+        client_id, ws = str(uuid.uuid4()), None
+        try:
+            ws = websocket.create_connection(self.ws_url(client_id), timeout=self.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - the next run opens its own socket and reports
+            log.debug("could not open a spare ComfyUI WebSocket: %s", e)
+        with self._spare_lock:
+            self._spare_opening = False
+            if ws is not None and not self._closed and self._spare is None:
+                self._spare, ws = (client_id, ws), None
+        if ws is not None:
+            _close_ws(ws)
 
     def _call_timeout(self, deadline: float):
         remaining = max(0.05, deadline - time.monotonic())
@@ -803,6 +854,19 @@ def _safe_call(callback, arg) -> None:
         callback(arg)
     except Exception:  # noqa: BLE001
         log.exception("ComfyClient callback %r raised", callback)
+
+
+def _drain(ws) -> bool:
+    """Read every frame an idle socket has waiting; False when the socket is closed or broken."""
+    try:
+        while ws.sock is not None and select.select([ws.sock], [], [], 0)[0]:
+            ws.settimeout(1.0)  # a frame that has started arriving is complete in a moment
+            opcode, _ = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return False
+        return ws.sock is not None and ws.connected
+    except (websocket.WebSocketException, OSError, ValueError):
+        return False
 
 
 def _close_ws(ws) -> None:

@@ -528,18 +528,27 @@ def test_without_announced_outputs_a_late_history_is_read(fake_comfy, client):
 
 def test_prompt_finishing_instantly_is_seen_because_ws_opens_before_queueing(fake_comfy, monkeypatch):
     c = make_client(fake_comfy, liveness_interval=60)  # only the socket could tell us it finished
-    order = []
+    opened, queued = {}, []  # client_id -> when its socket was open; (client_id, when) per queue
     real_connect = comfy_client.websocket.create_connection
     real_queue = c.queue_prompt
-    monkeypatch.setattr(comfy_client.websocket, "create_connection",
-                        lambda *a, **k: (order.append("ws"), real_connect(*a, **k))[1])
-    monkeypatch.setattr(c, "queue_prompt", lambda *a, **k: (order.append("queue"), real_queue(*a, **k))[1])
+
+    def connect(url, *a, **k):
+        ws = real_connect(url, *a, **k)
+        opened[url.rsplit("clientId=", 1)[1]] = time.monotonic()
+        return ws
+
+    monkeypatch.setattr(comfy_client.websocket, "create_connection", connect)
+    monkeypatch.setattr(c, "queue_prompt", lambda p, cid, **k: (queued.append((cid, time.monotonic())),
+                                                                 real_queue(p, cid, **k))[1])
     fake_comfy.step_delay = 0.0
     wf = workflow(fake_comfy, prefix="fast")
     first = c.run(wf, timeout=5)
+    time.sleep(0.2)  # let the spare socket for the next run open
     # the same prompt again is served entirely from cache: it finishes as soon as it is queued
     again = c.run(wf, timeout=5)
-    assert order == ["ws", "queue", "ws", "queue"]
+    assert len(queued) == 2 and queued[0][0] != queued[1][0]
+    for client_id, when in queued:  # each prompt went out on a socket that was already open
+        assert client_id in opened and opened[client_id] < when
     assert first.source == again.source == "websocket"
     assert again.prompt_id != first.prompt_id
     assert [i.filename for i in again.images] == [i.filename for i in first.images]
@@ -740,3 +749,58 @@ def test_one_client_shared_by_many_threads(fake_comfy, client):
         assert run.error is None, run.error
         assert run.result.images[0].filename.startswith(f"s{i}_")
     assert len({r.prompt_id for r in runs}) == 4
+
+
+def _spare_ready(c, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while c._spare is None:
+        assert time.monotonic() < deadline, "no spare WebSocket was opened"
+        time.sleep(0.01)
+    return c._spare
+
+
+def test_the_next_run_uses_the_socket_opened_in_the_background(fake_comfy, monkeypatch):
+    c = make_client(fake_comfy)
+    c.run(workflow(fake_comfy), timeout=WAIT)
+    spare_id, _ = _spare_ready(c)
+
+    real_connect = comfy_client.websocket.create_connection
+    runs_opened = []
+
+    def connect(*a, **k):
+        if threading.current_thread().name != "comfy-spare-ws":
+            runs_opened.append(a)
+        return real_connect(*a, **k)
+
+    monkeypatch.setattr(comfy_client.websocket, "create_connection", connect)
+    result = c.run(workflow(fake_comfy, seed=2), timeout=WAIT)
+    assert result.source == "websocket" and runs_opened == []
+    assert fake_comfy.prompts[-1][2] == spare_id  # queued with the spare socket's client id
+    c.close()
+
+
+def test_what_the_spare_heard_while_idle_is_not_reported(fake_comfy):
+    """Queue broadcasts about other prompts reach an idle socket; they must not show up as this
+    run's progress."""
+    c = make_client(fake_comfy)
+    c.run(workflow(fake_comfy), timeout=WAIT)
+    _spare_ready(c)
+    other = make_client(fake_comfy, spare_socket=False)
+    other.run(workflow(fake_comfy, seed=3), timeout=WAIT)  # status broadcasts: queue 1, then 0
+    events = []
+    c.run(workflow(fake_comfy, seed=4), timeout=WAIT, on_progress=events.append)
+    queued = [e for e in events if e.kind == "queued"]
+    assert queued and all(e.queue_remaining >= 1 for e in queued), queued
+    c.close()
+    other.close()
+
+
+def test_a_dead_spare_is_replaced(fake_comfy):
+    c = make_client(fake_comfy)
+    c.run(workflow(fake_comfy), timeout=WAIT)
+    _, ws = _spare_ready(c)
+    ws.sock.shutdown(socket.SHUT_RDWR)  # as when ComfyUI restarts
+    result = c.run(workflow(fake_comfy, seed=5), timeout=WAIT)
+    assert result.source == "websocket"
+    c.close()
+    assert c._spare is None
