@@ -33,6 +33,9 @@ class Config:
     comfyui_dir: Optional[Path] = None
     #: ComfyUI's input folder, when it is shared with this machine. None = upload over HTTP.
     comfyui_input_dir: Optional[Path] = None
+    #: ComfyUI's output folder, when it is shared with this machine: results are read from it
+    #: instead of GET /view. None = always GET /view.
+    comfyui_output_dir: Optional[Path] = None
     served_images_dir: Path = HERE / "served_images"
     public_base_url: str = "http://localhost:5004"
     cors_origins: tuple = DEFAULT_CORS_ORIGINS
@@ -80,6 +83,7 @@ class Config:
                 comfy_api_url=get("COMFY_API_URL", d.comfy_api_url),
                 comfyui_dir=_path_or_none(get("COMFYUI_DIR", "")),
                 comfyui_input_dir=_path_or_none(get("COMFYUI_INPUT_DIR", "")),
+                comfyui_output_dir=_path_or_none(get("COMFYUI_OUTPUT_DIR", "")),
                 served_images_dir=Path(get("SERVED_IMAGES_DIR", str(d.served_images_dir))),
                 public_base_url=get("PUBLIC_BASE_URL", f"http://localhost:{port}"),
                 cors_origins=tuple(o.strip() for o in get("CORS_ORIGINS", ",".join(d.cors_origins)).split(",") if o.strip()),
@@ -108,10 +112,12 @@ def _path_or_none(value: str) -> Optional[Path]:
 
 
 def _normalise(cfg: Config) -> Config:
-    """Derive the input folder from COMFYUI_DIR and strip trailing slashes from URLs."""
-    input_dir = cfg.comfyui_input_dir
+    """Derive the input and output folders from COMFYUI_DIR and strip trailing slashes from URLs."""
+    input_dir, output_dir = cfg.comfyui_input_dir, cfg.comfyui_output_dir
     if input_dir is None and cfg.comfyui_dir is not None:
         input_dir = cfg.comfyui_dir / "input"
+    if output_dir is None and cfg.comfyui_dir is not None:
+        output_dir = cfg.comfyui_dir / "output"
     if cfg.comfy_timeout_s <= 0:
         raise ConfigError("COMFY_TIMEOUT_S must be positive")
     if not 0 < cfg.port < 65536:
@@ -121,5 +127,6 @@ def _normalise(cfg: Config) -> Config:
         comfy_api_url=cfg.comfy_api_url.rstrip("/"),
         public_base_url=cfg.public_base_url.rstrip("/"),
         comfyui_input_dir=Path(input_dir) if input_dir is not None else None,
+        comfyui_output_dir=Path(output_dir) if output_dir is not None else None,
         served_images_dir=Path(cfg.served_images_dir),
     )

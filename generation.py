@@ -19,7 +19,7 @@ import inpainting
 from img2img_workflow import WorkflowError, build_img2img_workflow
 from errors import ApiError, InvalidParameter
 from params import parse_params, resolve_choices
-from staging import SAFE_NAME, InputStager, ServedImages
+from staging import SAFE_NAME, InputStager, ServedImages, output_file
 from uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class Img2ImgService:
         self.served = served
         self.active = ActiveRuns()
         self._last_refresh = float("-inf")
+        self._warned_output_dir = False
 
     # -- choices that depend on the ComfyUI server ------------------------------------------
     #: Names that may have been installed in ComfyUI after we cached its object_info.
@@ -301,7 +302,7 @@ class Img2ImgService:
 
     def _serve(self, run_id: str, index: int, image, original, keep, plan) -> dict:
         """Download one output, map it back onto the original (see inpainting.py), serve it."""
-        data = inpainting.finish_png(self.client.view(image), original, keep, plan)
+        data = inpainting.finish_png(self._output_bytes(image), original, keep, plan)
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]
@@ -309,6 +310,23 @@ class Img2ImgService:
         self.served.save(name, data)
         return {"filename": name, "url": f"{self.config.public_base_url}/images/{name}",
                 "type": "output", "subfolder": ""}
+
+    def _output_bytes(self, image) -> bytes:
+        """One output file of ComfyUI: read from its output folder when this machine shares it
+        (COMFYUI_OUTPUT_DIR / COMFYUI_DIR), else downloaded with GET /view."""
+        folder = self.config.comfyui_output_dir
+        if folder is not None and image.type == "output":
+            path = output_file(folder, image.subfolder, image.filename)
+            if path is not None:
+                try:
+                    return path.read_bytes()
+                except OSError as exc:
+                    log.warning("cannot read ComfyUI output %s (%s); downloading it instead", path, exc)
+            elif not self._warned_output_dir:
+                self._warned_output_dir = True
+                log.warning("ComfyUI output %r is not in %s; downloading outputs instead (is COMFYUI_OUTPUT_DIR "
+                            "ComfyUI's output folder?)", image.filename, folder)
+        return self.client.view(image)
 
     def cancel_run(self, run_id: str) -> str:
         """Cancel one run: "removed" / "interrupted" on ComfyUI, or "not_found" (not queued yet

@@ -104,3 +104,19 @@ class ServedImages:
         if real.parent != root or not real.is_file():
             return None
         return real
+
+
+def output_file(output_dir: Path, subfolder: str, filename: str) -> Path | None:
+    """ComfyUI's output file named by an `executed` / history entry, inside ``output_dir``, or
+    None: the names come from ComfyUI, but nothing outside its output folder is ever read (no
+    absolute paths, no ``..``, no symlinks leading out)."""
+    if not isinstance(filename, str) or not isinstance(subfolder, str) or not filename or "\0" in filename + subfolder:
+        return None
+    root = Path(output_dir).resolve()
+    try:
+        real = (root / subfolder / filename).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if root not in real.parents or not real.is_file():
+        return None
+    return real

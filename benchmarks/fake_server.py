@@ -2,7 +2,7 @@
 
     python benchmarks/fake_server.py --root DIR --step-delay 0.02 --history-delay 0.005
 
-Prints one JSON line {"url", "input_dir", "pid"} once it listens, then runs until its standard input
+Prints one JSON line {"url", "input_dir", "output_dir", "pid", ...} once it listens, then runs until its standard input
 is closed (the benchmark holds the pipe) or it gets SIGTERM. Running it apart from the service and
 from the benchmark's clients keeps the three from sharing one GIL, as ComfyUI, the service and the
 browser do not share one.
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     fake.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(json.dumps({"url": fake.url, "input_dir": str(fake.input_dir), "pid": os.getpid(),
+    print(json.dumps({"url": fake.url, "input_dir": str(fake.input_dir), "output_dir": str(fake.output_dir), "pid": os.getpid(),
                       "step_delay": fake.step_delay, "history_delay": fake.history_delay}), flush=True)
 
     def wait_stdin():

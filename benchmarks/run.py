@@ -65,7 +65,7 @@ class Fake:
         if not line:
             raise SystemExit(f"the fake ComfyUI did not start; see {self.log.name}")
         info = json.loads(line)
-        self.url, self.input_dir = info["url"], info["input_dir"]
+        self.url, self.input_dir, self.output_dir = info["url"], info["input_dir"], info["output_dir"]
         self.step_delay, self.history_delay = info["step_delay"], info["history_delay"]
         self.session = requests.Session()
 
@@ -91,7 +91,8 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMG2IMG_", "COMFY"))}
-        env.update(COMFY_API_URL=fake.url, COMFYUI_INPUT_DIR=fake.input_dir, IMG2IMG_HOST="127.0.0.1",
+        env.update(COMFY_API_URL=fake.url, COMFYUI_INPUT_DIR=fake.input_dir, COMFYUI_OUTPUT_DIR=fake.output_dir,
+                   IMG2IMG_HOST="127.0.0.1",
                    IMG2IMG_PORT=str(self.port), PUBLIC_BASE_URL=self.url, SERVED_IMAGES_DIR=str(work / f"served-{wait}"),
                    COMFY_TIMEOUT_S="300", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
         self.log = open(work / f"service-{wait}.log", "wb")

@@ -377,3 +377,50 @@ def test_config_from_env_defaults_and_derived_values():
                            "CORS_ORIGINS": "http://a, http://b", "COMFY_API_URL": "http://h:1/"})
     assert cfg.public_base_url == "http://localhost:6000" and str(cfg.comfyui_input_dir) == "/opt/ComfyUI/input"
     assert cfg.demo and cfg.cors_origins == ("http://a", "http://b") and cfg.comfy_api_url == "http://h:1"
+    assert str(cfg.comfyui_output_dir) == "/opt/ComfyUI/output"
+    assert Config.from_env({}).comfyui_output_dir is None
+    cfg = Config.from_env({"COMFYUI_DIR": "/opt/ComfyUI", "COMFYUI_OUTPUT_DIR": "/data/out"})
+    assert str(cfg.comfyui_output_dir) == "/data/out" and str(cfg.comfyui_input_dir) == "/opt/ComfyUI/input"
+
+
+def _count_views(monkeypatch):
+    import comfy_client
+    calls = []
+    real = comfy_client.ComfyClient.view
+    monkeypatch.setattr(comfy_client.ComfyClient, "view", lambda self, image, **kw: (calls.append(image.filename),
+                                                                                     real(self, image, **kw))[1])
+    return calls
+
+
+def _send(client, **params):
+    return client.post("/api/img2img", data={
+        "params": json.dumps({"prompt": "p", "steps": 2, "seed": 11, "batch_size": 2, **params}),
+        "image": (io.BytesIO(png(gradient(64, 48))), "i.png"),
+        "mask": (io.BytesIO(png(box_mask((64, 48), BOX))), "m.png")}, content_type="multipart/form-data")
+
+
+@pytest.mark.parametrize("area", ["whole", "only_masked"])
+def test_outputs_are_read_from_a_shared_output_folder_without_view(service_config, fake_comfy, monkeypatch, area):
+    from img2img_server import create_app
+    views = _count_views(monkeypatch)
+    client = create_app(service_config.replace(comfyui_output_dir=fake_comfy.output_dir)).test_client()
+    resp = _send(client, inpaint_area=area)
+    assert resp.status_code == 200, resp.get_json()
+    images = resp.get_json()["comfy_response"]["generated_images"]
+    assert len(images) == 2 and views == []
+    for image in images:
+        out = Image.open(io.BytesIO(client.get("/images/" + image["filename"]).data))
+        assert out.size == (64, 48)
+        if area == "whole":  # served as ComfyUI saved it
+            assert client.get("/images/" + image["filename"]).data == (fake_comfy.output_dir / image["filename"]).read_bytes()
+
+
+def test_a_wrong_output_folder_falls_back_to_view_and_says_so(service_config, fake_comfy, monkeypatch, tmp_path, caplog):
+    from img2img_server import create_app
+    views = _count_views(monkeypatch)
+    client = create_app(service_config.replace(comfyui_output_dir=tmp_path / "not-comfyui-output")).test_client()
+    for _ in range(2):
+        resp = _send(client)
+        assert resp.status_code == 200, resp.get_json()
+    assert len(views) == 4
+    assert sum("COMFYUI_OUTPUT_DIR" in r.getMessage() for r in caplog.records) == 1  # said once, not per image

@@ -423,3 +423,19 @@ def test_logs_never_contain_image_bytes_or_base64(live_server, fake_comfy, caplo
         for needle in needles:
             assert needle not in text, f"{record.name}: {text[:300]}"
         assert len(text) < 4000, f"{record.name} logged {len(text)} characters"
+
+
+def test_outputs_are_only_read_inside_comfyuis_output_folder(tmp_path):
+    from staging import output_file
+    out = tmp_path / "output"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.png").write_bytes(b"a")
+    (out / "sub" / "b.png").write_bytes(b"b")
+    (tmp_path / "secret.txt").write_text("s")
+    (out / "link.png").symlink_to(tmp_path / "secret.txt")
+    assert output_file(out, "", "a.png") == (out / "a.png").resolve()
+    assert output_file(out, "sub", "b.png") == (out / "sub" / "b.png").resolve()
+    for subfolder, name in (("", "../secret.txt"), ("..", "secret.txt"), ("", str(tmp_path / "secret.txt")),
+                            (str(tmp_path), "secret.txt"), ("", "link.png"), ("", "missing.png"), ("", "sub"),
+                            ("", ""), ("", "a.png\0"), ("sub/..", "../secret.txt"), (None, "a.png"), ("", None)):
+        assert output_file(out, subfolder, name) is None, (subfolder, name)
