@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from dreamlayer_settings import demo_mode_from_env
+from dreamlayer_settings import demo_mode_from_env, get_directories, settings_file_from_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,7 +83,7 @@ class Config:
                 comfy_api_url=get("COMFY_API_URL", d.comfy_api_url),
                 comfyui_dir=_path_or_none(get("COMFYUI_DIR", "")),
                 comfyui_input_dir=_path_or_none(get("COMFYUI_INPUT_DIR", "")),
-                comfyui_output_dir=_path_or_none(get("COMFYUI_OUTPUT_DIR", "")),
+                comfyui_output_dir=_output_dir_from_env(env, get),
                 served_images_dir=Path(get("SERVED_IMAGES_DIR", str(d.served_images_dir))),
                 public_base_url=get("PUBLIC_BASE_URL", f"http://localhost:{port}"),
                 cors_origins=tuple(o.strip() for o in get("CORS_ORIGINS", ",".join(d.cors_origins)).split(",") if o.strip()),
@@ -105,6 +105,16 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"invalid configuration value: {exc}") from exc
         return _normalise(cfg)
+
+
+def _output_dir_from_env(env, get) -> Optional[Path]:
+    """COMFYUI_OUTPUT_DIR, else where a ComfyUI under COMFYUI_DIR writes: the output directory of
+    DreamLayer's saved settings (what dream_layer.py launches it with), else COMFYUI_DIR/output."""
+    explicit = _path_or_none(get("COMFYUI_OUTPUT_DIR", ""))
+    comfyui_dir = _path_or_none(get("COMFYUI_DIR", ""))
+    if explicit is not None or comfyui_dir is None:
+        return explicit
+    return get_directories(settings_file_from_env(env), comfyui_dir).output_dir
 
 
 def _path_or_none(value: str) -> Optional[Path]:

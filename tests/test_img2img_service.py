@@ -424,3 +424,13 @@ def test_a_wrong_output_folder_falls_back_to_view_and_says_so(service_config, fa
         assert resp.status_code == 200, resp.get_json()
     assert len(views) == 4
     assert sum("COMFYUI_OUTPUT_DIR" in r.getMessage() for r in caplog.records) == 1  # said once, not per image
+
+
+def test_output_folder_defaults_to_where_dream_layer_launches_comfyui(tmp_path):
+    from config import Config
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"outputDirectory": str(tmp_path / "my-outputs")}))
+    env = {"COMFYUI_DIR": str(tmp_path / "ComfyUI"), "DREAMLAYER_SETTINGS_FILE": str(settings)}
+    assert Config.from_env(env).comfyui_output_dir == tmp_path / "my-outputs"
+    settings.write_text("{}")
+    assert Config.from_env(env).comfyui_output_dir == tmp_path / "ComfyUI" / "output"
