@@ -382,7 +382,7 @@ def print_report(r: dict) -> None:
         u = r["p3"]
         svc, pil, b = u["service"], u["pillow"], u.get("base64")
         print(f"  P3 input: {svc['input_sizes'][0] / MIB:.1f} MiB PNG + {svc['input_sizes'][1] / MIB:.2f} MiB mask PNG; "
-              f"service steps: decode_image, decode_mask, plan, prepare, png_bytes, comfy_mask_png; Pillow bare: "
+              f"service steps: decode_image, decode_mask, plan, prepare, png_bytes, paste_weight, comfy_mask_png; Pillow bare: "
               f"open+load both, save both as PNG at the service's level {u['level']}"
               f"{' (Pillow at its fastest)' if u['level'] == 0 else ''}")
         print(f"  P3 peak memory: RSS high-water mark above the RSS before (uploads already in memory); "

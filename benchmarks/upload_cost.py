@@ -7,7 +7,7 @@ Prints one JSON line: {"what", "seconds": [...], "peak_bytes", "decoded_bytes", 
 - ``service``: what Img2ImgService.generate() does to the uploads before it hands them to
   ComfyUI, with the service's own functions and a default request's parameters:
   uploads.decode_image, uploads.decode_mask, inpainting.plan, inpainting.prepare,
-  uploads.png_bytes (the image) and uploads.comfy_mask_png (the mask).
+  uploads.png_bytes (the image), inpainting.paste_weight and uploads.comfy_mask_png (the mask).
 - ``pillow``: the floor: Pillow's bare Image.open().load() of both files and a PNG encode of each
   at the service's compression level (uploads.PNG_COMPRESS_LEVEL), nothing else.
 - ``base64``: the extra step of the JSON (frontend) form: uploads.decode_base64_image of both
@@ -66,7 +66,9 @@ def service(image: bytes, mask: bytes) -> tuple:
                            mask_blur=params.mask_blur)
     gen_image, gen_keep = inpainting.prepare(decoded.image, keep, plan)
     image_png = len(uploads.png_bytes(gen_image))  # generate() hands each to the stager and drops it
-    mask_png = len(uploads.comfy_mask_png(gen_keep))
+    # the whole-image paste-back is done by ComfyUI: the mask file carries its weights too
+    weight = inpainting.paste_weight(keep, plan) if plan.paste_back and plan.whole else None
+    mask_png = len(uploads.comfy_mask_png(gen_keep, weight))
     return image_png, mask_png
 
 

@@ -36,3 +36,30 @@ def test_rejects(value, code):
     with pytest.raises(ApiError) as info:
         uploads.decode_base64_image(value, "input_image")
     assert info.value.code == code
+
+
+STRICTNESS_CASES = [b"QQ==", b"QQ==QQ==", b"QQ=", b"Q", b"QUJD", b"QU JD", b"QUJD\n", b"=QUJD", b"QU=D",
+                    b"QUJ\x80", b"QQ==\n", b"", b"QUJDRA", b"QUJDRA==", b"QUJDRA=", b"Q===", b"QUJD====",
+                    b"-_-_", b"+/+/", B64.encode(), B64.encode()[:-1]]
+
+
+@pytest.mark.parametrize("data", STRICTNESS_CASES)
+def test_the_fast_decoder_gives_the_standard_librarys_answers(data, monkeypatch):
+    """Same bytes or same error code with pybase64 as with binascii (where pybase64's strict pass
+    refuses what binascii's takes, e.g. padding after a full quantum, the tolerant pass decides)."""
+    def outcome():
+        try:
+            return uploads.decode_base64_image("data:image/png;base64," + data.decode("latin-1"), "input_image")
+        except ApiError as exc:
+            return exc.code
+
+    assert uploads.pybase64 is not None  # requirements.txt installs it
+    fast = outcome()
+    monkeypatch.setattr(uploads, "pybase64", None)
+    assert outcome() == fast
+
+
+@pytest.mark.parametrize("value", ["data:image/png;base64," + B64, B64.rstrip("=")])
+def test_decodes_without_pybase64_too(value, monkeypatch):
+    monkeypatch.setattr(uploads, "pybase64", None)
+    assert uploads.decode_base64_image(value, "input_image") == DATA
