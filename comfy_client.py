@@ -595,8 +595,7 @@ class ComfyClient:
                 with self._active_lock:
                     self._active.pop(prompt_id, None)
             if ws is not None:
-                _close_ws(ws)
-                self._open_spare_soon()
+                self._after_run(ws)
 
     # ---------------------------------------------------------------- the spare WebSocket
 
@@ -612,24 +611,30 @@ class ComfyClient:
             return None, None
         return spare
 
-    def _open_spare_soon(self) -> None:
-        """Open the next run's socket in the background, off every request's path."""
+    def _after_run(self, ws) -> None:
+        """Close a run's socket and open the next run's spare, in the background: the close
+        handshake waits for ComfyUI's answer, and neither concerns the caller any more."""
         with self._spare_lock:
-            if not self.spare_socket or self._closed or self._spare is not None or self._spare_opening:
-                return
-            self._spare_opening = True
-        threading.Thread(target=self._open_spare, name="comfy-spare-ws", daemon=True).start()
+            open_spare = (self.spare_socket and not self._closed and self._spare is None
+                          and not self._spare_opening)
+            self._spare_opening = self._spare_opening or open_spare
+        threading.Thread(target=self._close_and_replace, args=(ws, open_spare), name="comfy-spare-ws",
+                         daemon=True).start()
 
-    def _open_spare(self) -> None:
+    def _close_and_replace(self, ws, open_spare: bool) -> None:
+        _close_ws(ws)
+        if not open_spare:
+            return
         client_id, ws = str(uuid.uuid4()), None
         try:
             ws = websocket.create_connection(self.ws_url(client_id), timeout=self.connect_timeout)
         except Exception as e:  # noqa: BLE001 - the next run opens its own socket and reports
             log.debug("could not open a spare ComfyUI WebSocket: %s", e)
-        with self._spare_lock:
-            self._spare_opening = False
-            if ws is not None and not self._closed and self._spare is None:
-                self._spare, ws = (client_id, ws), None
+        finally:
+            with self._spare_lock:
+                self._spare_opening = False
+                if ws is not None and not self._closed and self._spare is None:
+                    self._spare, ws = (client_id, ws), None
         if ws is not None:
             _close_ws(ws)
 
