@@ -72,7 +72,14 @@ class Fake:
     def execution(self, prompt_id: str) -> tuple:
         """(start, end) in seconds since the epoch: execution_start → execution_success, from the
         fake's own /history entry (its worker's clock, millisecond resolution)."""
-        entry = self.session.get(f"{self.url}/history/{prompt_id}", timeout=10).json()[prompt_id]
+        deadline = time.monotonic() + 10
+        while True:  # the service may answer before the fake has filed the entry (a few ms later)
+            entry = self.session.get(f"{self.url}/history/{prompt_id}", timeout=10).json().get(prompt_id)
+            if entry is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if entry is None:
+            raise SystemExit(f"the fake never filed prompt {prompt_id} in /history")
         stamps = {name: data["timestamp"] / 1000 for name, data in entry["status"]["messages"]}
         return stamps["execution_start"], stamps["execution_success"]
 
@@ -87,14 +94,15 @@ class Fake:
 
 
 class Service:
-    def __init__(self, fake: Fake, work: Path, wait: str):
+    def __init__(self, fake: Fake, work: Path, wait: str, shared_output: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMG2IMG_", "COMFY"))}
-        env.update(COMFY_API_URL=fake.url, COMFYUI_INPUT_DIR=fake.input_dir, COMFYUI_OUTPUT_DIR=fake.output_dir,
-                   IMG2IMG_HOST="127.0.0.1",
+        env.update(COMFY_API_URL=fake.url, COMFYUI_INPUT_DIR=fake.input_dir, IMG2IMG_HOST="127.0.0.1",
                    IMG2IMG_PORT=str(self.port), PUBLIC_BASE_URL=self.url, SERVED_IMAGES_DIR=str(work / f"served-{wait}"),
                    COMFY_TIMEOUT_S="300", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        if shared_output:  # as with a local ComfyUI (COMFYUI_DIR); else results come over GET /view
+            env["COMFYUI_OUTPUT_DIR"] = fake.output_dir
         self.log = open(work / f"service-{wait}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, str(SERVICE_SCRIPT), "--wait", wait],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -322,7 +330,8 @@ def print_report(r: dict) -> None:
           f"{cfg['steps'] * cfg['step_delay'] * 1000:g} ms of sampling per prompt plus its pixel model, one prompt "
           f"at a time; /history written {cfg['history_delay'] * 1000:g} ms after execution_success (late, as "
           "ComfyUI 0.3.40)")
-    print("service (own process): img2img_server.main(), waitress, inputs staged in the fake's input folder")
+    print("service (own process): img2img_server.main(), waitress, inputs staged in the fake's input folder, "
+          + ("results downloaded with GET /view" if r["config"]["view"] else "results read from its output folder"))
     print("added = client-observed request time - the fake's execution time of that prompt (execution_start ->")
     print("        execution_success in its /history), so it includes the fake's own HTTP handling too.")
     print("NOTE: a noisy 2-core machine shared with other work: the ratios and the differences between rows")
@@ -411,6 +420,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not figures")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, images)")
+    parser.add_argument("--view", action="store_true",
+                        help="do not share the fake's output folder: results come over GET /view (ComfyUI elsewhere)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.concurrent_requests, args.polling_requests, args.p3_repeat = 8, 16, 3, 1
@@ -426,9 +437,9 @@ def main(argv=None) -> int:
     print(f"benchmark: work folder {work} (removed at the end unless --keep)", file=sys.stderr)
     fake = Fake(work / "comfyui", args.step_delay, args.history_delay)
     report["config"] = {"steps": args.steps, "step_delay": fake.step_delay, "history_delay": fake.history_delay,
-                        "clients": args.clients}
+                        "clients": args.clients, "view": args.view}
     try:
-        service = Service(fake, work, "websocket")
+        service = Service(fake, work, "websocket", shared_output=not args.view)
         try:
             print("P1 ...", file=sys.stderr)
             cold = sequential(service, fake, [with_mask.body(next(seeds))])[0]
@@ -452,7 +463,7 @@ def main(argv=None) -> int:
         finally:
             service.stop()
         print("polling comparison (2-s polling) ...", file=sys.stderr)
-        service = Service(fake, work, "poll2s")
+        service = Service(fake, work, "poll2s", shared_output=not args.view)
         try:
             poll = sequential(service, fake, [with_mask.body(next(seeds), steps=n) for n in spread])
         finally:
