@@ -179,12 +179,30 @@ class Done:
     signal: str  # "execution_success" | "executing_null"
 
 
-@dataclass
 class RunResult:
-    prompt_id: str
-    images: list
-    history: dict
-    source: str = "websocket"  # how completion was learned: "websocket" or "polling"
+    """A finished run: its prompt id, output images, /history entry, and how the end was learned
+    ("websocket" or "polling").
+
+    A run that ended on the outputs announced over the socket has not read /history (ComfyUI
+    files it a few ms after reporting success): ``history`` reads it on first use, waiting
+    briefly for that write; until then it is not fetched at all."""
+
+    def __init__(self, prompt_id: str, images: list, history: Optional[dict], source: str = "websocket",
+                 load_history: Optional[Callable[[], dict]] = None):
+        self.prompt_id = prompt_id
+        self.images = images
+        self.source = source
+        self._history = history
+        self._load_history = load_history
+
+    @property
+    def history(self) -> dict:
+        if self._history is None and self._load_history is not None:
+            self._history, self._load_history = self._load_history(), None
+        return self._history
+
+    def __repr__(self):
+        return f"RunResult({self.prompt_id!r}, {len(self.images)} image(s), source={self.source!r})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,15 +586,19 @@ class ComfyClient:
             watch = PromptWatch(prompt_id)
             run = _Run(prompt_id, deadline, timeout, cancelled, watch, on_progress)
             source = "websocket"
-            entry = None
+            entry = announced = None
             if ws is not None:
                 finished = self._wait_ws(ws, run)
                 if finished and run.succeeded_at is not None and run.watch.outputs:
-                    entry = run.watch.history_entry()  # what /history will say, already announced
+                    announced = run.watch.history_entry()  # the outputs /history will list
                 elif finished:
                     entry = self._history_after_success(run)
                 else:
                     run.lost_contact = True  # a prompt that vanishes now most likely died with ComfyUI
+            if announced is not None:
+                images = self.output_images(announced)
+                log.info("prompt %s finished (websocket) with %d image(s)", prompt_id, len(images))
+                return RunResult(prompt_id, images, None, source, load_history=lambda: self._history_later(run))
             if entry is None:
                 source = "polling"
                 entry = self._poll_history(prompt_id, deadline, run.timeout_error, run=run)
@@ -734,6 +756,15 @@ class ComfyClient:
             raise ComfyBadResponse(f"ComfyUI at {self.base_url} reported prompt {run.prompt_id} "
                                    f"done but wrote no /history entry within "
                                    f"{self.history_grace:g}s") from None
+
+    def _history_later(self, run: "_Run") -> dict:
+        """RunResult.history of a run that ended on the announced outputs."""
+        try:
+            return self._history_after_success(run)
+        except ComfyError as e:
+            log.warning("could not read /history of prompt %s (%s); using the outputs announced over "
+                        "the WebSocket", run.prompt_id, e)
+            return run.watch.history_entry()
 
     def _poll_history(self, prompt_id: str, deadline: float, on_deadline: Callable,
                       run: Optional["_Run"] = None) -> dict:
