@@ -179,6 +179,7 @@ class Supervisor:
             # install configured for normal runs must not be written to.
             self.env.pop("COMFYUI_DIR", None)
             self.env.pop("COMFYUI_INPUT_DIR", None)
+            self.env.pop("COMFYUI_OUTPUT_DIR", None)
             self.env[DEMO_ENV] = "1"
         self.dream_layer = Child("dream_layer", [py, str(ROOT / "dream_layer.py")],
                                  plan.log_dir / "dream_layer.log", f"{self.dl_url}/health", env=self.env)

@@ -226,7 +226,7 @@ def captured_serve(monkeypatch, tmp_path):
     calls = {"serve": [], "run": []}
     monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls["serve"].append((app, kw)))
     monkeypatch.setattr(Flask, "run", lambda self, *a, **kw: calls["run"].append((a, kw)))
-    for name in ("COMFYUI_DIR", "COMFYUI_INPUT_DIR", "IMG2IMG_API_KEY", "DREAMLAYER_DEMO"):
+    for name in ("COMFYUI_DIR", "COMFYUI_INPUT_DIR", "COMFYUI_OUTPUT_DIR", "IMG2IMG_API_KEY", "DREAMLAYER_DEMO"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("COMFY_API_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("SERVED_IMAGES_DIR", str(tmp_path / "served"))

@@ -78,7 +78,7 @@ class Script:
         if not py_in_venv.exists():
             pytest.skip("the tests must run inside a virtualenv (the script reuses it)")
         env = dict(os.environ)
-        for var in ("COMFYUI_DIR", "COMFYUI_INPUT_DIR", "DREAMLAYER_DEMO", "IMG2IMG_API_KEY"):
+        for var in ("COMFYUI_DIR", "COMFYUI_INPUT_DIR", "COMFYUI_OUTPUT_DIR", "DREAMLAYER_DEMO", "IMG2IMG_API_KEY"):
             env.pop(var, None)
         env.update({
             "DREAMLAYER_VENV": sys.prefix, "DREAMLAYER_SKIP_INSTALL": "1",
