@@ -102,6 +102,11 @@ class Prepared:
     warnings: list
 
 
+#: The nodes build_img2img_workflow adds to finish an image in ComfyUI (core nodes since 2023; a
+#: ComfyUI without them gets the service-side paste-back instead).
+FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "LoadImageMask")
+
+
 def _finishing(plan, keep) -> dict:
     """build_img2img_workflow's paste_back / crop_to for a plan the workflow finishes."""
     if not plan.final_from_comfyui:
@@ -192,7 +197,8 @@ class Img2ImgService:
         plan = inpainting.plan(image.image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                                width=params.width, height=params.height, paste_back=params.paste_back,
                                mask_blur=params.mask_blur)
-        if params.custom_workflow is None and inpainting.comfy_can_finish(plan, keep is not None):
+        if (params.custom_workflow is None and inpainting.comfy_can_finish(plan, keep is not None)
+                and all(node in self.client.object_info() for node in FINISHING_NODES)):
             # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
             # final image and the service serves it without decoding it (docs/performance.md)
             plan = dataclasses.replace(plan, final_from_comfyui=True)

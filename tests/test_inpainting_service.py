@@ -162,3 +162,15 @@ def test_every_image_of_a_batch_is_pasted_back(client, fake_comfy):
         assert (out[~inside] == SRC[~inside]).all()
         assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
     assert not (outs[0] == outs[1]).all()  # three different generations, each pasted back
+
+
+def test_a_comfyui_without_the_compositing_nodes_gets_the_service_side_paste_back(app, client, fake_comfy):
+    info = dict(fake_comfy.object_info)
+    del info["ImageCompositeMasked"]
+    fake_comfy.object_info = info
+    app.extensions["img2img"].client.object_info(refresh=True)
+    out, body = run(client, {"mask_blur": 0})
+    assert "ImageCompositeMasked" not in [n["class_type"] for n in body["workflow"].values()]
+    inside = region(BOX)
+    assert out.shape == SRC.shape and (out[~inside] == SRC[~inside]).all()
+    assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
