@@ -217,7 +217,7 @@ class Img2ImgService:
                 mask_ref = None
                 if gen_keep is not None:
                     weight = None
-                    if plan.final_from_comfyui and plan.paste_back:
+                    if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
                         weight = inpainting.paste_weight(job.keep, plan)
                     mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep, weight))
                 units = []
@@ -260,13 +260,13 @@ class Img2ImgService:
     def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
                      prompt_ids) -> None:
         """One ComfyUI run per batch_count (seed + i); appends to the three lists as it goes."""
-        params = job.params
+        params, finishing = job.params, _finishing(job.plan, job.keep)
         for index, seed in enumerate(params.seeds()):
             try:
                 workflow = build_img2img_workflow(
                     params, image_name=image_ref, mask_name=mask_ref, seed=seed,
                     filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
-                    controlnet_units=units, **_finishing(job.plan, job.keep))
+                    controlnet_units=units, **finishing)
             except WorkflowError as exc:
                 raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                status=400) from None
