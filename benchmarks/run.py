@@ -54,6 +54,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Wait for a process asked to stop; kill it if it has not within 15 s."""
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Fake:
     def __init__(self, root: Path, step_delay: float, history_delay: float | None):
         cmd = [sys.executable, str(HERE / "fake_server.py"), "--root", str(root), "--step-delay", str(step_delay)]
@@ -84,12 +93,8 @@ class Fake:
         return stamps["execution_start"], stamps["execution_success"]
 
     def stop(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.stdin.close()  # the fake's signal to stop
+        reap(self.proc)
         self.log.close()
 
 
@@ -119,11 +124,7 @@ class Service:
 
     def stop(self):
         self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc)
         self.log.close()
 
 
