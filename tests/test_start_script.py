@@ -157,8 +157,12 @@ def png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_demo_end_to_end_and_clean_stop(script_runner):
-    s = script_runner("--demo")
+def test_demo_end_to_end_and_clean_stop(script_runner, tmp_path):
+    # a real install's folders configured for normal runs: the demo's stand-in must not use them
+    real_input, real_output = tmp_path / "real-comfyui" / "input", tmp_path / "real-comfyui" / "output"
+    real_input.mkdir(parents=True)
+    real_output.mkdir()
+    s = script_runner("--demo", COMFYUI_INPUT_DIR=str(real_input), COMFYUI_OUTPUT_DIR=str(real_output))
     s.wait_for("Press Ctrl-C")
     dl, img, comfy = s.ports["dl"], s.ports["img"], s.ports["comfy"]
     assert "DEMO MODE" in s.output and "runs NO diffusion model" in s.output
@@ -196,6 +200,8 @@ def test_demo_end_to_end_and_clean_stop(script_runner):
     for name in ("dream_layer.log", "img2img.log", "fake_comfyui.log"):
         assert (s.log_dir / name).stat().st_size > 0
     assert "It runs no diffusion model" in (s.log_dir / "fake_comfyui.log").read_text()
+    assert not any(real_input.iterdir()) and not any(real_output.iterdir())
+    assert "COMFYUI_OUTPUT_DIR" not in (s.log_dir / "img2img.log").read_text()  # no stray output folder
 
 
 def test_fake_comfyui_standalone_refuses_a_busy_port(tmp_path):
