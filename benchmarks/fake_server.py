@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from fake_comfyui import FakeComfyUI  # noqa: E402
+from dreamlayer.comfyui.fake import FakeComfyUI  # noqa: E402
 
 
 def main(argv=None) -> int:

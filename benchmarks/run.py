@@ -479,7 +479,7 @@ def main(argv=None) -> int:
         print("P3 ...", file=sys.stderr)
         big_image, big_mask = write_inputs(inputs, args.p3_size)
         sys.path.insert(0, str(ROOT))
-        from uploads import PNG_COMPRESS_LEVEL
+        from dreamlayer.img2img.uploads import PNG_COMPRESS_LEVEL
         report["p3"] = {"level": PNG_COMPRESS_LEVEL,
                         **{what: upload_cost(what, big_image, big_mask, args.p3_repeat)
                            for what in ("service", "pillow", "base64")}}

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import comfy_client  # noqa: E402
-import img2img_server  # noqa: E402
+from dreamlayer.comfyui import client as comfy_client  # noqa: E402
+from dreamlayer.img2img import app as img2img_server  # noqa: E402
 
 POLL_SECONDS = 2.0
 

@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-import inpainting  # noqa: E402
-import uploads  # noqa: E402
-from config import Config  # noqa: E402
-from params import parse_params  # noqa: E402
+from dreamlayer.img2img import inpainting  # noqa: E402
+from dreamlayer.img2img import uploads  # noqa: E402
+from dreamlayer.config.img2img import Config  # noqa: E402
+from dreamlayer.img2img.params import parse_params  # noqa: E402
 
 CONFIG = Config()
 

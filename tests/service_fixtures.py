@@ -9,8 +9,8 @@ import threading
 import pytest
 from waitress.server import create_server
 
-from config import Config
-from img2img_server import create_app
+from dreamlayer.config.img2img import Config
+from dreamlayer.img2img.app import create_app
 
 
 def free_port() -> int:

@@ -19,10 +19,10 @@ import pytest
 import requests
 from PIL import Image
 
-from config import Config
+from dreamlayer.config.img2img import Config
 from corpus.bad_requests import CASES, ERROR_CASES, VALID_CASES
-from fake_comfyui import FakeComfyUI
-from img2img_server import create_app
+from dreamlayer.comfyui.fake import FakeComfyUI
+from dreamlayer.img2img.app import create_app
 from service_fixtures import LiveServer, free_port
 
 

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-import uploads
-from errors import ApiError
+from dreamlayer.img2img import uploads
+from dreamlayer.errors import ApiError
 from images import gradient, png
 
 DATA = png(gradient(9, 7))

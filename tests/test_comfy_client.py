@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-import comfy_client
-from comfy_client import (ComfyBadResponse, ComfyClient, ComfyExecutionFailed, ComfyInterrupted,
+from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.client import (ComfyBadResponse, ComfyClient, ComfyExecutionFailed, ComfyInterrupted,
                           ComfyRejected, ComfyTimeout, ComfyUnreachable, Done, OutputImage,
                           Progress, PromptWatch, raise_for_history)
 

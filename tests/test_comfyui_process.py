@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from comfyui_process import ComfyUIProcess, LaunchError, LaunchSpec, choose_python, launch_spec, listen_address
-from dreamlayer_settings import Directories
+from dreamlayer.comfyui.process import ComfyUIProcess, LaunchError, LaunchSpec, choose_python, launch_spec, listen_address
+from dreamlayer.config.saved_paths import Directories
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from config import Config, ConfigError
-from dream_layer import create_app
-from dream_layer_config import DreamLayerConfig
+from dreamlayer.config.img2img import Config, ConfigError
+from dreamlayer.backend.app import create_app
+from dreamlayer.config.backend import DreamLayerConfig
 from service_fixtures import LiveServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def test_a_file_is_not_a_directory(client, tmp_path):
 
 
 def test_unwritable_directory_is_refused(client, tmp_path, monkeypatch):
-    import dreamlayer_settings
+    from dreamlayer.config import saved_paths as dreamlayer_settings
     monkeypatch.setattr(dreamlayer_settings.os, "access", lambda path, mode: False)
     resp = client.post("/api/settings/paths", json={"outputDirectory": str(tmp_path)})
     assert resp.status_code == 400 and "not writable" in resp.get_json()["message"]

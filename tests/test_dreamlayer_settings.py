@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import dreamlayer_settings as ds
-from model_catalog import derived_display_name, load_display_names, model_entries
+from dreamlayer.config import saved_paths as ds
+from dreamlayer.backend.models import derived_display_name, load_display_names, model_entries
 
 
 def test_settings_file_location_from_env(tmp_path):

@@ -19,7 +19,7 @@ import requests
 import websocket
 from PIL import Image
 
-from fake_comfyui import FakeComfyUI
+from dreamlayer.comfyui.fake import FakeComfyUI
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INPUTS = FIXTURES / "comfyui_inputs"

@@ -21,9 +21,9 @@ import pytest
 import requests
 from PIL import Image
 
-from config import HTTP_UPLOAD_SUBFOLDER
+from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 from images import box_mask, gradient, png
-from img2img_server import create_app
+from dreamlayer.img2img.app import create_app
 
 SIZE = (64, 48)
 BOX = (16, 8, 40, 32)
@@ -104,8 +104,8 @@ def make(service_config, fake_comfy, *, http=False, **changes):
     return app, app.test_client(), Ledger(fake_comfy, config)
 
 
-def warnings_of(caplog, logger="comfy_client"):
-    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= logging.WARNING]
+def warnings_of(caplog, logger="dreamlayer.comfyui"):
+    return [r.getMessage() for r in caplog.records if r.name.startswith(logger) and r.levelno >= logging.WARNING]
 
 
 # --- ComfyUI down before the request ----------------------------------------------------------
@@ -300,7 +300,7 @@ def test_never_finishes_is_504_at_comfy_timeout_s_then_recovers(fake_comfy, serv
 
 @pytest.mark.parametrize("after_progress", [0, 2])
 def test_websocket_drop_result_still_arrives_via_history(client, fake_comfy, ledger, caplog, after_progress):
-    caplog.set_level(logging.WARNING, logger="comfy_client")
+    caplog.set_level(logging.WARNING, logger="dreamlayer.comfyui")
     fake_comfy.step_delay = 0.03
     fake_comfy.drop_ws_next(after_progress=after_progress)
     ledger.normal_request_succeeds(client)
@@ -311,7 +311,7 @@ def test_websocket_drop_result_still_arrives_via_history(client, fake_comfy, led
 
 
 def test_history_written_late_does_not_hold_up_the_answer(client, fake_comfy, ledger, caplog):
-    caplog.set_level(logging.WARNING, logger="comfy_client")
+    caplog.set_level(logging.WARNING, logger="dreamlayer.comfyui")
     fake_comfy.history_delay = 2.5  # longer than the client's 2 s history grace
     ledger.normal_request_succeeds(client)  # the outputs announced over the socket suffice
     assert not warnings_of(caplog), warnings_of(caplog)

@@ -150,7 +150,7 @@ def test_fill_mode_warns_when_denoise_is_raised(client):
 
 
 def test_http_upload_mode_without_shared_disk(fake_comfy, service_config, tmp_path):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     app = create_app(service_config.replace(comfyui_input_dir=None, comfyui_dir=None))
     resp = post_multipart(app.test_client(), png(gradient(32, 32)), PARAMS, png(box_mask((32, 32), (0, 0, 8, 8))))
     assert resp.status_code == 200, resp.get_json()
@@ -219,7 +219,7 @@ def test_mask_over_10_mib_is_413(client, service_config):
 
 
 def test_whole_request_limit_is_json_413(fake_comfy, service_config):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     small = create_app(service_config.replace(max_content_length=10_000)).test_client()
     noisy = Image.frombytes("RGB", (200, 200), np.random.default_rng(1).integers(0, 256, 120_000, np.uint8).tobytes())
     resp = post_multipart(small, png(noisy), PARAMS)
@@ -298,7 +298,7 @@ def test_interrupt_endpoint_stops_the_running_generation(live_server, fake_comfy
 
 
 def test_timeout_is_504_and_cancels_the_prompt(fake_comfy, service_config):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     client = create_app(service_config.replace(comfy_timeout_s=1.0)).test_client()
     fake_comfy.hang_next()
     start = time.monotonic()
@@ -360,7 +360,7 @@ def test_smoke_script_fails_clearly_when_the_service_is_down():
 
 
 def test_health_labels_the_demo_stand_in(fake_comfy, service_config):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     plain = create_app(service_config).test_client().get("/health").get_json()["comfyui"]
     assert plain["reachable"] is True and "demo" not in plain
     demo = create_app(service_config.replace(demo=True)).test_client().get("/health").get_json()["comfyui"]
@@ -368,7 +368,7 @@ def test_health_labels_the_demo_stand_in(fake_comfy, service_config):
 
 
 def test_config_from_env_defaults_and_derived_values():
-    from config import Config
+    from dreamlayer.config.img2img import Config
     cfg = Config.from_env({})
     assert (cfg.host, cfg.port, cfg.comfy_api_url, cfg.public_base_url) == \
         ("127.0.0.1", 5004, "http://127.0.0.1:8188", "http://localhost:5004")
@@ -384,7 +384,7 @@ def test_config_from_env_defaults_and_derived_values():
 
 
 def _count_views(monkeypatch):
-    import comfy_client
+    from dreamlayer.comfyui import client as comfy_client
     calls = []
     real = comfy_client.ComfyClient.view
     monkeypatch.setattr(comfy_client.ComfyClient, "view", lambda self, image, **kw: (calls.append(image.filename),
@@ -401,7 +401,7 @@ def _send(client, **params):
 
 @pytest.mark.parametrize("area", ["whole", "only_masked"])
 def test_outputs_are_read_from_a_shared_output_folder_without_view(service_config, fake_comfy, monkeypatch, area):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     views = _count_views(monkeypatch)
     client = create_app(service_config.replace(comfyui_output_dir=fake_comfy.output_dir)).test_client()
     resp = _send(client, inpaint_area=area)
@@ -416,7 +416,7 @@ def test_outputs_are_read_from_a_shared_output_folder_without_view(service_confi
 
 
 def test_a_wrong_output_folder_falls_back_to_view_and_says_so(service_config, fake_comfy, monkeypatch, tmp_path, caplog):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     views = _count_views(monkeypatch)
     client = create_app(service_config.replace(comfyui_output_dir=tmp_path / "not-comfyui-output")).test_client()
     for _ in range(2):
@@ -427,7 +427,7 @@ def test_a_wrong_output_folder_falls_back_to_view_and_says_so(service_config, fa
 
 
 def test_output_folder_defaults_to_where_dream_layer_launches_comfyui(tmp_path):
-    from config import Config
+    from dreamlayer.config.img2img import Config
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"outputDirectory": str(tmp_path / "my-outputs")}))
     env = {"COMFYUI_DIR": str(tmp_path / "ComfyUI"), "DREAMLAYER_SETTINGS_FILE": str(settings)}

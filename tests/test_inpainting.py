@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import inpainting as I
+from dreamlayer.img2img import inpainting as I
 from images import box_mask, gradient
 
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-import comfy_client
+from dreamlayer.comfyui import client as comfy_client
 from images import box_mask, gradient, png
 
 PARAMS = {"prompt": "a cabin", "steps": 4, "seed": 9, "async": True}
@@ -174,7 +174,7 @@ def test_interrupt_endpoint_cancels_our_jobs(live_server, fake_comfy):
 
 
 def test_finished_jobs_expire_with_a_clear_code(fake_comfy, service_config):
-    from img2img_server import create_app
+    from dreamlayer.img2img.app import create_app
     from service_fixtures import LiveServer
     server = LiveServer(create_app(service_config.replace(job_ttl_s=0.3)), service_config.port).start()
     try:

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-import params as P
-from errors import ApiError
+from dreamlayer.img2img import params as P
+from dreamlayer.errors import ApiError
 
 CHOICES = dict(checkpoints=["a.safetensors", "b.safetensors"], samplers=["euler", "euler_ancestral", "dpmpp_2m"],
                schedulers=["normal", "karras", "exponential"])

@@ -7,7 +7,7 @@ import random
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-import inpainting
+from dreamlayer.img2img import inpainting
 from images import box_mask, gradient
 
 

@@ -8,8 +8,8 @@ import zlib
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-import inpainting
-import uploads
+from dreamlayer.img2img import inpainting
+from dreamlayer.img2img import uploads
 from images import box_mask, gradient, png
 
 

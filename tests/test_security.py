@@ -22,10 +22,10 @@ import pytest
 import requests
 from flask import Flask
 
-import img2img_server
-from config import Config
+from dreamlayer.img2img import app as img2img_server
+from dreamlayer.config.img2img import Config
 from images import box_mask, gradient, png
-from img2img_server import create_app
+from dreamlayer.img2img.app import create_app
 from service_fixtures import LiveServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_images_route_serves_its_own_files(live_server, served, service_config):
 def test_the_service_writes_only_names_it_considers_safe(tmp_path, name):
     """Names of written files come from the server, or from ComfyUI's answers (output file names):
     anything that is not a plain file name is refused, a trailing newline included."""
-    import staging
+    from dreamlayer.img2img import staging
 
     with pytest.raises(ValueError):
         staging.write_atomic(tmp_path, name, b"data")
@@ -243,7 +243,7 @@ def test_a_normal_start_serves_with_waitress_never_flasks_debug_server(captured_
     assert kwargs["port"] == 5999 and kwargs["host"] == "127.0.0.1"
     assert 1_000_000 < kwargs["max_request_body_size"] <= 1_000_000 + 2 * 1024 * 1024
     assert "werkzeug.debug" not in repr(app.wsgi_app)
-    source = (ROOT / "img2img_server.py").read_text()
+    source = (ROOT / "img2img_server.py").read_text() + (ROOT / "dreamlayer" / "img2img" / "app.py").read_text()
     assert ".run(" not in source and "debug=True" not in source and "run_simple" not in source
 
 
@@ -426,7 +426,7 @@ def test_logs_never_contain_image_bytes_or_base64(live_server, fake_comfy, caplo
 
 
 def test_outputs_are_only_read_inside_comfyuis_output_folder(tmp_path):
-    from staging import output_file
+    from dreamlayer.img2img.staging import output_file
     out = tmp_path / "output"
     (out / "sub").mkdir(parents=True)
     (out / "a.png").write_bytes(b"a")

@@ -209,8 +209,8 @@ def test_fake_comfyui_standalone_refuses_a_busy_port(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-        result = subprocess.run([sys.executable, "-m", "fake_comfyui", "--port", str(port), "--root",
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        result = subprocess.run([sys.executable, "-m", "dreamlayer.comfyui.fake", "--port", str(port), "--root",
                                  str(tmp_path / "root")], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
@@ -307,9 +307,9 @@ def test_bat_is_checked_out_with_crlf():
 
 def test_supervisor_reads_the_services_variables():
     """Hosts and ports come from the variables the services read (through the same Config classes)."""
-    text = (ROOT / "start_dream_layer.py").read_text()
+    text = (ROOT / "dreamlayer" / "launcher.py").read_text()
     assert "DreamLayerConfig.from_env" in text
-    from start_dream_layer import Plan
+    from dreamlayer.launcher import Plan
     plan = Plan.from_env(False, {"DREAM_LAYER_HOST": "127.0.0.2", "DREAM_LAYER_PORT": "6002",
                                  "IMG2IMG_HOST": "127.0.0.3", "IMG2IMG_PORT": "6004",
                                  "COMFY_API_URL": "http://127.0.0.1:9999"})

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import yaml
 
-import comfy_client
-import errors
+from dreamlayer.comfyui import client as comfy_client
+from dreamlayer import errors
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
-SOURCES = ["errors.py", "params.py", "uploads.py", "img2img_request.py", "generation.py", "comfy_client.py",
-           "img2img_server.py", "jobs.py", "staging.py", "img2img_workflow.py", "inpainting.py"]
+#: Every module of the package that can raise an error a client sees.
+SOURCES = ["dreamlayer/errors.py"] + sorted(
+    str(p.relative_to(ROOT)) for part in ("img2img", "jobs", "comfyui") for p in (ROOT / "dreamlayer" / part).rglob("*.py")
+    if "fake" not in p.relative_to(ROOT / "dreamlayer").parts)
 
 
 def codes_in_the_code() -> set:
@@ -23,7 +25,7 @@ def codes_in_the_code() -> set:
         found |= set(re.findall(r"\bcode\s*=\s*\"([a-z][a-z0-9_]*)\"", text))
         found |= set(re.findall(r"\"code\"\s*:\s*\"([a-z][a-z0-9_]*)\"", text))
     # codes handed to helpers positionally (img2img_request._loads)
-    found |= set(re.findall(r"_loads\([^)]*\"([a-z][a-z0-9_]*)\"\)", (ROOT / "img2img_request.py").read_text()))
+    found |= set(re.findall(r"_loads\([^)]*\"([a-z][a-z0-9_]*)\"\)", (ROOT / "dreamlayer" / "img2img" / "request.py").read_text()))
     return found
 
 

@@ -7,8 +7,8 @@ import zlib
 import pytest
 from PIL import Image
 
-import uploads
-from errors import ApiError
+from dreamlayer.img2img import uploads
+from dreamlayer.errors import ApiError
 from images import box_mask, encode, gradient, png
 
 MAXPIX = 10_000_000

@@ -3,8 +3,8 @@ import copy
 
 import pytest
 
-import img2img_workflow as W
-import params as P
+from dreamlayer.img2img import workflow as W
+from dreamlayer.img2img import params as P
 
 CHOICES = dict(checkpoints=["tiny-sd15-random.safetensors"], samplers=["euler", "dpmpp_2m"],
                schedulers=["normal", "karras"])

@@ -14,13 +14,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import comfy_client
-import inpainting
-from img2img_workflow import WorkflowError, build_img2img_workflow
-from errors import ApiError, InvalidParameter
-from params import parse_params, resolve_choices
-from staging import SAFE_NAME, InputStager, ServedImages, output_file
-from uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
+from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.img2img import inpainting
+from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
+from dreamlayer.errors import ApiError, InvalidParameter
+from dreamlayer.img2img.params import parse_params, resolve_choices
+from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
+from dreamlayer.img2img.uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
 
 log = logging.getLogger(__name__)
 

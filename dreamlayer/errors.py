@@ -67,7 +67,7 @@ def register_error_handlers(app) -> None:
     from flask import request
     from werkzeug.exceptions import HTTPException
 
-    import comfy_client
+    from dreamlayer.comfyui import client as comfy_client
 
     log = logging.getLogger(app.import_name)
 

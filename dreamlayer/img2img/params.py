@@ -12,8 +12,8 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
-from errors import InvalidParameter
-from img2img_workflow import UNION_TYPES, WorkflowError, normalise_custom_workflow
+from dreamlayer.errors import InvalidParameter
+from dreamlayer.img2img.workflow import UNION_TYPES, WorkflowError, normalise_custom_workflow
 
 MAX_SEED = 2**64 - 1  # KSampler's own maximum
 MAX_PROMPT_CHARS = 20_000

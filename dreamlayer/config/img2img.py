@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from dreamlayer_settings import demo_mode_from_env, get_directories, settings_file_from_env
+from dreamlayer.config.saved_paths import demo_mode_from_env, get_directories, settings_file_from_env
 
-HERE = Path(__file__).resolve().parent
+from dreamlayer import PROJECT_ROOT as HERE
 
 DEFAULT_CORS_ORIGINS = ("http://localhost:8080", "http://127.0.0.1:8080")
 

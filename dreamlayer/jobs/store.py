@@ -14,9 +14,9 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
-import comfy_client
-from errors import ApiError
-from generation import Img2ImgService, Listener, Prepared
+from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.errors import ApiError
+from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover
     pybase64 = None
 
-from errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
+from dreamlayer.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Formats accepted for the input image (judged by content). MPO is what many cameras call JPEG.

@@ -1,5 +1,4 @@
-"""Run the fake ComfyUI on its own: ``python -m fake_comfyui --host 127.0.0.1 --port 8188 --root DIR``
-(with tests/ on PYTHONPATH). start_dream_layer --demo uses it so that the whole request path can be
+"""Run the fake ComfyUI on its own: ``python -m dreamlayer.comfyui.fake --host 127.0.0.1 --port 8188 --root DIR``. start_dream_layer --demo uses it so that the whole request path can be
 tried on a machine without a GPU or ComfyUI. It is a stand-in that runs no diffusion model.
 """
 from __future__ import annotations
@@ -12,12 +11,12 @@ import threading
 
 from .fake import FakeComfyUI
 
-BANNER = ("FAKE ComfyUI — a test stand-in from tests/fake_comfyui, NOT ComfyUI. It runs no "
+BANNER = ("FAKE ComfyUI — a test stand-in from dreamlayer/comfyui/fake, NOT ComfyUI. It runs no "
           "diffusion model: the images it returns are synthetic.")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fake_comfyui", description=BANNER)
+    parser = argparse.ArgumentParser(prog="python -m dreamlayer.comfyui.fake", description=BANNER)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--root", required=True, help="folder for its input/, output/ and temp/")

@@ -9,9 +9,9 @@ import json
 
 from flask import Request
 
-from errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from generation import Img2ImgRequest
-from uploads import decode_base64_image
+from dreamlayer.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from dreamlayer.img2img.service import Img2ImgRequest
+from dreamlayer.img2img.uploads import decode_base64_image
 
 
 def _loads(text, what: str, code: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dreamlayer_settings import read_json_object
+from dreamlayer.config.saved_paths import read_json_object
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 class FakeComfyUI:
-    """See tests/fake_comfyui/README.md for the public API and where it differs from ComfyUI."""
+    """See dreamlayer/comfyui/fake/README.md for the public API and where it differs from ComfyUI."""
 
     def __init__(self, root_dir):
         self.folders = Folders(Path(root_dir))

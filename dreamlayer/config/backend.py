@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from config import Config, ConfigError
-from dreamlayer_settings import demo_mode_from_env, settings_file_from_env
+from dreamlayer.config.img2img import Config, ConfigError
+from dreamlayer.config.saved_paths import demo_mode_from_env, settings_file_from_env
 
-HERE = Path(__file__).resolve().parent
+from dreamlayer import PROJECT_ROOT as HERE
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """pytest fixture: a started FakeComfyUI per test (loaded via pytest_plugins in tests/conftest.py)."""
 import pytest
 
-from fake_comfyui import FakeComfyUI
+from dreamlayer.comfyui.fake import FakeComfyUI
 
 
 @pytest.fixture

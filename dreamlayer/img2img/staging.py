@@ -12,7 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from config import HTTP_UPLOAD_SUBFOLDER
+from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
+from dreamlayer import PROJECT_ROOT as HERE
 
 SETTINGS_FILE_ENV = "DREAMLAYER_SETTINGS_FILE"
 DEFAULT_SETTINGS_FILE = HERE / "data" / "settings.json"
@@ -42,7 +42,7 @@ FRONTEND_PLACEHOLDERS = frozenset({
 
 DEMO_ENV = "DREAMLAYER_DEMO"
 DEMO_NOTE = ("Demo mode: the ComfyUI answering here is the project's fake stand-in "
-             "(tests/fake_comfyui). It runs no diffusion model: images are synthetic.")
+             "(dreamlayer/comfyui/fake). It runs no diffusion model: images are synthetic.")
 
 
 class SettingsError(ValueError):
