@@ -50,10 +50,10 @@ if errorlevel 1 (
 )
 
 :venv_ready
-rem 2. Requirements (the demo's fake ComfyUI also needs requirements-dev.txt).
+rem 2. Requirements (the demo's fake ComfyUI also needs requirements-demo.txt).
 if "%DREAMLAYER_SKIP_INSTALL%"=="1" goto run
 set "REQS=%ROOT%\requirements.txt"
-if "%DEMO%"=="1" set "REQS=%ROOT%\requirements-dev.txt"
+if "%DEMO%"=="1" set "REQS=%ROOT%\requirements-demo.txt"
 echo Installing requirements from %REQS%
 "%PY%" -m pip install -q --disable-pip-version-check -r "%REQS%"
 if errorlevel 1 (

@@ -44,11 +44,11 @@ if [ ! -x "$PY" ]; then
     fi
 fi
 
-# 2. Requirements (the demo's fake ComfyUI also needs requirements-dev.txt). pip runs only when
+# 2. Requirements (the demo's fake ComfyUI also needs requirements-demo.txt). pip runs only when
 #    the requirement files changed since the last successful install into this virtualenv.
 if [ "$SKIP_INSTALL" != "1" ]; then
     REQS="$ROOT/requirements.txt"
-    if [ "$DEMO" = "1" ]; then REQS="$ROOT/requirements-dev.txt"; fi
+    if [ "$DEMO" = "1" ]; then REQS="$ROOT/requirements-demo.txt"; fi
     STAMP="$VENV/.dreamlayer-installed"
     SUM="$(cat "$ROOT/requirements.txt" "$REQS" | cksum | tr -s ' ' '-')-$(basename "$REQS")"
     if ! grep -qx -- "$SUM" "$STAMP" 2>/dev/null; then

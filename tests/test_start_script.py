@@ -286,7 +286,7 @@ def test_bat_matches_the_shell_script():
     # the same steps: a virtualenv, pip from the right requirements, then the shared supervisor
     assert "-m venv" in sh and "-m venv" in bat
     assert re.search(r"pip install .*-r", sh) and re.search(r"pip install .*-r", bat)
-    assert "requirements.txt" in bat and "requirements-dev.txt" in bat
+    assert "requirements.txt" in bat and "requirements-demo.txt" in bat
     assert 'start_dream_layer.py" "$@"' in sh
     assert 'start_dream_layer.py" %*' in bat
     assert r"\Scripts\python.exe" in bat and "/bin/python" in sh
@@ -355,9 +355,9 @@ def test_creates_the_venv_installs_once_and_hands_over(tmp_path, stub_python):
     # second run: venv reused, requirements unchanged -> no pip
     result, calls = run_sh(tmp_path, PYTHON=str(stub_python), DREAMLAYER_VENV=str(venv))
     assert calls == [f"{vpy} {ROOT}/start_dream_layer.py"]
-    # the demo needs requirements-dev.txt (aiohttp, numpy for the fake ComfyUI)
+    # the demo needs requirements-demo.txt (aiohttp, numpy for the fake ComfyUI)
     result, calls = run_sh(tmp_path, "--demo", PYTHON=str(stub_python), DREAMLAYER_VENV=str(venv))
-    assert calls == [f"{vpy} -m pip install -q --disable-pip-version-check -r {ROOT}/requirements-dev.txt",
+    assert calls == [f"{vpy} -m pip install -q --disable-pip-version-check -r {ROOT}/requirements-demo.txt",
                      f"{vpy} {ROOT}/start_dream_layer.py --demo"]
     # --no-install skips pip even when requirements would need it
     (venv / ".dreamlayer-installed").unlink()
