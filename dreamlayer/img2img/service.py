@@ -14,7 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.client import ComfyClient
+from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
 from dreamlayer.img2img import inpainting
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
 from dreamlayer.errors import ApiError, InvalidParameter
@@ -127,7 +128,7 @@ class Listener:
 
 
 class Img2ImgService:
-    def __init__(self, config, client: comfy_client.ComfyClient, served: ServedImages):
+    def __init__(self, config, client: ComfyClient, served: ServedImages):
         self.config = config
         self.client = client
         self.served = served
@@ -170,7 +171,7 @@ class Img2ImgService:
                 "controlnets": optional("ControlNetLoader", "control_net_name") if params.controlnet_units else None,
             }
         except KeyError as exc:
-            raise comfy_client.ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
+            raise ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
 
     def generate(self, request: Img2ImgRequest) -> dict:
         """The synchronous path: validate, run, answer."""
@@ -239,7 +240,7 @@ class Img2ImgService:
         finally:
             self.active.finish(run_id)
         if not outputs:
-            raise comfy_client.ComfyBadResponse("ComfyUI finished the workflow but reported no images")
+            raise ComfyBadResponse("ComfyUI finished the workflow but reported no images")
         count = len(outputs)
         return {
             "status": "success",
@@ -284,7 +285,7 @@ class Img2ImgService:
 
     def _run(self, run_id: str, workflow: dict, index: int, listener: Listener):
         if self.active.cancelled(run_id):
-            raise comfy_client.ComfyInterrupted(message="The generation was interrupted")
+            raise ComfyInterrupted(message="The generation was interrupted")
 
         def on_queued(prompt_id):
             if not self.active.set_prompt(run_id, prompt_id):
@@ -295,12 +296,12 @@ class Img2ImgService:
         try:
             return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
                                    on_progress=listener.progress)
-        except comfy_client.ComfyRejected:
+        except ComfyRejected:
             # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
             # the next request is checked against what ComfyUI really has.
             try:
                 self.client.object_info(refresh=True)
-            except comfy_client.ComfyError:
+            except ComfyError:
                 pass
             raise
         finally:
