@@ -3,13 +3,16 @@ script_examples/websockets_api_example.py, over one pooled requests.Session. Tra
 answers this client does not understand become ComfyErrors naming the server and the call."""
 from __future__ import annotations
 
+import http.client
 import logging
 import mimetypes
+import socket
 import threading
 from typing import Optional
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyRejected, ComfyTimeout, ComfyUnreachable
 from dreamlayer.comfyui.protocol import OutputImage
@@ -159,16 +162,35 @@ class ComfyHttp:
             return self._object_info
 
 
+def _causes(exc: BaseException):
+    """``exc`` and every exception it was raised from or wraps: requests and urllib3 keep the
+    socket's own error as __cause__ / __context__, or in args (ProtocolError, MaxRetryError)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) not in seen:
+            seen.add(id(e))
+            yield e
+            todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+
+
+#: Why a connection failed, by the socket's own error somewhere in the chain; the first match wins.
+#: RemoteDisconnected (the server closed without answering) is a ConnectionResetError: it comes first.
+_REASONS = (
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "DNS lookup failed"),
+    (http.client.RemoteDisconnected, "connection closed by ComfyUI"),
+    (ConnectionResetError, "connection reset"),
+)
+
+
 def _transport_reason(exc: Exception) -> str:
-    text = str(exc)
-    for needle, reason in (("Connection refused", "connection refused"),
-                           ("NameResolutionError", "DNS lookup failed"),
-                           ("Name or service not known", "DNS lookup failed"),
-                           ("nodename nor servname", "DNS lookup failed"),
-                           ("Temporary failure in name resolution", "DNS lookup failed"),
-                           ("Connection reset", "connection reset"),
-                           ("RemoteDisconnected", "connection closed by ComfyUI"),
-                           ("Connection aborted", "connection aborted")):
-        if needle in text:
+    """A short reason for a failed HTTP call, for ComfyUnreachable's message."""
+    causes = list(_causes(exc))
+    for types, reason in _REASONS:
+        if any(isinstance(e, types) for e in causes):
             return reason
-    return f"{type(exc).__name__}: {text[:200]}"
+    if isinstance(exc, requests.exceptions.ConnectionError) and any(
+            isinstance(e, urllib3.exceptions.ProtocolError) for e in causes):
+        return "connection aborted"  # urllib3's "Connection aborted.": the request broke after it was sent
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
