@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
@@ -114,6 +114,15 @@ def _finishing(plan, keep) -> dict:
         return {}
     return {"paste_back": keep is not None and plan.paste_back,
             "crop_to": tuple(plan.work_size) if plan.padded_size != plan.work_size else None}
+
+
+@dataclass
+class Batches:
+    """What the runs of one request produced, in batch order."""
+
+    outputs: list = field(default_factory=list)     # the served images, as the answer lists them
+    workflows: list = field(default_factory=list)   # the workflow of each run
+    prompt_ids: list = field(default_factory=list)  # ComfyUI's id of each run
 
 
 class Listener:
@@ -228,20 +237,12 @@ class Img2ImgService:
                         shaped = inpainting.prepare_extra(control, job.image.size, plan)
                         ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
                     units.append({**unit, "image": ref})
-                outputs, workflows, prompt_ids = [], [], []
-                try:
-                    self._run_batches(job, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
-                                      prompt_ids)
-                except BaseException:
-                    # the client gets an error and never learns these URLs: do not keep them
-                    for output in outputs:
-                        self.served.remove(output["filename"])
-                    raise
+                batches = self._run_batches(job, run_id, listener, image_ref, mask_ref, units)
         finally:
             self.active.finish(run_id)
-        if not outputs:
+        if not batches.outputs:
             raise ComfyBadResponse("ComfyUI finished the workflow but reported no images")
-        count = len(outputs)
+        count = len(batches.outputs)
         return {
             "status": "success",
             "message": f"Generated {count} image{'s' if count != 1 else ''}",
@@ -250,31 +251,39 @@ class Img2ImgService:
             "seeds": params.seeds(),
             "warnings": job.warnings,
             "comfy_response": {
-                "prompt_id": prompt_ids[0],
-                "prompt_ids": prompt_ids,
-                "generated_images": outputs,
-                "all_images": [dict(o) for o in outputs],
+                "prompt_id": batches.prompt_ids[0],
+                "prompt_ids": batches.prompt_ids,
+                "generated_images": batches.outputs,
+                "all_images": [dict(o) for o in batches.outputs],
             },
-            "workflow": workflows[0],
+            "workflow": batches.workflows[0],
         }
 
-    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
-                     prompt_ids) -> None:
-        """One ComfyUI run per batch_count (seed + i); appends to the three lists as it goes."""
+    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units) -> Batches:
+        """One ComfyUI run per batch_count (seed + i). On failure the images already served are
+        removed: the client gets an error and never learns their URLs."""
         params, finishing = job.params, _finishing(job.plan, job.keep)
-        for index, seed in enumerate(params.seeds()):
-            try:
-                workflow = build_img2img_workflow(
-                    params, image_name=image_ref, mask_name=mask_ref, seed=seed,
-                    filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
-                    controlnet_units=units, **finishing)
-            except WorkflowError as exc:
-                raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
-                               status=400) from None
-            workflows.append(workflow)
-            result = self._run(run_id, workflow, index, listener)
-            prompt_ids.append(result.prompt_id)
-            outputs += [self._serve(run_id, index, img, job.image, job.keep, job.plan) for img in result.images]
+        batches = Batches()
+        try:
+            for index, seed in enumerate(params.seeds()):
+                try:
+                    workflow = build_img2img_workflow(
+                        params, image_name=image_ref, mask_name=mask_ref, seed=seed,
+                        filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
+                        controlnet_units=units, **finishing)
+                except WorkflowError as exc:
+                    raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
+                                   status=400) from None
+                batches.workflows.append(workflow)
+                result = self._run(run_id, workflow, index, listener)
+                batches.prompt_ids.append(result.prompt_id)
+                batches.outputs += [self._serve(run_id, index, img, job.image, job.keep, job.plan)
+                                    for img in result.images]
+        except BaseException:
+            for output in batches.outputs:
+                self.served.remove(output["filename"])
+            raise
+        return batches
 
     def _control_image(self, unit):
         """A ControlNet unit's own image, decoded and checked like the input image (or None)."""
