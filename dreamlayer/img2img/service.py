@@ -277,8 +277,8 @@ class Img2ImgService:
                 batches.workflows.append(workflow)
                 result = self._run(run_id, workflow, index, listener)
                 batches.prompt_ids.append(result.prompt_id)
-                batches.outputs += [self._serve(run_id, index, img, job.image, job.keep, job.plan)
-                                    for img in result.images]
+                for image in result.images:  # one at a time: if one fails, those before it are removed
+                    batches.outputs.append(self._serve(run_id, index, image, job.image, job.keep, job.plan))
         except BaseException:
             for output in batches.outputs:
                 self.served.remove(output["filename"])
