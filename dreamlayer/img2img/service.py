@@ -21,7 +21,8 @@ from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
 from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
-from dreamlayer.img2img.uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
+from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
+from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
 
