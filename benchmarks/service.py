@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dreamlayer.comfyui import client as comfy_client  # noqa: E402
+from dreamlayer.comfyui.errors import ComfyTimeout  # noqa: E402
+from dreamlayer.comfyui.protocol import RunResult, queue_ids, raise_for_history  # noqa: E402
 from dreamlayer.img2img import app as img2img_server  # noqa: E402
 
 POLL_SECONDS = 2.0
@@ -36,15 +38,14 @@ class DreamLayerPollingClient(comfy_client.ComfyClient):
             on_queued(prompt_id)
         while time.monotonic() < deadline:
             queue = self.get_queue()
-            queued = (comfy_client._queue_ids(queue, "queue_running")
-                      | comfy_client._queue_ids(queue, "queue_pending"))
+            queued = queue_ids(queue, "queue_running") | queue_ids(queue, "queue_pending")
             if prompt_id not in queued:
                 entry = self.get_history(prompt_id)
                 if entry is not None:
-                    comfy_client.raise_for_history(prompt_id, entry)
-                    return comfy_client.RunResult(prompt_id, self.output_images(entry), entry, "polling")
+                    raise_for_history(prompt_id, entry)
+                    return RunResult(prompt_id, self.output_images(entry), entry, "polling")
             time.sleep(POLL_SECONDS)
-        raise comfy_client.ComfyTimeout(timeout)
+        raise ComfyTimeout(timeout)
 
 
 def main(argv=None) -> int:

@@ -67,7 +67,7 @@ def register_error_handlers(app) -> None:
     from flask import request
     from werkzeug.exceptions import HTTPException
 
-    from dreamlayer.comfyui import client as comfy_client
+    from dreamlayer.comfyui.errors import ComfyError
 
     log = logging.getLogger(app.import_name)
 
@@ -75,8 +75,8 @@ def register_error_handlers(app) -> None:
     def api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, **exc.details)
 
-    @app.errorhandler(comfy_client.ComfyError)
-    def comfy_error(exc: comfy_client.ComfyError):
+    @app.errorhandler(ComfyError)
+    def comfy_error(exc: ComfyError):
         log.warning("ComfyUI error (%s): %s", exc.code, exc)
         return error_response(exc.status, exc.code, str(exc), **exc.details())
 

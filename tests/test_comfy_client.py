@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui import client as comfy_client, sockets
 from dreamlayer.comfyui.client import (ComfyBadResponse, ComfyClient, ComfyExecutionFailed, ComfyInterrupted,
                           ComfyRejected, ComfyTimeout, ComfyUnreachable, Done, OutputImage,
                           Progress, PromptWatch, raise_for_history)
@@ -439,7 +439,7 @@ def test_websocket_dropped_mid_run_result_still_obtained_by_polling(fake_comfy, 
 
 def test_websocket_cannot_connect_polling_works(fake_comfy, client, monkeypatch):
     dead = f"ws://127.0.0.1:{free_port()}/ws"
-    monkeypatch.setattr(client, "ws_url", lambda cid: f"{dead}?clientId={cid}")
+    monkeypatch.setattr(client.sockets, "url", lambda cid: f"{dead}?clientId={cid}")
     result = client.run(workflow(fake_comfy), timeout=WAIT)
     assert result.source == "polling"
     assert [i.node_id for i in result.images] == ["9"]
@@ -447,7 +447,7 @@ def test_websocket_cannot_connect_polling_works(fake_comfy, client, monkeypatch)
 
 
 def test_polling_maps_execution_error_from_history(fake_comfy, client, monkeypatch):
-    monkeypatch.setattr(client, "ws_url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
+    monkeypatch.setattr(client.sockets, "url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
     fake_comfy.fail_next(node="VAEDecode", message="decode exploded")
     with pytest.raises(ComfyExecutionFailed) as info:
         client.run(workflow(fake_comfy), timeout=WAIT)
@@ -528,17 +528,17 @@ def test_without_announced_outputs_a_late_history_is_read(fake_comfy, client):
 def test_prompt_finishing_instantly_is_seen_because_ws_opens_before_queueing(fake_comfy, monkeypatch):
     c = make_client(fake_comfy, liveness_interval=60)  # only the socket could tell us it finished
     opened, queued = {}, []  # client_id -> when its socket was open; (client_id, when) per queue
-    real_connect = comfy_client.websocket.create_connection
-    real_queue = c.queue_prompt
+    real_connect = sockets.websocket.create_connection
+    real_queue = c.http.queue_prompt
 
     def connect(url, *a, **k):
         ws = real_connect(url, *a, **k)
         opened[url.rsplit("clientId=", 1)[1]] = time.monotonic()
         return ws
 
-    monkeypatch.setattr(comfy_client.websocket, "create_connection", connect)
-    monkeypatch.setattr(c, "queue_prompt", lambda p, cid, **k: (queued.append((cid, time.monotonic())),
-                                                                 real_queue(p, cid, **k))[1])
+    monkeypatch.setattr(sockets.websocket, "create_connection", connect)
+    monkeypatch.setattr(c.http, "queue_prompt", lambda p, cid, **k: (queued.append((cid, time.monotonic())),
+                                                                      real_queue(p, cid, **k))[1])
     fake_comfy.step_delay = 0.0
     wf = workflow(fake_comfy, prefix="fast")
     first = c.run(wf, timeout=5)
@@ -610,7 +610,7 @@ def test_cancel_from_on_queued_stops_the_run_at_once(fake_comfy, client):
 
 
 def test_polling_maps_interrupt_from_history(fake_comfy, client, monkeypatch):
-    monkeypatch.setattr(client, "ws_url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
+    monkeypatch.setattr(client.sockets, "url", lambda cid: f"ws://127.0.0.1:{free_port()}/ws")
     fake_comfy.hang_next()
     run = Background(client, workflow(fake_comfy))
     assert run.queued.wait(WAIT)
@@ -662,8 +662,8 @@ def test_timeout_without_cancel_leaves_the_prompt(fake_comfy, client):
 
 def test_object_info_is_cached_and_refreshable(fake_comfy, client, monkeypatch):
     calls = []
-    real = client._session.request
-    monkeypatch.setattr(client._session, "request",
+    real = client.http._session.request
+    monkeypatch.setattr(client.http._session, "request",
                         lambda method, url, **kw: (calls.append(url), real(method, url, **kw))[1])
     first = client.object_info()
     assert client.object_info() is first
@@ -684,8 +684,8 @@ def test_object_info_is_cached_and_refreshable(fake_comfy, client, monkeypatch):
 
 def test_object_info_is_fetched_once_under_concurrency(fake_comfy, client, monkeypatch):
     calls = []
-    real = client._session.request
-    monkeypatch.setattr(client._session, "request",
+    real = client.http._session.request
+    monkeypatch.setattr(client.http._session, "request",
                         lambda method, url, **kw: (calls.append(url), real(method, url, **kw))[1])
     threads = [threading.Thread(target=client.object_info) for _ in range(8)]
     for t in threads:
@@ -752,10 +752,10 @@ def test_one_client_shared_by_many_threads(fake_comfy, client):
 
 def _spare_ready(c, timeout=WAIT):
     deadline = time.monotonic() + timeout
-    while c._spare is None:
+    while c.sockets._spare is None:
         assert time.monotonic() < deadline, "no spare WebSocket was opened"
         time.sleep(0.01)
-    return c._spare
+    return c.sockets._spare
 
 
 def test_the_next_run_uses_the_socket_opened_in_the_background(fake_comfy, monkeypatch):
@@ -763,7 +763,7 @@ def test_the_next_run_uses_the_socket_opened_in_the_background(fake_comfy, monke
     c.run(workflow(fake_comfy), timeout=WAIT)
     spare_id, _ = _spare_ready(c)
 
-    real_connect = comfy_client.websocket.create_connection
+    real_connect = sockets.websocket.create_connection
     runs_opened = []
 
     def connect(*a, **k):
@@ -771,7 +771,7 @@ def test_the_next_run_uses_the_socket_opened_in_the_background(fake_comfy, monke
             runs_opened.append(a)
         return real_connect(*a, **k)
 
-    monkeypatch.setattr(comfy_client.websocket, "create_connection", connect)
+    monkeypatch.setattr(sockets.websocket, "create_connection", connect)
     result = c.run(workflow(fake_comfy, seed=2), timeout=WAIT)
     assert result.source == "websocket" and runs_opened == []
     assert fake_comfy.prompts[-1][2] == spare_id  # queued with the spare socket's client id
@@ -802,7 +802,7 @@ def test_a_dead_spare_is_replaced(fake_comfy):
     result = c.run(workflow(fake_comfy, seed=5), timeout=WAIT)
     assert result.source == "websocket"
     c.close()
-    assert c._spare is None
+    assert c.sockets._spare is None
 
 
 def test_history_of_a_run_falls_back_to_the_announced_outputs_when_comfyui_is_gone(fake_comfy, client):

@@ -434,3 +434,22 @@ def test_output_folder_defaults_to_where_dream_layer_launches_comfyui(tmp_path):
     assert Config.from_env(env).comfyui_output_dir == tmp_path / "my-outputs"
     settings.write_text("{}")
     assert Config.from_env(env).comfyui_output_dir == tmp_path / "ComfyUI" / "output"
+
+
+def test_a_failed_download_leaves_no_image_of_its_batch_served(service_config, fake_comfy, monkeypatch):
+    """batch_size 2: the second image's GET /view fails after the first image was served."""
+    from dreamlayer.comfyui.client import ComfyClient, ComfyUnreachable
+    from dreamlayer.img2img.app import create_app
+    real, calls = ComfyClient.view, []
+
+    def view(self, image):
+        calls.append(image.filename)
+        if len(calls) == 2:
+            raise ComfyUnreachable(self.base_url, "connection reset")
+        return real(self, image)
+
+    monkeypatch.setattr(ComfyClient, "view", view)
+    resp = _send(create_app(service_config).test_client())
+    assert resp.status_code == 503 and resp.get_json()["code"] == "comfyui_unreachable"
+    assert len(calls) == 2
+    assert list(service_config.served_images_dir.glob("*")) == []

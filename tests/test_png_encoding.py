@@ -1,4 +1,4 @@
-"""The service's own PNG writer (uploads.encode_png / png_bytes / comfy_mask_png): valid files,
+"""The service's own PNG writer (png_writer.encode_png / png_bytes / comfy_mask_png): valid files,
 every pixel as given, text chunks kept, any size (several bands included)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
 from dreamlayer.img2img import inpainting
-from dreamlayer.img2img import uploads
+from dreamlayer.img2img import png_writer, uploads
 from images import box_mask, gradient, png
 
 
@@ -32,36 +32,36 @@ def reopen(data: bytes) -> Image.Image:
 @pytest.mark.parametrize("size", [(1, 1), (7, 3), (64, 48)])
 def test_round_trip(mode, size):
     src = noisy(mode, size)
-    out = reopen(uploads.png_bytes(src))
+    out = reopen(png_writer.png_bytes(src))
     assert out.mode == mode and out.size == size
     assert out.tobytes() == src.tobytes()
 
 
 def test_several_bands_and_levels(monkeypatch):
-    monkeypatch.setattr(uploads, "_PNG_BAND_BYTES", 1000)  # 1000 // (3*101 + 1) = 3 rows per band
+    monkeypatch.setattr(png_writer, "_PNG_BAND_BYTES", 1000)  # 1000 // (3*101 + 1) = 3 rows per band
     src = noisy("RGB", (101, 50))
     for level in (0, 1, 9):
-        assert reopen(uploads.png_bytes(src, level=level)).tobytes() == src.tobytes()
+        assert reopen(png_writer.png_bytes(src, level=level)).tobytes() == src.tobytes()
 
 
 def test_stored_blocks_across_bands(monkeypatch):
     """Stored deflate blocks (at most 65535 bytes) and bands of rows do not line up."""
-    monkeypatch.setattr(uploads, "_PNG_BAND_BYTES", 50_000)
+    monkeypatch.setattr(png_writer, "_PNG_BAND_BYTES", 50_000)
     src = noisy("RGB", (300, 290))  # 261,290 bytes of scanlines: 4 blocks, 6 bands
-    data = uploads.png_bytes(src, level=0)
+    data = png_writer.png_bytes(src, level=0)
     assert reopen(data).tobytes() == src.tobytes()
-    assert len(data) == 8 + 25 + 12 + uploads._stored_idat_size(261_290) + 12
+    assert len(data) == 8 + 25 + 12 + png_writer._stored_idat_size(261_290) + 12
 
 
 def test_chunks_after_idat():
-    data = uploads.png_bytes(gradient(4, 4), chunks=[(b"prVt", b"abc", True), (b"tEXt", b"k\0v")])
+    data = png_writer.png_bytes(gradient(4, 4), chunks=[(b"prVt", b"abc", True), (b"tEXt", b"k\0v")])
     assert data.index(b"prVt") > data.index(b"IDAT") > data.index(b"tEXt")
     assert reopen(data).text == {"k": "v"}
 
 
 def test_stored_by_default_and_unfiltered():
     src = gradient(32, 16)
-    data = uploads.png_bytes(src)
+    data = png_writer.png_bytes(src)
     im = Image.open(io.BytesIO(data))
     assert im.format == "PNG"
     pos, raw = 8, b""
@@ -78,7 +78,7 @@ def test_stored_by_default_and_unfiltered():
 
 def test_other_modes_go_through_pillow():
     for im in (Image.new("P", (5, 5), 3), Image.new("1", (9, 2), 1), Image.new("I;16", (4, 4), 40000)):
-        out = reopen(uploads.png_bytes(im))
+        out = reopen(png_writer.png_bytes(im))
         assert out.size == im.size
 
 
@@ -86,13 +86,13 @@ def test_text_chunks_are_written():
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", '{"1": {"class_type": "SaveImage"}}')
     info.add_text("note", "ünïcode ✓")  # not latin-1: an iTXt chunk
-    out = reopen(uploads.png_bytes(gradient(8, 8), chunks=info.chunks))
+    out = reopen(png_writer.png_bytes(gradient(8, 8), chunks=info.chunks))
     assert out.text == {"prompt": '{"1": {"class_type": "SaveImage"}}', "note": "ünïcode ✓"}
 
 
 def test_comfy_mask_png_has_keep_in_luminance_and_alpha():
     keep = noisy("L", (33, 20))
-    out = reopen(uploads.comfy_mask_png(keep))
+    out = reopen(png_writer.comfy_mask_png(keep))
     assert out.mode == "LA"
     assert out.getchannel("L").tobytes() == keep.tobytes()
     assert out.getchannel("A").tobytes() == keep.tobytes()
@@ -102,7 +102,7 @@ def test_comfy_mask_png_has_keep_in_luminance_and_alpha():
 def test_comfy_mask_png_can_carry_the_paste_weight_in_luminance(size):
     keep = noisy("L", size)
     weight = Image.eval(keep, lambda v: (v * 7 + 3) % 256)
-    out = reopen(uploads.comfy_mask_png(keep, weight))
+    out = reopen(png_writer.comfy_mask_png(keep, weight))
     assert out.mode == "LA"
     assert out.getchannel("L").tobytes() == weight.tobytes()
     assert out.getchannel("A").tobytes() == keep.tobytes()
@@ -112,7 +112,7 @@ def test_comfy_mask_png_can_carry_the_paste_weight_in_luminance(size):
 
 def test_comfy_mask_png_rejects_a_weight_of_another_size():
     with pytest.raises(ValueError):
-        uploads.comfy_mask_png(noisy("L", (8, 8)), noisy("L", (8, 9)))
+        png_writer.comfy_mask_png(noisy("L", (8, 8)), noisy("L", (8, 9)))
 
 
 def test_paste_weight_is_the_inverse_paste_mask_padded_with_keep():

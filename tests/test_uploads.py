@@ -7,7 +7,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from dreamlayer.img2img import uploads
+from dreamlayer.img2img import png_writer, uploads
 from dreamlayer.errors import ApiError
 from images import box_mask, encode, gradient, png
 
@@ -147,7 +147,7 @@ def test_mask_of_other_size_is_resized_with_warning():
 def test_comfy_mask_png_carries_keep_in_alpha():
     """LoadImageMask(channel="alpha") yields 1 - A/255: black (inpaint) must be transparent."""
     keep = box_mask((16, 16), (0, 0, 8, 8))
-    out = Image.open(io.BytesIO(uploads.comfy_mask_png(keep)))
+    out = Image.open(io.BytesIO(png_writer.comfy_mask_png(keep)))
     alpha = out.convert("RGBA").getchannel("A")
     assert alpha.getpixel((2, 2)) == 0 and alpha.getpixel((12, 12)) == 255
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
-from dreamlayer.img2img.uploads import png_bytes
+from dreamlayer.img2img.png_writer import png_bytes
 
 VAE_MULTIPLE = 8
 

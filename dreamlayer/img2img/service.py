@@ -12,15 +12,17 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.client import ComfyClient
+from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
 from dreamlayer.img2img import inpainting
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
 from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
-from dreamlayer.img2img.uploads import comfy_mask_png, decode_base64_image, decode_image, decode_mask, png_bytes
+from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
+from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,15 @@ def _finishing(plan, keep) -> dict:
             "crop_to": tuple(plan.work_size) if plan.padded_size != plan.work_size else None}
 
 
+@dataclass
+class Batches:
+    """What the runs of one request produced, in batch order."""
+
+    outputs: list = field(default_factory=list)     # the served images, as the answer lists them
+    workflows: list = field(default_factory=list)   # the workflow of each run
+    prompt_ids: list = field(default_factory=list)  # ComfyUI's id of each run
+
+
 class Listener:
     """Receives a run's progress; the async jobs subclass it. Every method may be called from
     the generating thread."""
@@ -127,7 +138,7 @@ class Listener:
 
 
 class Img2ImgService:
-    def __init__(self, config, client: comfy_client.ComfyClient, served: ServedImages):
+    def __init__(self, config, client: ComfyClient, served: ServedImages):
         self.config = config
         self.client = client
         self.served = served
@@ -170,7 +181,7 @@ class Img2ImgService:
                 "controlnets": optional("ControlNetLoader", "control_net_name") if params.controlnet_units else None,
             }
         except KeyError as exc:
-            raise comfy_client.ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
+            raise ComfyBadResponse(f"ComfyUI's object_info lacks a core node input: {exc}") from None
 
     def generate(self, request: Img2ImgRequest) -> dict:
         """The synchronous path: validate, run, answer."""
@@ -227,20 +238,12 @@ class Img2ImgService:
                         shaped = inpainting.prepare_extra(control, job.image.size, plan)
                         ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
                     units.append({**unit, "image": ref})
-                outputs, workflows, prompt_ids = [], [], []
-                try:
-                    self._run_batches(job, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
-                                      prompt_ids)
-                except BaseException:
-                    # the client gets an error and never learns these URLs: do not keep them
-                    for output in outputs:
-                        self.served.remove(output["filename"])
-                    raise
+                batches = self._run_batches(job, run_id, listener, image_ref, mask_ref, units)
         finally:
             self.active.finish(run_id)
-        if not outputs:
-            raise comfy_client.ComfyBadResponse("ComfyUI finished the workflow but reported no images")
-        count = len(outputs)
+        if not batches.outputs:
+            raise ComfyBadResponse("ComfyUI finished the workflow but reported no images")
+        count = len(batches.outputs)
         return {
             "status": "success",
             "message": f"Generated {count} image{'s' if count != 1 else ''}",
@@ -249,31 +252,39 @@ class Img2ImgService:
             "seeds": params.seeds(),
             "warnings": job.warnings,
             "comfy_response": {
-                "prompt_id": prompt_ids[0],
-                "prompt_ids": prompt_ids,
-                "generated_images": outputs,
-                "all_images": [dict(o) for o in outputs],
+                "prompt_id": batches.prompt_ids[0],
+                "prompt_ids": batches.prompt_ids,
+                "generated_images": batches.outputs,
+                "all_images": [dict(o) for o in batches.outputs],
             },
-            "workflow": workflows[0],
+            "workflow": batches.workflows[0],
         }
 
-    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, outputs, workflows,
-                     prompt_ids) -> None:
-        """One ComfyUI run per batch_count (seed + i); appends to the three lists as it goes."""
+    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units) -> Batches:
+        """One ComfyUI run per batch_count (seed + i). On failure the images already served are
+        removed: the client gets an error and never learns their URLs."""
         params, finishing = job.params, _finishing(job.plan, job.keep)
-        for index, seed in enumerate(params.seeds()):
-            try:
-                workflow = build_img2img_workflow(
-                    params, image_name=image_ref, mask_name=mask_ref, seed=seed,
-                    filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
-                    controlnet_units=units, **finishing)
-            except WorkflowError as exc:
-                raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
-                               status=400) from None
-            workflows.append(workflow)
-            result = self._run(run_id, workflow, index, listener)
-            prompt_ids.append(result.prompt_id)
-            outputs += [self._serve(run_id, index, img, job.image, job.keep, job.plan) for img in result.images]
+        batches = Batches()
+        try:
+            for index, seed in enumerate(params.seeds()):
+                try:
+                    workflow = build_img2img_workflow(
+                        params, image_name=image_ref, mask_name=mask_ref, seed=seed,
+                        filename_prefix=f"img2img_{run_id}_{index}", inpaint_mode=params.inpaint_mode,
+                        controlnet_units=units, **finishing)
+                except WorkflowError as exc:
+                    raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
+                                   status=400) from None
+                batches.workflows.append(workflow)
+                result = self._run(run_id, workflow, index, listener)
+                batches.prompt_ids.append(result.prompt_id)
+                for image in result.images:  # one at a time: if one fails, those before it are removed
+                    batches.outputs.append(self._serve(run_id, index, image, job.image, job.keep, job.plan))
+        except BaseException:
+            for output in batches.outputs:
+                self.served.remove(output["filename"])
+            raise
+        return batches
 
     def _control_image(self, unit):
         """A ControlNet unit's own image, decoded and checked like the input image (or None)."""
@@ -284,7 +295,7 @@ class Img2ImgService:
 
     def _run(self, run_id: str, workflow: dict, index: int, listener: Listener):
         if self.active.cancelled(run_id):
-            raise comfy_client.ComfyInterrupted(message="The generation was interrupted")
+            raise ComfyInterrupted(message="The generation was interrupted")
 
         def on_queued(prompt_id):
             if not self.active.set_prompt(run_id, prompt_id):
@@ -295,12 +306,12 @@ class Img2ImgService:
         try:
             return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
                                    on_progress=listener.progress)
-        except comfy_client.ComfyRejected:
+        except ComfyRejected:
             # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
             # the next request is checked against what ComfyUI really has.
             try:
                 self.client.object_info(refresh=True)
-            except comfy_client.ComfyError:
+            except ComfyError:
                 pass
             raise
         finally:

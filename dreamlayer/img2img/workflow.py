@@ -274,7 +274,7 @@ def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, fi
 
 
 #: LoadImageMask channel of the mask file holding how much of the input to keep when pasting back
-#: (the alpha channel holds the inpainting mask itself; see uploads.comfy_mask_png).
+#: (the alpha channel holds the inpainting mask itself; see png_writer.comfy_mask_png).
 PASTE_BACK_CHANNEL = "red"
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
-from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.errors import ComfyError, ComfyInterrupted
 from dreamlayer.errors import ApiError
 from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared
 
@@ -29,7 +29,7 @@ def error_object(exc: BaseException) -> dict:
     """The same error object the synchronous path answers with, plus its HTTP status."""
     if isinstance(exc, ApiError):
         return {**exc.to_dict(), "http_status": exc.status}
-    if isinstance(exc, comfy_client.ComfyError):
+    if isinstance(exc, ComfyError):
         return {"status": "error", "code": exc.code, "message": str(exc), **exc.details(), "http_status": exc.status}
     log.exception("job failed unexpectedly", exc_info=exc)
     return {"status": "error", "code": "internal_error", "message": "The service failed unexpectedly; see its log",
@@ -151,7 +151,7 @@ class JobStore:
     def _run(self, job: Job, prepared: Prepared) -> None:
         try:
             result = self.service.execute(prepared, run_id=job.id, listener=job)
-        except comfy_client.ComfyInterrupted as exc:
+        except ComfyInterrupted as exc:
             if job.cancel_requested:
                 job.finish("cancelled")
             else:
@@ -200,7 +200,7 @@ class JobStore:
         """0 = running, n = n-th pending in ComfyUI's queue, None = not in it."""
         try:
             queue = self.service.client.get_queue()
-        except comfy_client.ComfyError:
+        except ComfyError:
             return None
         if any(item[1] == prompt_id for item in queue.get("queue_running") or []):
             return 0

@@ -1,0 +1,143 @@
+"""How the client names a failed connection: real failures over real loopback sockets (a port nobody
+listens on, servers that close, reset, answer garbage or never answer), classified by the exception
+types requests and urllib3 raise, not by their messages."""
+import socket
+import struct
+import threading
+from contextlib import contextmanager
+
+import pytest
+import requests
+
+from dreamlayer.comfyui.client import ComfyClient, ComfyTimeout, ComfyUnreachable, OutputImage
+from dreamlayer.comfyui.http import _transport_reason
+
+WAIT = 10  # upper bound for awaiting the server thread; never a sleep
+
+
+def _read_request(conn) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+def _reset(conn) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+
+
+@contextmanager
+def server(answer):
+    """A loopback server for one connection: it reads one request, then ``answer(conn, done)``;
+    the connection is closed when answer returns. Yields the server's base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT)
+    done = threading.Event()
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            _read_request(conn)
+            answer(conn, done)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        listener.close()
+        thread.join(WAIT)
+
+
+@contextmanager
+def nobody_listening():
+    """A port bound but not listening: connecting is refused, and no one else can take the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def closes(conn, done):
+    pass
+
+
+def resets(conn, done):
+    _reset(conn)
+
+
+def answers_garbage(conn, done):
+    conn.sendall(b"garbage\r\n\r\n")
+
+
+def never_answers(conn, done):
+    done.wait(WAIT)
+
+
+def sends_half_a_body(conn, done):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+
+
+def sends_half_a_body_then_resets(conn, done):
+    sends_half_a_body(conn, done)
+    _reset(conn)
+
+
+def failure(url):
+    """The exception requests raises for a GET of ``url``."""
+    with pytest.raises(requests.RequestException) as info:
+        requests.get(url + "/system_stats", timeout=WAIT)
+    return info.value
+
+
+def test_refused():
+    with nobody_listening() as url:
+        assert _transport_reason(failure(url)) == "connection refused"
+
+
+def test_dns_failure():
+    assert _transport_reason(failure("http://comfyui.invalid:8188")) == "DNS lookup failed"
+
+
+@pytest.mark.parametrize("answer,reason", [
+    (closes, "connection closed by ComfyUI"),
+    (resets, "connection reset"),
+    (answers_garbage, "connection aborted"),
+])
+def test_server_that_breaks_the_request(answer, reason):
+    with server(answer) as url:
+        assert _transport_reason(failure(url)) == reason
+
+
+def test_an_unknown_failure_is_named_by_its_type():
+    with pytest.raises(requests.RequestException) as info:
+        requests.get("http://[::1", timeout=WAIT)  # not a URL: requests refuses before connecting
+    reason = _transport_reason(info.value)
+    assert reason.startswith(type(info.value).__name__ + ": ") and len(reason) < 250
+
+
+def test_a_server_that_never_answers_is_a_timeout():
+    with server(never_answers) as url:
+        c = ComfyClient(url, read_timeout=0.2)
+        with pytest.raises(ComfyTimeout) as info:
+            c.system_stats()
+        c.close()
+    assert "GET /system_stats" in str(info.value) and info.value.timeout == 0.2
+
+
+@pytest.mark.parametrize("answer,reason", [
+    (sends_half_a_body_then_resets, "connection reset"),
+    (sends_half_a_body, "ChunkedEncodingError: "),  # no socket error: the body just ends early
+])
+def test_a_download_that_breaks_off(answer, reason):
+    with server(answer) as url:
+        c = ComfyClient(url)
+        with pytest.raises(ComfyUnreachable) as info:
+            c.view(OutputImage("9", "out.png", "", "output"))
+        c.close()
+    assert info.value.reason.startswith(reason), info.value.reason
