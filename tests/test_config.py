@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import requests
 
 from dreamlayer import PROJECT_ROOT as ROOT
 from dreamlayer.config import VARIABLES, Config, ConfigError, DreamLayerConfig, Environment
@@ -267,3 +268,23 @@ def test_a_service_logs_the_deprecation_warning():
     assert result.returncode == 2 and "COMFYUI_DIR is not set" in result.stderr
     assert re.search(r"WARNING dreamlayer\.config\.env: DREAM_LAYER_PORT is deprecated: rename it to "
                      r"DREAMLAYER_PORT", result.stderr), result.stderr
+
+
+def test_port_0_lets_the_system_choose_and_the_log_names_the_port(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dream_layer.py")], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True, env=_clean_env(DREAMLAYER_PORT="0", COMFY_API_URL="http://127.0.0.1:1",
+                                                      SERVED_IMAGES_DIR=str(tmp_path / "served"),
+                                                      DREAMLAYER_SETTINGS_FILE=str(tmp_path / "s.json")))
+    try:
+        port = None
+        for line in proc.stderr:  # the line comes within a second; the test timeout bounds it
+            match = re.search(r"dream_layer on http://127\.0\.0\.1:(\d+) ", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "no 'dream_layer on' line"
+        assert port != 0 and requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()

@@ -233,7 +233,7 @@ def serve(config: DreamLayerConfig, *, with_comfyui: bool) -> int:
             return 1
         reachable = client.is_up()
         port = getattr(server, "effective_port", config.port)  # DREAMLAYER_PORT=0: the one chosen
-        log.info("dream_layer on http://%s:%d — ComfyUI at %s %s%s", config.host, port,
+        log.info("dream_layer on http://%s:%s — ComfyUI at %s %s%s", config.host, port,
                  config.comfy_api_url, "answers" if reachable else "does NOT answer (yet)",
                  " [DEMO: fake stand-in, no diffusion model]" if config.demo else "")
         if not reachable and comfyui is None:
