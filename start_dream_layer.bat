@@ -7,7 +7,7 @@ rem   start_dream_layer.bat --demo        use the project's fake ComfyUI (no GPU
 rem   start_dream_layer.bat --no-install  do not run pip (same as DREAMLAYER_SKIP_INSTALL=1)
 rem
 rem Like start_dream_layer.sh, this prepares the virtualenv and then runs start_dream_layer.py,
-rem which starts, watches and stops the processes. Variables: docs\installation.md.
+rem which starts, watches and stops the processes. Variables: docs\configuration.md.
 setlocal EnableExtensions
 
 set "ROOT=%~dp0"

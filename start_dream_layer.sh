@@ -8,7 +8,7 @@
 #
 # This script prepares the virtualenv, then hands over (exec) to start_dream_layer.py, which
 # starts, watches and stops the processes; the Windows .bat does the same. Variables and their
-# defaults: docs/installation.md. Works with macOS's bash 3.2.
+# defaults: docs/configuration.md. Works with macOS's bash 3.2.
 set -eu
 
 ROOT="$(cd "$(dirname "$0")" && pwd)"

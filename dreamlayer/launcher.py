@@ -17,12 +17,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-from dreamlayer.config.img2img import Config, ConfigError
 from dreamlayer.config.backend import DreamLayerConfig
-from dreamlayer.config.saved_paths import DEMO_ENV, DEMO_NOTE
+from dreamlayer.config.env import ConfigError, Environment, report
+from dreamlayer.config.img2img import Config
+from dreamlayer.config.saved_paths import DEMO_NOTE
 
 from dreamlayer import PROJECT_ROOT as ROOT
 IS_WINDOWS = os.name == "nt"
@@ -52,25 +53,31 @@ class Stop(BaseException):
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything read from the environment, once."""
+    """Everything read from the environment, once: both services' configurations (to probe and
+    report their addresses), the launcher's own settings, and the environment the children get."""
     dl: DreamLayerConfig
     img2img: Config
     demo: bool
     log_dir: Path
     demo_dir: Path
     health_timeout_s: float
+    #: The variables as given; each child inherits them (and validates them again itself).
+    environ: Mapping = field(default_factory=dict)
+    #: Deprecated or unknown variables: shown on the console before anything starts.
+    warnings: tuple = ()
 
     @classmethod
-    def from_env(cls, demo: bool, environ=None) -> "Plan":
-        env = os.environ if environ is None else environ
+    def from_env(cls, demo: bool, environ: Environment | Mapping | None = None) -> "Plan":
+        env = Environment.of(environ)
         dl = DreamLayerConfig.from_env(env)
-        try:
-            timeout = float(env.get("DREAMLAYER_HEALTH_TIMEOUT") or 60)
-        except ValueError as exc:
-            raise ConfigError(f"DREAMLAYER_HEALTH_TIMEOUT: {exc}") from exc
-        demo_dir = Path(env.get("DREAMLAYER_DEMO_DIR") or ROOT / "data" / "demo_comfyui").expanduser()
-        return cls(dl=dl, img2img=dl.shared, demo=demo, log_dir=dl.log_dir, demo_dir=demo_dir,
-                   health_timeout_s=timeout)
+        for name, port in (("DREAMLAYER_PORT", dl.port), ("IMG2IMG_PORT", dl.shared.port)):
+            if port == 0:  # the services could take it, but the launcher must know where to look
+                raise ConfigError(f"{name}='0': expected a port number 1-65535 with "
+                                  "start_dream_layer (it checks each service at its port)")
+        return cls(dl=dl, img2img=dl.shared, demo=demo, log_dir=dl.log_dir,
+                   demo_dir=env.get("DREAMLAYER_DEMO_DIR"),
+                   health_timeout_s=env.get("DREAMLAYER_HEALTH_TIMEOUT_S"),
+                   environ=env.snapshot(), warnings=tuple(env.warnings))
 
 
 def probe_host(host: str) -> str:
@@ -173,14 +180,14 @@ class Supervisor:
         self.dl_url = f"http://{probe_host(dl.host)}:{dl.port}"
         self.img_url = f"http://{probe_host(img.host)}:{img.port}"
         self.comfy_url = dl.comfy_api_url
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env = dict(plan.environ, PYTHONUNBUFFERED="1")
         if plan.demo:
             # The stand-in shares no disk with the services: inputs go over HTTP, and a real
             # install configured for normal runs must not be written to.
             self.env.pop("COMFYUI_DIR", None)
             self.env.pop("COMFYUI_INPUT_DIR", None)
             self.env.pop("COMFYUI_OUTPUT_DIR", None)
-            self.env[DEMO_ENV] = "1"
+            self.env["DREAMLAYER_DEMO"] = "1"
         self.dream_layer = Child("dream_layer", [py, str(ROOT / "dream_layer.py")],
                                  plan.log_dir / "dream_layer.log", f"{self.dl_url}/health", env=self.env)
         self.img2img = Child("img2img", [py, str(ROOT / "img2img_server.py")],
@@ -189,7 +196,7 @@ class Supervisor:
 
     # -- steps --------------------------------------------------------------------------------
     def preflight(self) -> None:
-        for name, cfg, var in (("dream_layer", self.plan.dl, "DREAM_LAYER_PORT"),
+        for name, cfg, var in (("dream_layer", self.plan.dl, "DREAMLAYER_PORT"),
                                ("img2img", self.plan.img2img, "IMG2IMG_PORT")):
             if port_answers(cfg.host, cfg.port):
                 raise StartError(f"Port {cfg.port} ({name}) is already in use on {cfg.host} — another "
@@ -332,8 +339,9 @@ def main(argv=None) -> int:
     try:
         plan = Plan.from_env(args.demo)
     except ConfigError as exc:
-        say(f"start_dream_layer: {exc}")
-        return 2
+        return report("start_dream_layer", exc)
+    for note in plan.warnings:
+        say(f"WARNING: {note}")
     sup = Supervisor(plan)
     _install_signal_handlers()
     code = 0

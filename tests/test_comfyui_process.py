@@ -169,7 +169,7 @@ def _env(comfy_dir, tmp_path, comfy_port, **extra):
     env = dict(os.environ, COMFYUI_DIR=str(comfy_dir), COMFY_API_URL=f"http://127.0.0.1:{comfy_port}",
                COMFYUI_PYTHON=sys.executable, DREAMLAYER_LOG_DIR=str(tmp_path / "logs"),
                DREAMLAYER_SETTINGS_FILE=str(tmp_path / "settings.json"),
-               SERVED_IMAGES_DIR=str(tmp_path / "served"), COMFYUI_START_TIMEOUT="20")
+               SERVED_IMAGES_DIR=str(tmp_path / "served"), COMFYUI_START_TIMEOUT_S="20")
     env.pop("DREAMLAYER_DEMO", None)
     env.update(extra)
     return env
@@ -190,7 +190,7 @@ def test_dream_layer_start_comfyui_serves_and_stops_its_child(comfy_dir, tmp_pat
     out.mkdir()
     (tmp_path / "settings.json").write_text(json.dumps({"outputDirectory": str(out)}))
     proc = subprocess.Popen([sys.executable, str(ROOT / "dream_layer.py"), "--start-comfyui"], cwd=ROOT,
-                            env=_env(comfy_dir, tmp_path, comfy_port, DREAM_LAYER_PORT=str(port)),
+                            env=_env(comfy_dir, tmp_path, comfy_port, DREAMLAYER_PORT=str(port)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert _wait_for(is_up(f"http://127.0.0.1:{comfy_port}")), proc.stdout.read1().decode() if proc.poll() is not None else ""

@@ -302,14 +302,14 @@ def test_config_defaults_and_env(tmp_path):
     assert cfg.log_dir == ROOT / "logs" and cfg.comfyui_log == ROOT / "logs" / "comfyui.log"
     assert cfg.comfyui_cors_origin == "http://localhost:8080"
     cfg = DreamLayerConfig.from_env({
-        "DREAM_LAYER_HOST": "0.0.0.0", "DREAM_LAYER_PORT": "6002", "COMFY_API_URL": "http://10.0.0.5:8188/",
+        "DREAMLAYER_HOST": "0.0.0.0", "DREAMLAYER_PORT": "6002", "COMFY_API_URL": "http://10.0.0.5:8188/",
         "DREAMLAYER_SETTINGS_FILE": str(tmp_path / "s.json"), "DREAMLAYER_MODEL_NAMES_FILE": str(tmp_path / "n.json"),
         "DREAMLAYER_LOG_DIR": str(tmp_path / "logs"), "DREAMLAYER_DEMO": "1",
         "COMFYUI_EXTRA_ARGS": "--cpu --lowvram", "CORS_ORIGINS": "http://a:1,http://b:2"})
     assert (cfg.host, cfg.port, cfg.demo, cfg.comfy_api_url) == ("0.0.0.0", 6002, True, "http://10.0.0.5:8188")
     assert cfg.settings_file == tmp_path / "s.json" and cfg.display_names_file == tmp_path / "n.json"
     assert cfg.comfyui_extra_args == ("--cpu", "--lowvram") and cfg.comfyui_cors_origin == "http://a:1"
-    for bad in ({"DREAM_LAYER_PORT": "abc"}, {"DREAM_LAYER_PORT": "70000"}, {"DREAM_LAYER_THREADS": "0"}):
+    for bad in ({"DREAMLAYER_PORT": "abc"}, {"DREAMLAYER_PORT": "70000"}, {"DREAMLAYER_THREADS": "0"}):
         with pytest.raises(ConfigError):
             DreamLayerConfig.from_env(bad)
 
@@ -333,4 +333,4 @@ def test_main_explains_a_busy_port(tmp_path):
         result = _run_main({"DREAM_LAYER_PORT": str(port), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}",
                             "SERVED_IMAGES_DIR": str(tmp_path / "served")})
     assert result.returncode == 1
-    assert "DREAM_LAYER_PORT" in result.stderr and "cannot listen" in result.stderr
+    assert "or set DREAMLAYER_PORT" in result.stderr and "cannot listen" in result.stderr

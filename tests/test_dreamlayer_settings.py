@@ -9,18 +9,21 @@ import sys
 import pytest
 
 from dreamlayer.config import saved_paths as ds
+from dreamlayer.config.env import Environment
 from dreamlayer.backend.models import derived_display_name, load_display_names, model_entries
 
 
 def test_settings_file_location_from_env(tmp_path):
-    assert ds.settings_file_from_env({}) == ds.DEFAULT_SETTINGS_FILE
-    assert ds.settings_file_from_env({"DREAMLAYER_SETTINGS_FILE": str(tmp_path / "s.json")}) == tmp_path / "s.json"
+    # the location is configuration (dreamlayer.config.env), handed to this module
+    from dreamlayer import PROJECT_ROOT
+    assert Environment({}).get("DREAMLAYER_SETTINGS_FILE") == PROJECT_ROOT / "data" / "settings.json"
+    assert Environment({"DREAMLAYER_SETTINGS_FILE": str(tmp_path / "s.json")}).get("DREAMLAYER_SETTINGS_FILE") == tmp_path / "s.json"
 
 
 def test_demo_flag_and_health_fields():
-    assert not ds.demo_mode_from_env({})
-    assert not ds.demo_mode_from_env({"DREAMLAYER_DEMO": "0"})
-    assert ds.demo_mode_from_env({"DREAMLAYER_DEMO": "1"})
+    assert not Environment({}).get("DREAMLAYER_DEMO")
+    assert not Environment({"DREAMLAYER_DEMO": "0"}).get("DREAMLAYER_DEMO")
+    assert Environment({"DREAMLAYER_DEMO": "1"}).get("DREAMLAYER_DEMO")
     assert ds.demo_health_fields(False) == {}
     fields = ds.demo_health_fields(True)
     assert fields["demo"] is True and "no diffusion model" in fields["note"]

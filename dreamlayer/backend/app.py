@@ -1,7 +1,7 @@
 """DreamLayer's main backend (port 5002): model lists, path settings and generated images for the
 DreamLayer frontend, and optionally the local ComfyUI it all runs on.
 
-``python dream_layer.py`` serves with waitress on DREAM_LAYER_HOST:DREAM_LAYER_PORT;
+``python dream_layer.py`` serves with waitress on DREAMLAYER_HOST:DREAMLAYER_PORT;
 ``--start-comfyui`` also starts ComfyUI from COMFYUI_DIR (unless one already answers);
 ``--comfyui-only`` just runs ComfyUI in the foreground (what start_dream_layer uses).
 ``create_app(config)`` builds the app for tests. img2img is not here: it is the :5004 service.
@@ -20,7 +20,7 @@ from flask_cors import CORS
 
 from dreamlayer.comfyui import client as comfy_client
 from dreamlayer.comfyui.process import ComfyUIProcess, LaunchError, launch_spec
-from dreamlayer.config.img2img import ConfigError
+from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.backend import DreamLayerConfig
 from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, get_directories, load_settings,
                                  unreachable_hint, update_settings)
@@ -143,8 +143,12 @@ def served_image(filename):
 
 def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.ComfyClient | None = None,
                comfyui: ComfyUIProcess | None = None) -> Flask:
-    """Build the app. Tests pass their own config (files, ComfyUI address)."""
-    config = config or DreamLayerConfig.from_env()
+    """Build the app. Tests pass their own config (files, ComfyUI address); without one (a WSGI
+    server importing the app) it is read from the environment now."""
+    if config is None:
+        env = Environment()
+        config = DreamLayerConfig.from_env(env)
+        env.log_warnings()
     app = Flask(__name__, static_folder=None)
     app.debug = False  # Flask would read FLASK_DEBUG from the environment
     app.config.update(MAX_CONTENT_LENGTH=1024 * 1024)
@@ -225,10 +229,11 @@ def serve(config: DreamLayerConfig, *, with_comfyui: bool) -> int:
                                    ident="dreamlayer")
         except OSError as exc:
             log.error("cannot listen on %s:%d (%s); is another DreamLayer running? Stop it or set "
-                      "DREAM_LAYER_PORT", config.host, config.port, exc)
+                      "DREAMLAYER_PORT", config.host, config.port, exc)
             return 1
         reachable = client.is_up()
-        log.info("dream_layer on http://%s:%d — ComfyUI at %s %s%s", config.host, config.port,
+        port = getattr(server, "effective_port", config.port)  # DREAMLAYER_PORT=0: the one chosen
+        log.info("dream_layer on http://%s:%s — ComfyUI at %s %s%s", config.host, port,
                  config.comfy_api_url, "answers" if reachable else "does NOT answer (yet)",
                  " [DEMO: fake stand-in, no diffusion model]" if config.demo else "")
         if not reachable and comfyui is None:
@@ -248,13 +253,14 @@ def main(argv=None) -> int:
     group.add_argument("--comfyui-only", action="store_true",
                        help="only run ComfyUI from COMFYUI_DIR, in the foreground")
     args = parser.parse_args(argv)
+    env = Environment()
     try:
-        config = DreamLayerConfig.from_env()
+        config = DreamLayerConfig.from_env(env)
     except ConfigError as exc:
-        print(f"dream_layer: {exc}", file=sys.stderr)
-        return 2
+        return report("dream_layer", exc)
     logging.basicConfig(level=config.shared.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env.log_warnings()
     _exit_on_sigterm()
     try:
         if args.comfyui_only:

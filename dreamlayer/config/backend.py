@@ -1,41 +1,41 @@
-"""Configuration of dream_layer.py (port 5002), read once from environment variables.
+"""Configuration of dream_layer.py (port 5002), built once from the environment.
 
-Settings it shares with the img2img service (COMFY_API_URL, COMFYUI_DIR, COMFYUI_INPUT_DIR,
-SERVED_IMAGES_DIR, CORS_ORIGINS, LOG_LEVEL) are parsed by config.Config, so both services read
-them the same way. Defaults are documented in docs/installation.md.
+The variables it shares with the img2img service (COMFY_API_URL, COMFYUI_DIR, SERVED_IMAGES_DIR,
+CORS_ORIGINS, LOG_LEVEL, ...) come through ``Config``, so both services read them the same way;
+every variable, default and rule is in ``dreamlayer.config.env`` (docs/configuration.md).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from dreamlayer.config.img2img import Config, ConfigError
-from dreamlayer.config.saved_paths import demo_mode_from_env, settings_file_from_env
+from dreamlayer.config import env as E
+from dreamlayer.config.env import ConfigError, Environment
+from dreamlayer.config.img2img import Config
 
-from dreamlayer import PROJECT_ROOT as HERE
+__all__ = ["DreamLayerConfig", "ConfigError"]
 
 
 @dataclass(frozen=True)
 class DreamLayerConfig:
     #: The shared settings (ComfyUI address and install, served images, CORS, log level).
     shared: Config = field(default_factory=Config)
-    host: str = "127.0.0.1"
-    port: int = 5002
-    threads: int = 8
-    settings_file: Path = HERE / "data" / "settings.json"
-    display_names_file: Path = HERE / "data" / "model_display_names.json"
-    log_dir: Path = HERE / "logs"
-    demo: bool = False
+    host: str = E.default("DREAMLAYER_HOST")
+    #: 0 = the operating system picks a free port (not with start_dream_layer, which probes it).
+    port: int = E.default("DREAMLAYER_PORT")
+    threads: int = E.default("DREAMLAYER_THREADS")
+    settings_file: Path = E.default("DREAMLAYER_SETTINGS_FILE")
+    display_names_file: Path = E.default("DREAMLAYER_MODEL_NAMES_FILE")
+    log_dir: Path = E.default("DREAMLAYER_LOG_DIR")
+    demo: bool = E.default("DREAMLAYER_DEMO")
     #: Python that runs ComfyUI's main.py; empty = chosen from the install (comfyui_process).
-    comfyui_python: str = ""
-    comfyui_extra_args: tuple = ()
+    comfyui_python: str = E.default("COMFYUI_PYTHON")
+    comfyui_extra_args: tuple = E.default("COMFYUI_EXTRA_ARGS")
     #: Origin ComfyUI allows (--enable-cors-header), for the frontend's WebSocket to ComfyUI.
-    comfyui_cors_origin: str = "http://localhost:8080"
-    comfyui_start_timeout_s: float = 120.0
+    comfyui_cors_origin: str = E.default("CORS_ORIGINS")[0]
+    comfyui_start_timeout_s: float = E.default("COMFYUI_START_TIMEOUT_S")
 
     @property
     def comfy_api_url(self) -> str:
@@ -53,35 +53,23 @@ class DreamLayerConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "DreamLayerConfig":
-        env = os.environ if environ is None else environ
-        d = cls()
-
-        def get(name, default):
-            value = (env.get(name) or "").strip()
-            return value if value else default
-
+    def from_env(cls, environ: Environment | Mapping[str, str] | None = None) -> "DreamLayerConfig":
+        """dream_layer's configuration from ``environ`` (default: the process environment, read
+        now). Raises ConfigError for the first invalid variable."""
+        env = Environment.of(environ)
         shared = Config.from_env(env)
-        try:
-            cfg = cls(
-                shared=shared,
-                host=get("DREAM_LAYER_HOST", d.host),
-                port=int(get("DREAM_LAYER_PORT", d.port)),
-                threads=int(get("DREAM_LAYER_THREADS", d.threads)),
-                settings_file=settings_file_from_env(env),
-                display_names_file=Path(get("DREAMLAYER_MODEL_NAMES_FILE", str(d.display_names_file))).expanduser(),
-                log_dir=Path(get("DREAMLAYER_LOG_DIR", str(d.log_dir))).expanduser(),
-                demo=demo_mode_from_env(env),
-                comfyui_python=get("COMFYUI_PYTHON", ""),
-                comfyui_extra_args=tuple(shlex.split(get("COMFYUI_EXTRA_ARGS", ""))),
-                comfyui_cors_origin=get("COMFYUI_CORS_ORIGIN",
-                                        shared.cors_origins[0] if shared.cors_origins else ""),
-                comfyui_start_timeout_s=float(get("COMFYUI_START_TIMEOUT", d.comfyui_start_timeout_s)),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"invalid configuration value: {exc}") from exc
-        if not 0 < cfg.port < 65536:
-            raise ConfigError("DREAM_LAYER_PORT must be between 1 and 65535")
-        if cfg.threads < 1:
-            raise ConfigError("DREAM_LAYER_THREADS must be at least 1")
-        return cfg
+        return cls(
+            shared=shared,
+            host=env.get("DREAMLAYER_HOST"),
+            port=env.get("DREAMLAYER_PORT"),
+            threads=env.get("DREAMLAYER_THREADS"),
+            settings_file=env.get("DREAMLAYER_SETTINGS_FILE"),
+            display_names_file=env.get("DREAMLAYER_MODEL_NAMES_FILE"),
+            log_dir=env.get("DREAMLAYER_LOG_DIR"),
+            demo=env.get("DREAMLAYER_DEMO"),
+            comfyui_python=env.get("COMFYUI_PYTHON"),
+            comfyui_extra_args=env.get("COMFYUI_EXTRA_ARGS"),
+            # CORS_ORIGINS is never empty (its rule), so its first origin is always there
+            comfyui_cors_origin=env.get("COMFYUI_CORS_ORIGIN") or shared.cors_origins[0],
+            comfyui_start_timeout_s=env.get("COMFYUI_START_TIMEOUT_S"),
+        )

@@ -1,34 +1,32 @@
-"""Configuration of the img2img service, read once from environment variables.
+"""Configuration of the img2img service (port 5004), built once from the environment.
 
-Every setting has a documented default (docs/configuration.md). Tests build a Config directly
-(or with overrides) and hand it to ``create_app`` instead of touching the environment.
+The variables, their defaults and rules live in one table (``dreamlayer.config.env``, documented in
+docs/configuration.md); this dataclass is what the service runs with. Tests build a Config
+directly (or with overrides) and hand it to ``create_app`` instead of touching the environment.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from dreamlayer.config.saved_paths import demo_mode_from_env, get_directories, settings_file_from_env
+from dreamlayer.config import env as E
+from dreamlayer.config.env import ConfigError, Environment
+from dreamlayer.config.saved_paths import get_directories
 
-from dreamlayer import PROJECT_ROOT as HERE
+__all__ = ["Config", "ConfigError", "DEFAULT_CORS_ORIGINS", "HTTP_UPLOAD_SUBFOLDER"]
 
-DEFAULT_CORS_ORIGINS = ("http://localhost:8080", "http://127.0.0.1:8080")
+DEFAULT_CORS_ORIGINS = E.default("CORS_ORIGINS")
 
 #: Subfolder of ComfyUI's input folder that receives uploads made over HTTP (no shared disk).
 #: ComfyUI has no API to delete an upload, so these files stay there; see docs/api.md.
 HTTP_UPLOAD_SUBFOLDER = "dreamlayer_img2img"
 
 
-class ConfigError(ValueError):
-    """A setting has a value the service cannot run with."""
-
-
 @dataclass(frozen=True)
 class Config:
-    comfy_api_url: str = "http://127.0.0.1:8188"
+    comfy_api_url: str = E.default("COMFY_API_URL")
     #: Local ComfyUI install; its input/ folder receives uploads directly.
     comfyui_dir: Optional[Path] = None
     #: ComfyUI's input folder, when it is shared with this machine. None = upload over HTTP.
@@ -36,29 +34,30 @@ class Config:
     #: ComfyUI's output folder, when it is shared with this machine: results are read from it
     #: instead of GET /view. None = always GET /view.
     comfyui_output_dir: Optional[Path] = None
-    served_images_dir: Path = HERE / "served_images"
-    public_base_url: str = "http://localhost:5004"
+    served_images_dir: Path = E.default("SERVED_IMAGES_DIR")
+    public_base_url: str = f"http://localhost:{E.default('IMG2IMG_PORT')}"
     cors_origins: tuple = DEFAULT_CORS_ORIGINS
-    comfy_timeout_s: float = 600.0
-    host: str = "127.0.0.1"
-    port: int = 5004
-    threads: int = 32
+    comfy_timeout_s: float = E.default("COMFY_TIMEOUT_S")
+    host: str = E.default("IMG2IMG_HOST")
+    #: 0 = the operating system picks a free port.
+    port: int = E.default("IMG2IMG_PORT")
+    threads: int = E.default("IMG2IMG_THREADS")
     #: Whole request body limit (bytes).
-    max_content_length: int = 64 * 1024 * 1024
+    max_content_length: int = E.default("MAX_CONTENT_LENGTH")
     #: Mask file limit (bytes), measured on the bytes received.
-    max_mask_bytes: int = 10 * 1024 * 1024
+    max_mask_bytes: int = E.default("MAX_MASK_BYTES")
     #: Largest accepted image, in pixels (decompression bombs are rejected before decoding).
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = E.default("MAX_IMAGE_PIXELS")
     #: Checkpoint used when a request names none; empty = the first one ComfyUI lists.
-    default_model: str = ""
+    default_model: str = E.default("DEFAULT_MODEL")
     #: Background jobs: worker threads, and how long / how many finished jobs are kept.
-    job_workers: int = 32
-    job_ttl_s: float = 3600.0
-    jobs_kept: int = 500
-    api_key: str = ""
-    log_level: str = "INFO"
+    job_workers: int = E.default("IMG2IMG_JOB_WORKERS")
+    job_ttl_s: float = E.default("IMG2IMG_JOB_TTL_S")
+    jobs_kept: int = E.default("IMG2IMG_JOBS_KEPT")
+    api_key: str = E.default("IMG2IMG_API_KEY")
+    log_level: str = E.default("LOG_LEVEL")
     #: start_dream_layer.sh --demo: the "ComfyUI" is the project's fake; /health says so.
-    demo: bool = False
+    demo: bool = E.default("DREAMLAYER_DEMO")
     extra: Mapping = field(default_factory=dict)
 
     @property
@@ -69,56 +68,45 @@ class Config:
         return _normalise(dataclasses.replace(self, **changes))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
-        env = os.environ if environ is None else environ
-        d = cls()
-
-        def get(name, default):
-            value = env.get(name, "")
-            return value.strip() if value.strip() else default
-
-        port = get("IMG2IMG_PORT", str(d.port))
-        try:
-            cfg = cls(
-                comfy_api_url=get("COMFY_API_URL", d.comfy_api_url),
-                comfyui_dir=_path_or_none(get("COMFYUI_DIR", "")),
-                comfyui_input_dir=_path_or_none(get("COMFYUI_INPUT_DIR", "")),
-                comfyui_output_dir=_output_dir_from_env(env, get),
-                served_images_dir=Path(get("SERVED_IMAGES_DIR", str(d.served_images_dir))),
-                public_base_url=get("PUBLIC_BASE_URL", f"http://localhost:{port}"),
-                cors_origins=tuple(o.strip() for o in get("CORS_ORIGINS", ",".join(d.cors_origins)).split(",") if o.strip()),
-                comfy_timeout_s=float(get("COMFY_TIMEOUT_S", d.comfy_timeout_s)),
-                host=get("IMG2IMG_HOST", d.host),
-                port=int(port),
-                threads=int(get("IMG2IMG_THREADS", d.threads)),
-                max_content_length=int(get("MAX_CONTENT_LENGTH", d.max_content_length)),
-                max_mask_bytes=int(get("MAX_MASK_BYTES", d.max_mask_bytes)),
-                max_image_pixels=int(get("MAX_IMAGE_PIXELS", d.max_image_pixels)),
-                default_model=get("DEFAULT_MODEL", d.default_model),
-                job_workers=int(get("IMG2IMG_JOB_WORKERS", d.job_workers)),
-                job_ttl_s=float(get("IMG2IMG_JOB_TTL_S", d.job_ttl_s)),
-                jobs_kept=int(get("IMG2IMG_JOBS_KEPT", d.jobs_kept)),
-                api_key=get("IMG2IMG_API_KEY", ""),
-                log_level=get("LOG_LEVEL", d.log_level).upper(),
-                demo=demo_mode_from_env(env),
-            )
-        except ValueError as exc:
-            raise ConfigError(f"invalid configuration value: {exc}") from exc
-        return _normalise(cfg)
+    def from_env(cls, environ: Environment | Mapping[str, str] | None = None) -> "Config":
+        """The service's configuration from ``environ`` (default: the process environment, read
+        now). An Environment is shared with the caller, so nested configs read it once.
+        Raises ConfigError for the first invalid variable."""
+        env = Environment.of(environ)
+        port = env.get("IMG2IMG_PORT")
+        comfyui_dir = env.get("COMFYUI_DIR")
+        return _normalise(cls(
+            comfy_api_url=env.get("COMFY_API_URL"),
+            comfyui_dir=comfyui_dir,
+            comfyui_input_dir=env.get("COMFYUI_INPUT_DIR"),
+            comfyui_output_dir=_output_dir(env, comfyui_dir),
+            served_images_dir=env.get("SERVED_IMAGES_DIR"),
+            public_base_url=env.get("PUBLIC_BASE_URL") or f"http://localhost:{port}",
+            cors_origins=env.get("CORS_ORIGINS"),
+            comfy_timeout_s=env.get("COMFY_TIMEOUT_S"),
+            host=env.get("IMG2IMG_HOST"),
+            port=port,
+            threads=env.get("IMG2IMG_THREADS"),
+            max_content_length=env.get("MAX_CONTENT_LENGTH"),
+            max_mask_bytes=env.get("MAX_MASK_BYTES"),
+            max_image_pixels=env.get("MAX_IMAGE_PIXELS"),
+            default_model=env.get("DEFAULT_MODEL"),
+            job_workers=env.get("IMG2IMG_JOB_WORKERS"),
+            job_ttl_s=env.get("IMG2IMG_JOB_TTL_S"),
+            jobs_kept=env.get("IMG2IMG_JOBS_KEPT"),
+            api_key=env.get("IMG2IMG_API_KEY"),
+            log_level=env.get("LOG_LEVEL"),
+            demo=env.get("DREAMLAYER_DEMO"),
+        ))
 
 
-def _output_dir_from_env(env, get) -> Optional[Path]:
+def _output_dir(env: Environment, comfyui_dir: Optional[Path]) -> Optional[Path]:
     """COMFYUI_OUTPUT_DIR, else where a ComfyUI under COMFYUI_DIR writes: the output directory of
     DreamLayer's saved settings (what dream_layer.py launches it with), else COMFYUI_DIR/output."""
-    explicit = _path_or_none(get("COMFYUI_OUTPUT_DIR", ""))
-    comfyui_dir = _path_or_none(get("COMFYUI_DIR", ""))
+    explicit = env.get("COMFYUI_OUTPUT_DIR")
     if explicit is not None or comfyui_dir is None:
         return explicit
-    return get_directories(settings_file_from_env(env), comfyui_dir).output_dir
-
-
-def _path_or_none(value: str) -> Optional[Path]:
-    return Path(value).expanduser() if value else None
+    return get_directories(env.get("DREAMLAYER_SETTINGS_FILE"), comfyui_dir).output_dir
 
 
 def _normalise(cfg: Config) -> Config:
@@ -128,10 +116,8 @@ def _normalise(cfg: Config) -> Config:
         input_dir = cfg.comfyui_dir / "input"
     if output_dir is None and cfg.comfyui_dir is not None:
         output_dir = cfg.comfyui_dir / "output"
-    if cfg.comfy_timeout_s <= 0:
-        raise ConfigError("COMFY_TIMEOUT_S must be positive")
-    if not 0 < cfg.port < 65536:
-        raise ConfigError("IMG2IMG_PORT must be between 1 and 65535")
+    E.check("COMFY_TIMEOUT_S", cfg.comfy_timeout_s)
+    E.check("IMG2IMG_PORT", cfg.port)
     return dataclasses.replace(
         cfg,
         comfy_api_url=cfg.comfy_api_url.rstrip("/"),

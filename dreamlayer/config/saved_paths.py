@@ -6,8 +6,10 @@ The settings file is the JSON object the frontend's Configurations page posts to
 Only two keys are used: ``outputDirectory`` (where ComfyUI writes its outputs) and
 ``modelsDirectory`` (the parent of a ``models/`` folder, handed to ComfyUI as --base-directory).
 
-This module also holds what both services report on /health about ComfyUI: the demo-mode flag
-and the hint given when no ComfyUI answers.
+Not environment configuration: the file's location comes from the configuration
+(DREAMLAYER_SETTINGS_FILE, read by ``dreamlayer.config.env`` like every variable) and is passed
+in. This module also holds what both services report on /health about ComfyUI: the demo-mode
+note and the hint given when no ComfyUI answers.
 """
 from __future__ import annotations
 
@@ -22,11 +24,6 @@ from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-from dreamlayer import PROJECT_ROOT as HERE
-
-SETTINGS_FILE_ENV = "DREAMLAYER_SETTINGS_FILE"
-DEFAULT_SETTINGS_FILE = HERE / "data" / "settings.json"
-
 #: The path settings this backend uses (the frontend's key names).
 PATH_KEYS = ("outputDirectory", "modelsDirectory")
 #: Keys the frontend's Configurations page also sends; accepted, not used (see docs/installation.md).
@@ -40,7 +37,6 @@ FRONTEND_PLACEHOLDERS = frozenset({
     "paste the path if it is outside project root",
 })
 
-DEMO_ENV = "DREAMLAYER_DEMO"
 DEMO_NOTE = ("Demo mode: the ComfyUI answering here is the project's fake stand-in "
              "(dreamlayer/comfyui/fake). It runs no diffusion model: images are synthetic.")
 
@@ -52,19 +48,6 @@ class SettingsError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
-
-
-def settings_file_from_env(environ: Mapping[str, str] | None = None) -> Path:
-    """Where settings are saved: $DREAMLAYER_SETTINGS_FILE, default <repo>/data/settings.json."""
-    env = os.environ if environ is None else environ
-    value = (env.get(SETTINGS_FILE_ENV) or "").strip()
-    return Path(value).expanduser() if value else DEFAULT_SETTINGS_FILE
-
-
-def demo_mode_from_env(environ: Mapping[str, str] | None = None) -> bool:
-    """True when start_dream_layer --demo runs the fake ComfyUI (it sets DREAMLAYER_DEMO=1)."""
-    env = os.environ if environ is None else environ
-    return (env.get(DEMO_ENV) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def unreachable_hint(url: str) -> str:

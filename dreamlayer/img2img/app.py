@@ -17,7 +17,8 @@ from flask_cors import CORS
 
 from dreamlayer import PROJECT_ROOT
 from dreamlayer.comfyui import client as comfy_client
-from dreamlayer.config.img2img import Config, ConfigError
+from dreamlayer.config.env import ConfigError, Environment, report
+from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
 from dreamlayer.img2img.service import Img2ImgService
@@ -142,8 +143,12 @@ def _require_api_key(app: Flask, key: str) -> None:
 
 
 def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient | None = None) -> Flask:
-    """Build the app. Tests pass their own Config (directories, ComfyUI address)."""
-    config = config or Config.from_env()
+    """Build the app. Tests pass their own Config (directories, ComfyUI address); without one
+    (a WSGI server importing the app) it is read from the environment now."""
+    if config is None:
+        env = Environment()
+        config = Config.from_env(env)
+        env.log_warnings()
     app = Flask(__name__, static_folder=None)
     app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found
     app.debug = False  # Flask would read FLASK_DEBUG from the environment: never a debugger here
@@ -164,12 +169,13 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
 
 
 def main(argv=None) -> int:
+    env = Environment()
     try:
-        config = Config.from_env()
+        config = Config.from_env(env)
     except ConfigError as exc:
-        print(f"img2img_server: {exc}", file=sys.stderr)
-        return 2
+        return report("img2img_server", exc)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env.log_warnings()
     from waitress import serve
 
     app = create_app(config)
