@@ -234,7 +234,7 @@ class FakeComfyUI:
         self.executor.request_reset()
 
     # observation -------------------------------------------------------------------------------
-    def wait_idle(self, timeout: float = 5) -> bool:
+    def wait_idle(self, timeout: float = 30) -> bool:
         """Block until nothing is queued or running, a POST /free has been applied and every
         message has been sent."""
         deadline = time.monotonic() + timeout
