@@ -542,6 +542,27 @@ def test_die_cuts_everything_and_writes_no_history(fake_comfy):
     assert next(m for m in msgs if m["type"] == "execution_cached")["data"]["nodes"] == []
 
 
+def test_die_or_stop_during_a_held_history_gap_ends_it_without_history(tmp_path):
+    before = set(threading.enumerate())
+    with FakeComfyUI(tmp_path / "c") as fake:
+        put_inputs(fake, "probe_src_64.png", "probe_mask_64.png")
+        fake.history_delay = 3600
+        ws = Ws(fake, "g")
+        prompt_id = post_prompt(fake, success_workflow(), "g").json()["prompt_id"]
+        ws.until(lambda m: m["type"] == "execution_success")
+        fake.die()
+        assert fake.wait_idle()  # the worker is free again, not waiting out the hour
+        fake.accept_connections()
+        assert requests.get(f"{fake.url}/history/{prompt_id}", timeout=5).json() == {}
+        ws.close()
+        ws = Ws(fake, "g")
+        post_prompt(fake, success_workflow(**{"7": {"seed": 2}}), "g")
+        ws.until(lambda m: m["type"] == "execution_success")
+        ws.close()
+    assert set(threading.enumerate()) == before  # the worker did not wait out the hour
+    assert fake.running_prompt_id() is not None  # stopped in the gap: no history was written
+
+
 def test_stop_interrupts_a_hang_and_leaves_no_threads(tmp_path):
     before = set(threading.enumerate())
     fake = FakeComfyUI(tmp_path / "c")
