@@ -781,6 +781,9 @@ def test_what_the_spare_heard_while_idle_is_not_reported(fake_comfy):
     _spare_ready(c)
     other = make_client(fake_comfy, spare_socket=False)
     other.run(workflow(fake_comfy, seed=3), timeout=WAIT)  # status broadcasts: queue 1, then 0
+    # other.run() returns on execution_success; ComfyUI broadcasts "queue 0" after that, when it
+    # files the history. Idle means every broadcast has reached the spare: all heard while idle.
+    fake_comfy.wait_idle()
     events = []
     c.run(workflow(fake_comfy, seed=4), timeout=WAIT, on_progress=events.append)
     queued = [e for e in events if e.kind == "queued"]
