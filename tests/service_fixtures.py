@@ -1,36 +1,76 @@
 """Fixtures for tests of the img2img service: the real Flask app, on a real port where it matters,
-talking to the fake ComfyUI over real sockets."""
+talking to the fake ComfyUI over real sockets.
+
+Tests own the sockets they serve on: a live server is given a socket the test bound itself (port 0,
+so the OS picks the port) before the app's config, which names that port, exists. No port is ever
+found free, released and bound again later.
+"""
 from __future__ import annotations
 
-import random
 import socket
 import threading
 
 import pytest
+from waitress import wasyncore
 from waitress.server import create_server
 
 from dreamlayer.config.img2img import Config
 from dreamlayer.img2img.app import create_app
 
 
-def free_port() -> int:
-    """A port that is free now, chosen below Linux's ephemeral range (32768+) so that the
-    outgoing connections of concurrent tests cannot take it before the server binds it."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to a port the OS chose, not listening yet (connections are refused until
+    a server listens on it; LiveServer does)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
 
 
 @pytest.fixture
-def service_config(fake_comfy, tmp_path):
+def reserve_port():
+    """``reserve_port()`` -> a port this test holds until it ends, for a server in a subprocess
+    that must be told its port on the command line or in its configuration.
+
+    The port stays bound (with SO_REUSEADDR) and never listens: connections to it are refused,
+    and the OS hands it to nobody else — neither to a bind to port 0 nor to an outgoing
+    connection. The subprocess binds the same port with SO_REUSEADDR (waitress, aiohttp and
+    http.server all set it) and listens: Linux allows that while no other socket on the port
+    listens. Unlike "find a free port, close it, hope", nothing can take it in between.
+    """
+    held = []
+
+    def reserve(host: str = "127.0.0.1") -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        held.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        return port_of(sock)
+
+    yield reserve
+    for sock in held:
+        sock.close()
+
+
+@pytest.fixture
+def server_socket():
+    """The socket a live server of this test will serve on; it exists before the config."""
+    sock = bound_socket()
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def service_config(fake_comfy, tmp_path, server_socket):
     """Shares ComfyUI's input folder (as with COMFYUI_DIR); tests may .replace() it."""
-    port = free_port()
+    port = port_of(server_socket)
     return Config(comfy_api_url=fake_comfy.url, comfyui_input_dir=fake_comfy.input_dir,
                   served_images_dir=tmp_path / "served", public_base_url=f"http://127.0.0.1:{port}",
                   port=port, comfy_timeout_s=20, cors_origins=("http://localhost:8080",))
@@ -47,34 +87,57 @@ def client(app):
 
 
 class LiveServer:
-    """The app served by waitress (the production server) on the config's port, in a thread."""
+    """The app served by waitress (the production server) in a thread, on a socket the caller
+    bound (see bound_socket); waitress listens on it.
 
-    def __init__(self, app, port: int):
+    Stopping uses waitress's public API only: the loop runs here (wasyncore.loop, one round at a
+    time, as server.run() does), so it can be told to stop; client connections are closed in the
+    loop's own thread (closing them from another thread races its select()); then the worker
+    threads end (task_dispatcher.shutdown), and only then server.close() closes the listening
+    socket and the trigger — no thread can still pull a closed trigger (EBADF).
+    """
+
+    def __init__(self, app, sock: socket.socket, threads: int = 24):
         self.app = app
-        self.server = create_server(app, host="127.0.0.1", port=port, threads=24)
-        self.url = f"http://127.0.0.1:{port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = port_of(sock)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.socket_map: dict = {}
+        self.server = create_server(app, map=self.socket_map, sockets=[sock], threads=threads)
+        self._stopping = threading.Event()
+        self._stopped = False
+        self.thread = threading.Thread(target=self._serve, name=f"live-server-{self.port}", daemon=True)
 
-    def start(self):
+    def start(self) -> "LiveServer":
         self.thread.start()
         return self
 
-    def stop(self):
-        """Close every connection and the listener from waitress's own loop thread (closing them
-        from here races its select()), then end its worker threads."""
-        def close_all():
-            for channel in list(self.server._map.values()):
-                if channel is not self.server.trigger:
-                    channel.close()
-            self.server.trigger.close()
+    def _serve(self) -> None:
+        adj = self.server.adj
+        try:
+            while not self._stopping.is_set():
+                wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=self.socket_map,
+                               use_poll=adj.asyncore_use_poll, count=1)
+        finally:
+            for channel in list(self.socket_map.values()):
+                if channel is not self.server and channel is not self.server.trigger:
+                    channel.handle_close()  # a client connection: hang up (its task sees it)
 
-        self.server.trigger.pull_trigger(close_all)
-        self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=5)
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self.thread.is_alive():
+            self.server.pull_trigger()  # wake the loop now (the trigger is open until close() below)
+        self.thread.join(30)
+        if self.thread.is_alive():  # pragma: no cover - a handler blocked the loop
+            raise RuntimeError(f"waitress loop of {self.url} did not stop")
+        self.server.task_dispatcher.shutdown(timeout=30)
+        self.server.close()
 
 
 @pytest.fixture
-def live_server(app, service_config):
-    server = LiveServer(app, service_config.port).start()
+def live_server(app, server_socket):
+    server = LiveServer(app, server_socket).start()
     yield server
     server.stop()

@@ -19,18 +19,18 @@ from PIL import Image
 from dreamlayer.config.img2img import Config, ConfigError
 from dreamlayer.backend.app import create_app
 from dreamlayer.config.backend import DreamLayerConfig
-from service_fixtures import LiveServer, free_port
+from service_fixtures import LiveServer, port_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTEND = "http://localhost:8080"
 
 
 @pytest.fixture
-def dl_config(fake_comfy, tmp_path):
+def dl_config(fake_comfy, tmp_path, server_socket):
     return DreamLayerConfig(
         shared=Config(comfy_api_url=fake_comfy.url, served_images_dir=tmp_path / "served",
                       cors_origins=(FRONTEND, "http://127.0.0.1:8080")),
-        port=free_port(), settings_file=tmp_path / "data" / "settings.json",
+        port=port_of(server_socket), settings_file=tmp_path / "data" / "settings.json",
         display_names_file=tmp_path / "data" / "model_display_names.json", log_dir=tmp_path / "logs")
 
 
@@ -45,8 +45,8 @@ def client(app):
 
 
 @pytest.fixture
-def live(app, dl_config):
-    server = LiveServer(app, dl_config.port).start()
+def live(app, server_socket):
+    server = LiveServer(app, server_socket).start()
     yield server
     server.stop()
 
@@ -321,16 +321,16 @@ def _run_main(env_extra, timeout=20):
 
 
 def test_main_rejects_bad_configuration():
-    result = _run_main({"DREAM_LAYER_PORT": "not-a-port"})
+    result = _run_main({"DREAMLAYER_PORT": "not-a-port"})
     assert result.returncode == 2 and "invalid configuration value" in result.stderr
 
 
-def test_main_explains_a_busy_port(tmp_path):
+def test_main_explains_a_busy_port(tmp_path, reserve_port):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = _run_main({"DREAM_LAYER_PORT": str(port), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}",
+        result = _run_main({"DREAMLAYER_PORT": str(port), "COMFY_API_URL": f"http://127.0.0.1:{reserve_port()}",
                             "SERVED_IMAGES_DIR": str(tmp_path / "served")})
     assert result.returncode == 1
     assert "or set DREAMLAYER_PORT" in result.stderr and "cannot listen" in result.stderr

@@ -10,7 +10,6 @@ import json
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import websocket
 from PIL import Image
 
 from dreamlayer.comfyui.fake import FakeComfyUI
+from waiting import TIMEOUT, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INPUTS = FIXTURES / "comfyui_inputs"
@@ -54,7 +54,7 @@ def success_workflow(**changes) -> dict:
 class Ws:
     """A websocket-client connection that collects ComfyUI messages."""
 
-    def __init__(self, fake, client_id=None, timeout=5):
+    def __init__(self, fake, client_id=None, timeout=TIMEOUT):
         url = fake.url.replace("http://", "ws://") + "/ws" + (f"?clientId={client_id}" if client_id else "")
         self.conn = websocket.create_connection(url, timeout=timeout)
         self.messages: list = []
@@ -106,14 +106,10 @@ def types(messages):
     return ["<binary>" if isinstance(m, bytes) or m.get("binary") else m["type"] for m in messages]
 
 
-def history(fake, prompt_id, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = requests.get(f"{fake.url}/history/{prompt_id}", timeout=5).json()
-        if h:
-            return h[prompt_id]
-        time.sleep(0.005)
-    raise AssertionError("no history")
+def history(fake, prompt_id):
+    """The /history entry of the prompt, once written (0.3.40 writes it after execution_success)."""
+    return wait_until(lambda: requests.get(f"{fake.url}/history/{prompt_id}", timeout=5).json().get(prompt_id),
+                      what=f"the /history entry of {prompt_id}")
 
 
 def pixels(img) -> np.ndarray:
@@ -192,6 +188,7 @@ def test_rejected_prompt_sends_only_the_connect_status(fake_comfy):
     ws = Ws(fake_comfy, "val")
     cap = CAPS["prompt_errors"]["bad_enum_sampler_name"]["request"]["json"]
     assert requests.post(fake_comfy.url + "/prompt", json={**cap, "client_id": "val"}, timeout=5).status_code == 400
+    fake_comfy.wait_idle()  # anything it would send has been sent
     ws.conn.settimeout(0.2)
     with pytest.raises(websocket.WebSocketTimeoutException):
         ws.recv()
@@ -263,13 +260,16 @@ def test_success_sequence_matches_capture(fake_comfy):
 def test_history_can_lag_execution_success(fake_comfy):
     """0.3.40 writes /history after sending execution_success; clients must tolerate the gap."""
     put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
-    fake_comfy.history_delay = 0.5
+    fake_comfy.history_delay = 3600  # held back until released below
     ws = Ws(fake_comfy, "lag")
     prompt_id = post_prompt(fake_comfy, success_workflow(), "lag").json()["prompt_id"]
     ws.until(lambda m: m["type"] == "execution_success")
     assert requests.get(f"{fake_comfy.url}/history/{prompt_id}", timeout=5).json() == {}
-    ws.until_done(prompt_id)
+    assert fake_comfy.running_prompt_id() == prompt_id  # still in queue_running, as in ComfyUI
+    fake_comfy.history_delay = 0  # the gap in progress ends
+    ws.until_done(prompt_id)  # the executing-null message comes after the write
     assert requests.get(f"{fake_comfy.url}/history/{prompt_id}", timeout=5).json() != {}
+    assert fake_comfy.running_prompt_id() is None
     ws.close()
 
 
@@ -499,11 +499,14 @@ def test_hang_next_until_interrupt(fake_comfy):
     ws = Ws(fake_comfy, "h")
     prompt_id = post_prompt(fake_comfy, success_workflow(), "h").json()["prompt_id"]
     ws.until(lambda m: m["type"] == "progress")
-    time.sleep(0.1)
     assert fake_comfy.running_prompt_id() == prompt_id
     requests.post(fake_comfy.url + "/interrupt", timeout=5)
     ws.until_done(prompt_id)
     assert fake_comfy.running_prompt_id() is None
+    # it stalled after its first step until the interrupt: a run that went on would have
+    # finished before it (4 steps, no delay) and an interrupt after the end is forgotten
+    assert [m["data"]["value"] for m in ws.messages if m["type"] == "progress"] == [1]
+    assert "execution_interrupted" in types(ws.messages) and "execution_success" not in types(ws.messages)
     ws.close()
 
 
@@ -539,12 +542,31 @@ def test_die_cuts_everything_and_writes_no_history(fake_comfy):
     assert next(m for m in msgs if m["type"] == "execution_cached")["data"]["nodes"] == []
 
 
+def test_die_or_stop_during_a_held_history_gap_ends_it_without_history(tmp_path):
+    before = set(threading.enumerate())
+    with FakeComfyUI(tmp_path / "c") as fake:
+        put_inputs(fake, "probe_src_64.png", "probe_mask_64.png")
+        fake.history_delay = 3600
+        ws = Ws(fake, "g")
+        prompt_id = post_prompt(fake, success_workflow(), "g").json()["prompt_id"]
+        ws.until(lambda m: m["type"] == "execution_success")
+        fake.die()
+        assert fake.wait_idle()  # the worker is free again, not waiting out the hour
+        fake.accept_connections()
+        assert requests.get(f"{fake.url}/history/{prompt_id}", timeout=5).json() == {}
+        ws.close()
+        ws = Ws(fake, "g")
+        post_prompt(fake, success_workflow(**{"7": {"seed": 2}}), "g")
+        ws.until(lambda m: m["type"] == "execution_success")
+        ws.close()
+    assert set(threading.enumerate()) == before  # the worker did not wait out the hour
+    assert fake.running_prompt_id() is not None  # stopped in the gap: no history was written
+
+
 def test_stop_interrupts_a_hang_and_leaves_no_threads(tmp_path):
     before = set(threading.enumerate())
-    t0 = time.monotonic()
     fake = FakeComfyUI(tmp_path / "c")
     fake.start()
-    assert time.monotonic() - t0 < 0.5
     put_inputs(fake, "probe_src_64.png", "probe_mask_64.png")
     fake.hang_next()
     ws = Ws(fake, "s")
@@ -902,8 +924,9 @@ def test_closing_an_older_socket_unregisters_the_client_id(fake_comfy):
     put_inputs(fake_comfy, "probe_src_64.png", "probe_mask_64.png")
     old = Ws(fake_comfy, "dup")
     new = Ws(fake_comfy, "dup")
+    assert fake_comfy.client_ids() == ["dup"]
     old.close()
-    time.sleep(0.1)
+    wait_until(lambda: fake_comfy.client_ids() == [], what="the server to handle the older socket's close")
     prompt_id = post_prompt(fake_comfy, success_workflow(), "dup").json()["prompt_id"]
     fake_comfy.wait_idle()
     new.conn.settimeout(0.15)
@@ -934,7 +957,7 @@ def test_free_memory_drops_the_cache(fake_comfy):
     run(fake_comfy, success_workflow(), "a")
     r = requests.post(fake_comfy.url + "/free", json={"free_memory": True}, timeout=5)
     assert r.status_code == 200
-    time.sleep(0.15)  # the worker applies flags between prompts
+    fake_comfy.wait_idle()  # the worker applies the flags between prompts
     _, msgs = run(fake_comfy, success_workflow(), "a")
     assert next(m for m in msgs if m["type"] == "execution_cached")["data"]["nodes"] == []
     assert sorted(p.name for p in fake_comfy.output_dir.iterdir()) == ["probe_00001_.png", "probe_00002_.png"]

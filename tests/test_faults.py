@@ -24,6 +24,7 @@ from PIL import Image
 from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 from images import box_mask, gradient, png
 from dreamlayer.img2img.app import create_app
+from waiting import wait_until
 
 SIZE = (64, 48)
 BOX = (16, 8, 40, 32)
@@ -44,14 +45,6 @@ def in_thread(fn, *args, **kwargs):
     future = pool.submit(fn, *args, **kwargs)
     pool.shutdown(wait=False)
     return future
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def error(resp, status, code):
@@ -114,13 +107,13 @@ def warnings_of(caplog, logger="dreamlayer.comfyui"):
                          ids=["shared-disk-cold", "shared-disk-warm", "http-upload-warm"])
 def test_down_before_the_request_is_a_fast_503_and_the_service_recovers(fake_comfy, service_config, http, warm):
     """cold: nothing cached, object_info fails; warm: object_info cached, staging/queueing fails."""
-    app, client, ledger = make(service_config, fake_comfy, http=http)
+    app, client, ledger = make(service_config, fake_comfy, http=http, comfy_timeout_s=120)
     if warm:
         ledger.normal_request_succeeds(client)
     fake_comfy.refuse_connections()
     start = time.monotonic()
     data = error(post(client), 503, "comfyui_unreachable")
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 30  # at once, not at COMFY_TIMEOUT_S
     assert fake_comfy.url in data["message"]
     ledger.assert_nothing_left()
     assert client.get("/health").get_json()["comfyui"]["reachable"] is False
@@ -139,13 +132,13 @@ def test_dies_mid_run_fails_long_before_the_timeout(fake_comfy, service_config, 
     app, client, ledger = make(service_config, fake_comfy, comfy_timeout_s=60)
     fake_comfy.hang_next()
     future = in_thread(post, client)
-    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
+    wait_until(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
     fake_comfy.die()
     died = time.monotonic()
     if restarts:
         fake_comfy.accept_connections()
-    data = error(future.result(timeout=30), 503, "comfyui_unreachable")
-    assert time.monotonic() - died < 8.0
+    data = error(future.result(timeout=60), 503, "comfyui_unreachable")
+    assert time.monotonic() - died < 40  # after the grace or the liveness check, far from the 60 s
     assert fake_comfy.url in data["message"]
     assert client.get("/health").get_json()["active_generations"] == 0
     ledger.assert_nothing_left()
@@ -220,15 +213,19 @@ def test_execution_error_names_the_node_and_the_exception(client, fake_comfy, le
     ledger.assert_nothing_left()
 
 
-def test_a_batch_that_fails_in_its_second_run_leaves_no_orphaned_results(client, fake_comfy, ledger):
-    fake_comfy.view_delay = 0.5  # time to arm the fault between the two runs
-    future = in_thread(post, client, {**PARAMS, "batch_count": 2})
-    wait_for(lambda: len(fake_comfy.prompts) == 1 and fake_comfy.running_prompt_id() is None
-             and fake_comfy.wait_idle(), what="the first run to finish")
-    fake_comfy.fail_next(node="KSampler", message="second run fails")
-    error(future.result(timeout=20), 502, "comfyui_execution_error")
+def test_a_batch_that_fails_in_its_second_run_leaves_no_orphaned_results(app, client, fake_comfy, ledger,
+                                                                         monkeypatch):
+    comfy = app.extensions["img2img"].client.http
+    queue_prompt = comfy.queue_prompt
+
+    def arm_before_the_second(*args, **kwargs):  # what goes over the wire is unchanged
+        if len(fake_comfy.prompts) == 1:
+            fake_comfy.fail_next(node="KSampler", message="second run fails")
+        return queue_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(comfy, "queue_prompt", arm_before_the_second)
+    error(post(client, {**PARAMS, "batch_count": 2}), 502, "comfyui_execution_error")
     assert len(fake_comfy.prompts) == 2
-    fake_comfy.view_delay = 0
     ledger.assert_nothing_left()
 
 
@@ -237,11 +234,9 @@ def test_a_batch_that_fails_in_its_second_run_leaves_no_orphaned_results(client,
 def test_interrupt_pressed_in_comfyui_itself_is_409(client, fake_comfy, ledger):
     fake_comfy.hang_next()
     future = in_thread(post, client)
-    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
-    start = time.monotonic()
+    wait_until(lambda: fake_comfy.running_prompt_id() is not None, what="the prompt to run")
     assert requests.post(f"{fake_comfy.url}/interrupt", timeout=5).status_code == 200
-    data = error(future.result(timeout=10), 409, "interrupted")
-    assert time.monotonic() - start < 3.0
+    data = error(future.result(timeout=30), 409, "interrupted")  # at once, not at the 20 s timeout (504)
     assert "interrupted" in data["message"]
     ledger.assert_nothing_left()
     ledger.normal_request_succeeds(client)
@@ -260,19 +255,18 @@ def test_prompt_deleted_from_comfyuis_queue_is_409(live_server, fake_comfy, serv
 
     fake_comfy.hang_next()
     first = in_thread(send)
-    wait_for(lambda: fake_comfy.running_prompt_id() is not None, what="the first prompt to run")
+    wait_until(lambda: fake_comfy.running_prompt_id() is not None, what="the first prompt to run")
     second = in_thread(send)
-    wait_for(lambda: len(fake_comfy.prompts) == 2, what="the second prompt to be queued")
+    wait_until(lambda: len(fake_comfy.prompts) == 2, what="the second prompt to be queued")
     queue = requests.get(f"{fake_comfy.url}/queue", timeout=5).json()
     pending = [item[1] for item in queue["queue_pending"]]
     assert len(pending) == 1
-    start = time.monotonic()
     requests.post(f"{fake_comfy.url}/queue", json={"delete": pending}, timeout=5)
-    resp = second.result(timeout=20)
+    resp = second.result(timeout=30)
+    # interrupted (the liveness check found it gone), not the 504 of the 20 s timeout
     assert resp.status_code == 409 and resp.json()["code"] == "interrupted", resp.text
-    assert time.monotonic() - start < 8.0
     requests.post(f"{live_server.url}/api/img2img/interrupt", timeout=5)
-    assert first.result(timeout=10).json()["code"] == "interrupted"
+    assert first.result(timeout=30).json()["code"] == "interrupted"
     ledger.assert_nothing_left()
     ledger.normal_request_succeeds(live_server.app.test_client())
     ledger.assert_nothing_left()
@@ -287,9 +281,9 @@ def test_never_finishes_is_504_at_comfy_timeout_s_then_recovers(fake_comfy, serv
     start = time.monotonic()
     data = error(post(client), 504, "comfyui_timeout")
     elapsed = time.monotonic() - start
-    assert 1.5 <= elapsed < 4.0, elapsed
+    assert 1.5 <= elapsed < 15, elapsed  # at the timeout, not later (the prompt hangs forever)
     assert "1.5" in data["message"]
-    fake_comfy.wait_idle(timeout=5)  # the hung prompt was cancelled on ComfyUI, not left running
+    fake_comfy.wait_idle()  # the hung prompt was cancelled on ComfyUI, not left running
     assert fake_comfy.interrupt_count > interrupts
     ledger.assert_nothing_left()
     ledger.normal_request_succeeds(client)
@@ -312,25 +306,25 @@ def test_websocket_drop_result_still_arrives_via_history(client, fake_comfy, led
 
 def test_history_written_late_does_not_hold_up_the_answer(client, fake_comfy, ledger, caplog):
     caplog.set_level(logging.WARNING, logger="dreamlayer.comfyui")
-    fake_comfy.history_delay = 2.5  # longer than the client's 2 s history grace
+    fake_comfy.history_delay = 3600  # /history held back, far beyond the client's 2 s history grace
     ledger.normal_request_succeeds(client)  # the outputs announced over the socket suffice
     assert not warnings_of(caplog), warnings_of(caplog)
-    fake_comfy.wait_idle(5)
-    fake_comfy.history_delay = 0.005
+    fake_comfy.history_delay = 0.005  # released
+    fake_comfy.wait_idle()
     ledger.normal_request_succeeds(client)
     ledger.assert_nothing_left()
 
 
 def test_no_history_after_the_grace_and_no_announced_outputs_is_a_bad_response(client, fake_comfy, ledger):
     fake_comfy.announce_outputs = False
-    fake_comfy.history_delay = 2.5
+    fake_comfy.history_delay = 3600  # /history held back, far beyond the client's 2 s history grace
     resp = post(client, PARAMS)
     assert resp.status_code == 502, resp.get_json()
     assert resp.get_json()["code"] == "comfyui_bad_response"
     assert "/history" in resp.get_json()["message"]
-    fake_comfy.wait_idle(5)
     fake_comfy.announce_outputs = True
-    fake_comfy.history_delay = 0.005
+    fake_comfy.history_delay = 0.005  # released
+    fake_comfy.wait_idle()
     ledger.normal_request_succeeds(client)
     ledger.assert_nothing_left()
 

@@ -19,6 +19,7 @@ import requests
 from PIL import Image
 
 from images import box_mask, gradient, png
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BOX = (16, 16, 48, 40)  # the black (inpaint) area of the default mask
@@ -248,11 +249,13 @@ def test_images_route_rejects_symlinks_out(client, service_config, tmp_path):
 
 # --- ComfyUI failures ----------------------------------------------------------------------
 
-def test_comfyui_down_is_503_naming_the_url(client, fake_comfy):
+def test_comfyui_down_is_503_naming_the_url(fake_comfy, service_config):
+    from dreamlayer.img2img.app import create_app
+    client = create_app(service_config.replace(comfy_timeout_s=120)).test_client()
     fake_comfy.refuse_connections()
     start = time.monotonic()
     data = _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 503, "comfyui_unreachable")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # at once, not at COMFY_TIMEOUT_S
     assert fake_comfy.url in data["message"]
     health = client.get("/health").get_json()
     assert health["status"] == "ok" and health["comfyui"]["reachable"] is False
@@ -282,16 +285,25 @@ def test_execution_error_is_502_naming_the_node(client, fake_comfy):
     assert post_multipart(client, png(gradient(32, 32)), PARAMS).status_code == 200
 
 
-def test_interrupt_endpoint_stops_the_running_generation(live_server, fake_comfy):
+def test_interrupt_endpoint_stops_the_running_generation(live_server, fake_comfy, monkeypatch):
+    # The service learns its prompt's id when ComfyUI's answer to the queueing arrives, which
+    # may be after ComfyUI started running it; interrupt once the service knows it.
+    active = live_server.app.extensions["img2img"].active
+    set_prompt, recorded = active.set_prompt, threading.Event()
+
+    def spy(run_id, prompt_id):
+        if prompt_id is not None:
+            recorded.set()
+        return set_prompt(run_id, prompt_id)
+    monkeypatch.setattr(active, "set_prompt", spy)
     fake_comfy.hang_next()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(post_multipart, live_server.url, png(gradient(32, 32)), PARAMS)
-        deadline = time.monotonic() + 10
-        while fake_comfy.running_prompt_id() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: recorded.is_set() and fake_comfy.running_prompt_id() is not None,
+                   what="the service's prompt to run")
         answer = requests.post(f"{live_server.url}/api/img2img/interrupt", json={}, timeout=10).json()
         assert answer["status"] == "success" and answer["interrupted"]
-        resp = future.result(timeout=15)
+        resp = future.result(timeout=30)
     _check_error(resp, 409, "interrupted")
     assert leftovers(fake_comfy) == []
     assert post_multipart(live_server.url, png(gradient(32, 32)), PARAMS).status_code == 200
@@ -303,8 +315,8 @@ def test_timeout_is_504_and_cancels_the_prompt(fake_comfy, service_config):
     fake_comfy.hang_next()
     start = time.monotonic()
     _check_error(post_multipart(client, png(gradient(32, 32)), PARAMS), 504, "comfyui_timeout")
-    assert time.monotonic() - start < 5
-    fake_comfy.wait_idle(timeout=5)
+    assert 1.0 <= time.monotonic() - start < 15  # at the timeout, not later (the prompt hangs forever)
+    fake_comfy.wait_idle()
     assert fake_comfy.running_prompt_id() is None
     assert leftovers(fake_comfy) == []
 

@@ -10,6 +10,7 @@ import requests
 from PIL import Image
 
 from images import box_mask, gradient, png
+from waiting import wait_until
 
 W, H = 101, 77          # deliberately not multiples of 8
 BOX = (30, 20, 70, 55)  # black = inpaint
@@ -116,8 +117,11 @@ def test_every_combination_runs_and_keeps_the_input_size(client, mode, area, pas
 
 
 def _saved_by_comfyui(fake_comfy, body) -> bytes:
+    """The file ComfyUI saved for the request's prompt, as its /history lists it. The service
+    answers from the outputs announced over the WebSocket, so the entry may not be written yet."""
     prompt_id = body["comfy_response"]["prompt_id"]
-    entry = requests.get(f"{fake_comfy.url}/history/{prompt_id}", timeout=5).json()[prompt_id]
+    entry = wait_until(lambda: requests.get(f"{fake_comfy.url}/history/{prompt_id}", timeout=5).json().get(prompt_id),
+                       what=f"ComfyUI's /history entry of prompt {prompt_id}")
     (node_output,) = [o for o in entry["outputs"].values() if o.get("images")]
     image = node_output["images"][0]
     return (fake_comfy.output_dir / image["subfolder"] / image["filename"]).read_bytes()

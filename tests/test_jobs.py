@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 import uuid
 
 import numpy as np
@@ -14,9 +12,13 @@ import requests
 from PIL import Image
 
 from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.img2img.app import create_app
 from images import box_mask, gradient, png
+from service_fixtures import LiveServer
+from waiting import wait_until
 
 PARAMS = {"prompt": "a cabin", "steps": 4, "seed": 9, "async": True}
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def submit(base, params=None, image=None, mask=None, headers=None):
@@ -40,14 +42,14 @@ def status(job):
     return requests.get(job["status_url"], timeout=5).json()
 
 
-def wait_for(job, predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = status(job)
-        if predicate(snap):
-            return snap
-        time.sleep(0.02)
-    raise AssertionError(f"timed out; last status {snap}")
+def wait_for(job, predicate, what="the job's status to change"):
+    """The job's first status snapshot that satisfies ``predicate``."""
+    seen = []
+
+    def check():
+        seen[:] = [status(job)]
+        return seen[0] if predicate(seen[0]) else None
+    return wait_until(check, what=f"{what} (last status {seen})")
 
 
 def events(job, timeout=15):
@@ -152,9 +154,7 @@ def test_cancel_never_touches_another_clients_prompt(live_server, fake_comfy, tm
     }
     fake_comfy.hang_next()
     other_id = other.queue_prompt(prompt, str(uuid.uuid4()))
-    deadline = time.monotonic() + 5
-    while fake_comfy.running_prompt_id() != other_id and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: fake_comfy.running_prompt_id() == other_id, what="the other client's prompt to run")
     job = accepted(submit(live_server.url))
     wait_for(job, lambda s: s["queue_position"] == 1)
     assert requests.post(job["cancel_url"], timeout=5).json()["status"] == "cancelled"
@@ -173,18 +173,30 @@ def test_interrupt_endpoint_cancels_our_jobs(live_server, fake_comfy):
     assert wait_for(job, lambda s: s["status"] != "running")["status"] == "cancelled"
 
 
-def test_finished_jobs_expire_with_a_clear_code(fake_comfy, service_config):
-    from dreamlayer.img2img.app import create_app
-    from service_fixtures import LiveServer
-    server = LiveServer(create_app(service_config.replace(job_ttl_s=0.3)), service_config.port).start()
+def test_finished_jobs_expire_after_their_ttl_with_a_clear_code(fake_comfy, service_config, server_socket):
+    server = LiveServer(create_app(service_config.replace(job_ttl_s=0.3)), server_socket).start()
     try:
         job = accepted(submit(server.url))
-        wait_for(job, lambda s: s["status"] == "succeeded")
-        time.sleep(0.4)
-        resp = requests.get(job["status_url"], timeout=5)
-        assert resp.status_code == 404 and resp.json()["code"] == "job_expired"
+        # the job runs, finishes, and 0.3 s later is forgotten: its status URL then says so
+        gone = wait_until(lambda: (r := requests.get(job["status_url"], timeout=5)).status_code == 404 and r.json(),
+                          what="the finished job to expire")
+        assert gone["code"] == "job_expired"
         resp = requests.get(f"{server.url}/api/img2img/jobs/{uuid.uuid4().hex}", timeout=5)
         assert resp.status_code == 404 and resp.json()["code"] == "job_not_found"
+    finally:
+        server.stop()
+
+
+def test_only_the_newest_finished_jobs_are_kept(fake_comfy, service_config, server_socket):
+    """IMG2IMG_JOBS_KEPT: a finished job stays readable until newer ones push it out."""
+    server = LiveServer(create_app(service_config.replace(jobs_kept=1)), server_socket).start()
+    try:
+        first = accepted(submit(server.url))
+        assert wait_for(first, lambda s: s["status"] in TERMINAL)["status"] == "succeeded"
+        second = accepted(submit(server.url, {**PARAMS, "seed": 10}))
+        assert wait_for(second, lambda s: s["status"] in TERMINAL)["status"] == "succeeded"
+        assert status(first)["code"] == "job_expired"
+        assert status(second)["status"] == "succeeded"
     finally:
         server.stop()
 
@@ -195,7 +207,7 @@ def test_many_jobs_at_once_each_get_their_own_result(live_server, fake_comfy):
                             image=png(Image.new("RGB", (32, 32), c)), mask=png(box_mask((32, 32), (0, 0, 8, 8)))))
             for c in colours]
     for colour, job in zip(colours, jobs):
-        snap = wait_for(job, lambda s: s["status"] in ("succeeded", "failed"), timeout=20)
+        snap = wait_for(job, lambda s: s["status"] in ("succeeded", "failed"))
         assert snap["status"] == "succeeded", snap
         url = snap["result"]["comfy_response"]["generated_images"][0]["url"]
         out = np.asarray(Image.open(io.BytesIO(requests.get(url, timeout=5).content)).convert("RGB"))
@@ -208,11 +220,8 @@ def test_leaving_the_event_stream_neither_cancels_nor_leaks(live_server, fake_co
     job = accepted(submit(live_server.url, {**PARAMS, "steps": 10}))
     with requests.get(job["events_url"], stream=True, timeout=5) as resp:
         next(resp.iter_lines())  # read one line, then hang up
-    snap = wait_for(job, lambda s: s["status"] in ("succeeded", "failed", "cancelled"), timeout=15)
+    snap = wait_for(job, lambda s: s["status"] in TERMINAL)
     assert snap["status"] == "succeeded"
     # the worker thread that served the abandoned stream is free again
     dispatcher = live_server.server.task_dispatcher
-    deadline = time.monotonic() + 5
-    while dispatcher.active_count and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert dispatcher.active_count == 0
+    wait_until(lambda: dispatcher.active_count == 0, what="the worker of the abandoned stream to be free")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 
 from dreamlayer.comfyui import client as comfy_client
 from dreamlayer import errors
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "openapi.yaml"
@@ -170,13 +170,11 @@ def bounded(params):
     return params
 
 
-def wait_until_idle(client, fake_comfy, timeout=30.0):
+def wait_until_idle(client, fake_comfy):
     """Async jobs outlive their 202: let them end before the leftover check."""
-    deadline = time.monotonic() + timeout
-    while client.get("/health").get_json()["active_generations"]:
-        assert time.monotonic() < deadline, "generations still running"
-        time.sleep(0.05)
-    fake_comfy.wait_idle(timeout=timeout)
+    wait_until(lambda: client.get("/health").get_json()["active_generations"] == 0,
+               what="the generations to end")
+    fake_comfy.wait_idle()
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)

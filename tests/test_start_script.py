@@ -1,4 +1,4 @@
-"""start_dream_layer.sh run for real on free ports: the demo (fake ComfyUI) brings both services
+"""start_dream_layer.sh run for real on ports the test holds: the demo (fake ComfyUI) brings both services
 up, an inpainting request goes through, and SIGINT leaves no process behind. The .bat is
 checked statically for the same commands and variables."""
 from __future__ import annotations
@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from PIL import Image
+
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SH = ROOT / "start_dream_layer.sh"
@@ -26,54 +28,39 @@ BAT = ROOT / "start_dream_layer.bat"
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="runs the POSIX script")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: Upper bound for a script to start or stop its services (never reached when they do).
+DEADLINE = 60
 
 
 def answers(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
             return True
     except OSError:
         return False
 
 
 def descendants(pid: int) -> set:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    """Every live process below ``pid``."""
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie of a process nobody reaped does not count)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
 class Script:
     """start_dream_layer.sh in its own session, its console output collected."""
 
-    def __init__(self, tmp_path: Path, *args, **env_extra):
-        self.ports = {"dl": free_port(), "img": free_port(), "comfy": free_port()}
+    def __init__(self, tmp_path: Path, ports: dict, *args, **env_extra):
+        self.ports = ports
         py_in_venv = Path(sys.prefix) / "bin" / "python"
         if not py_in_venv.exists():
             pytest.skip("the tests must run inside a virtualenv (the script reuses it)")
@@ -84,8 +71,8 @@ class Script:
             "DREAMLAYER_VENV": sys.prefix, "DREAMLAYER_SKIP_INSTALL": "1",
             "DREAMLAYER_LOG_DIR": str(tmp_path / "logs"), "DREAMLAYER_DEMO_DIR": str(tmp_path / "demo"),
             "DREAMLAYER_SETTINGS_FILE": str(tmp_path / "settings.json"),
-            "SERVED_IMAGES_DIR": str(tmp_path / "served"), "DREAMLAYER_HEALTH_TIMEOUT": "30",
-            "DREAM_LAYER_PORT": str(self.ports["dl"]), "IMG2IMG_PORT": str(self.ports["img"]),
+            "SERVED_IMAGES_DIR": str(tmp_path / "served"), "DREAMLAYER_HEALTH_TIMEOUT_S": str(DEADLINE),
+            "DREAMLAYER_PORT": str(self.ports["dl"]), "IMG2IMG_PORT": str(self.ports["img"]),
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.ports['img']}",
             "COMFY_API_URL": f"http://127.0.0.1:{self.ports['comfy']}",
         })
@@ -107,20 +94,21 @@ class Script:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, text: str, timeout: float = 40) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for(self, text: str) -> None:
+        def printed_or_exited():
             self.seen |= descendants(self.proc.pid)
-            if text in self.output:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
+            return text in self.output or self.proc.poll() is not None
+        try:
+            wait_until(printed_or_exited, 2 * DEADLINE, what=f"{text!r} to be printed", interval=0.05)
+        except AssertionError:
+            pass
+        if text in self.output:
+            return
         logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
                        for p in sorted(self.log_dir.glob("*.log")))
         pytest.fail(f"{text!r} not printed (exit code {self.proc.poll()}):\n{self.output}{logs}")
 
-    def interrupt(self, timeout: float = 25) -> int:
+    def interrupt(self, timeout: float = DEADLINE) -> int:
         self.seen |= descendants(self.proc.pid)
         self.proc.send_signal(signal.SIGINT)
         code = self.proc.wait(timeout)
@@ -139,11 +127,13 @@ class Script:
 
 
 @pytest.fixture
-def script_runner(tmp_path):
+def script_runner(tmp_path, reserve_port):
+    """Runs the script on three ports this test holds (see service_fixtures.reserve_port)."""
     started = []
 
     def run(*args, **env):
-        s = Script(tmp_path, *args, **env)
+        ports = {"dl": reserve_port(), "img": reserve_port(), "comfy": reserve_port()}
+        s = Script(tmp_path, ports, *args, **env)
         started.append(s)
         return s
     yield run
@@ -233,7 +223,7 @@ def test_a_busy_port_is_reported_and_nothing_is_killed(script_runner):
         busy.listen(1)
         port = busy.getsockname()[1]
         s = script_runner("--demo", IMG2IMG_PORT=str(port))
-        code = s.proc.wait(30)
+        code = s.proc.wait(DEADLINE)
         s._reader.join(5)
         assert answers(port)  # the other listener is untouched
     assert code == 1
@@ -247,7 +237,7 @@ def test_sigterm_and_a_closed_terminal_also_stop_everything(script_runner, signu
     s.wait_for("Press Ctrl-C")
     s.seen |= descendants(s.proc.pid)
     s.proc.send_signal(signum)
-    assert s.proc.wait(25) == 0
+    assert s.proc.wait(DEADLINE) == 0
     assert not [pid for pid in s.seen if alive(pid)]
 
 
@@ -257,7 +247,7 @@ def test_a_service_that_dies_takes_the_rest_down_with_its_log(script_runner):
     s.seen |= descendants(s.proc.pid)
     img2img_pid = int(re.search(r"started img2img \(pid (\d+)", s.output).group(1))
     os.kill(img2img_pid, signal.SIGKILL)
-    assert s.proc.wait(25) == 1
+    assert s.proc.wait(DEADLINE) == 1
     s._reader.join(5)
     assert "img2img exited with code -9" in s.output and "img2img.log" in s.output
     assert not [pid for pid in s.seen if alive(pid)]
@@ -310,7 +300,7 @@ def test_supervisor_reads_the_services_variables():
     text = (ROOT / "dreamlayer" / "launcher.py").read_text()
     assert "DreamLayerConfig.from_env" in text
     from dreamlayer.launcher import Plan
-    plan = Plan.from_env(False, {"DREAM_LAYER_HOST": "127.0.0.2", "DREAM_LAYER_PORT": "6002",
+    plan = Plan.from_env(False, {"DREAMLAYER_HOST": "127.0.0.2", "DREAMLAYER_PORT": "6002",
                                  "IMG2IMG_HOST": "127.0.0.3", "IMG2IMG_PORT": "6004",
                                  "COMFY_API_URL": "http://127.0.0.1:9999"})
     assert (plan.dl.host, plan.dl.port, plan.img2img.host, plan.img2img.port) == ("127.0.0.2", 6002, "127.0.0.3", 6004)

@@ -142,6 +142,11 @@ class PromptQueue:
             flags, self.flags = self.flags, {}
             return flags
 
+    def flags_pending(self) -> bool:
+        """A POST /free the worker has not applied yet."""
+        with self.mutex:
+            return bool(self.flags)
+
 
 @dataclass
 class Faults:
@@ -535,9 +540,23 @@ class Executor:
                 finally:
                     self.running_prompt_id = None
                     self.busy.clear()
-            flags = self.queue.get_flags()
-            if flags.get("free_memory", False):
-                self.reset()
+            if self.queue.flags_pending():
+                self.busy.set()  # wait_idle() waits for the flags to be applied
+                try:
+                    if self.queue.get_flags().get("free_memory", False):
+                        self.reset()
+                finally:
+                    self.busy.clear()
+
+    def _history_gap(self, run: PromptRun) -> None:
+        """0.3.40's gap between execution_success and the /history write: history_delay seconds,
+        read live (lowering it ends a gap in progress), cut short by stop() and die()."""
+        started = time.monotonic()
+        while run.alive():
+            left = self.settings.history_delay - (time.monotonic() - started)
+            if left <= 0:
+                return
+            self.stopping.wait(min(left, 0.01))
 
     def _run_item(self, item, item_id) -> None:
         number, prompt_id, prompt, extra_data, outputs = item
@@ -558,8 +577,7 @@ class Executor:
             log.warning("fake ComfyUI: hang_next did not fire in prompt %s (nothing executed)", prompt_id)
         if not run.alive():
             return
-        if self.settings.history_delay > 0:
-            time.sleep(self.settings.history_delay)
+        self._history_gap(run)
         if not run.alive():
             return
         self.queue.task_done(item_id, self.history_result, {

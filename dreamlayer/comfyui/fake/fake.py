@@ -234,16 +234,23 @@ class FakeComfyUI:
         self.executor.request_reset()
 
     # observation -------------------------------------------------------------------------------
-    def wait_idle(self, timeout: float = 5) -> bool:
-        """Block until nothing is queued or running and every message has been sent."""
+    def wait_idle(self, timeout: float = 30) -> bool:
+        """Block until nothing is queued or running, a POST /free has been applied and every
+        message has been sent."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self.queue.get_tasks_remaining() == 0 and not self.executor.busy.is_set()
-                    and self.hub.pending_messages() == 0):
+            if (self.queue.get_tasks_remaining() == 0 and not self.queue.flags_pending()
+                    and not self.executor.busy.is_set() and self.hub.pending_messages() == 0):
                 return True
             time.sleep(0.002)
         raise TimeoutError(f"fake ComfyUI not idle after {timeout}s "
                            f"(queue_remaining={self.queue.get_tasks_remaining()})")
+
+    def client_ids(self) -> list:
+        """The clientIds with a registered /ws socket, sorted (messages to others are lost)."""
+        async def registered():
+            return sorted(self.hub.sockets)
+        return self._call(registered())
 
     def running_prompt_id(self):
         """The prompt in /queue's queue_running (it leaves it when its history is written), or None."""
