@@ -36,6 +36,12 @@ class DreamLayerConfig:
     #: Origin ComfyUI allows (--enable-cors-header), for the frontend's WebSocket to ComfyUI.
     comfyui_cors_origin: str = "http://localhost:8080"
     comfyui_start_timeout_s: float = 120.0
+    #: API keys posted by the page's "Add API KEY" dialog (JSON, mode 0600).
+    api_keys_file: Path = HERE / "data" / "api_keys.json"
+    #: Largest model file POST /api/upload-model accepts (bytes).
+    max_model_bytes: int = 32 * 1024 ** 3
+    #: show-in-folder may open the desktop's file manager (for loopback clients only).
+    open_folders: bool = True
 
     @property
     def comfy_api_url(self) -> str:
@@ -77,6 +83,9 @@ class DreamLayerConfig:
                 comfyui_cors_origin=get("COMFYUI_CORS_ORIGIN",
                                         shared.cors_origins[0] if shared.cors_origins else ""),
                 comfyui_start_timeout_s=float(get("COMFYUI_START_TIMEOUT", d.comfyui_start_timeout_s)),
+                api_keys_file=Path(get("DREAMLAYER_API_KEYS_FILE", str(d.api_keys_file))).expanduser(),
+                max_model_bytes=int(get("DREAMLAYER_MAX_MODEL_BYTES", d.max_model_bytes)),
+                open_folders=get("DREAMLAYER_OPEN_FOLDERS", "1").lower() not in ("0", "false", "no", "off"),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid configuration value: {exc}") from exc
@@ -84,4 +93,6 @@ class DreamLayerConfig:
             raise ConfigError("DREAM_LAYER_PORT must be between 1 and 65535")
         if cfg.threads < 1:
             raise ConfigError("DREAM_LAYER_THREADS must be at least 1")
+        if cfg.max_model_bytes < 1:
+            raise ConfigError("DREAMLAYER_MAX_MODEL_BYTES must be at least 1")
         return cfg
