@@ -133,10 +133,9 @@ def test_add_random_gets_a_prompt_of_our_own_lists(client, kind):
     body = resp.get_json()
     assert body["status"] == "success" and body["type"] == kind
     parts = body["prompt"].split(", ")
-    if kind == "positive":
-        subject_media = ", ".join(parts[:-2])  # subjects contain no ", "; media and lights neither
-        assert subject_media.rsplit(", ", 1)[0] in prompts.SUBJECTS and parts[-2] in prompts.LIGHTS
-        assert parts[-1] in prompts.DETAILS
+    if kind == "positive":  # a subject, a medium, a light, a detail (none contains ", ")
+        assert len(parts) == 4 and parts[0] in prompts.SUBJECTS and parts[1] in prompts.MEDIA
+        assert parts[2] in prompts.LIGHTS and parts[3] in prompts.DETAILS
     else:
         assert 5 <= len(parts) <= 8 and set(parts) <= set(prompts.NEGATIVE_TERMS) and len(set(parts)) == len(parts)
 
