@@ -186,8 +186,8 @@ def receive_model(environ, *, models_dir: Optional[Path], comfyui_dir: Optional[
     upload = _Upload(root)
     try:
         try:
-            _, form, files = parse_form_data(environ, stream_factory=upload.stream_factory, max_content_length=max_bytes,
-                                             max_form_parts=20)
+            _, form, files = parse_form_data(environ, stream_factory=upload.stream_factory,
+                                             max_content_length=max_bytes, max_form_parts=20)
         except RequestEntityTooLarge:
             declared = environ.get("CONTENT_LENGTH") or ""
             if declared.isdigit() and int(declared) <= max_bytes:
