@@ -88,9 +88,13 @@ def test_only_the_config_module_reads_the_environment():
     sources = [p for p in (ROOT / "dreamlayer").rglob("*.py")] + \
         [ROOT / n for n in ("img2img_server.py", "dream_layer.py", "start_dream_layer.py")]
     readers = {str(p.relative_to(ROOT)) for p in sources
-               if re.search(r"os\.environ|getenv|environ\.get", p.read_text(encoding="utf-8"))}
-    # process.py hands the whole environment on to the ComfyUI child; it reads no setting from it
-    assert readers <= {"dreamlayer/config/env.py", "dreamlayer/comfyui/process.py"}, readers
+               if re.search(r"os\.environ|getenv|from os import environ", p.read_text(encoding="utf-8"))}
+    # process.py hands the whole environment on to the ComfyUI child; it reads no setting from it.
+    # images.py asks whether a desktop session exists (DISPLAY) before opening a file manager.
+    assert readers <= {"dreamlayer/config/env.py", "dreamlayer/comfyui/process.py",
+                       "dreamlayer/backend/images.py"}, readers
+    images = (ROOT / "dreamlayer" / "backend" / "images.py").read_text(encoding="utf-8")
+    assert set(re.findall(r"os\.environ\.get\(\"(\w+)\"\)", images)) == {"DISPLAY", "WAYLAND_DISPLAY"}
     process = (ROOT / "dreamlayer" / "comfyui" / "process.py").read_text(encoding="utf-8")
     assert not re.search(r"os\.environ(\.get|\[)|getenv", process)
 

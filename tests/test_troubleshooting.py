@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from dreamlayer.backend import api_keys, controlnet_uploads, images, model_uploads, page_routes
 from dreamlayer.comfyui import client as comfy_client
 from dreamlayer import errors
 
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
 #: Every module of the package that can raise an error a client sees.
 SOURCES = ["dreamlayer/errors.py"] + sorted(
-    str(p.relative_to(ROOT)) for part in ("img2img", "jobs", "comfyui") for p in (ROOT / "dreamlayer" / part).rglob("*.py")
+    str(p.relative_to(ROOT)) for part in ("img2img", "jobs", "comfyui", "backend") for p in (ROOT / "dreamlayer" / part).rglob("*.py")
     if "fake" not in p.relative_to(ROOT / "dreamlayer").parts)
 
 
@@ -63,7 +64,11 @@ def test_codes_are_listed_under_their_status():
     for cls in [errors.ApiError, errors.InvalidParameter, errors.PayloadTooLarge, errors.UnsupportedMediaType,
                 comfy_client.ComfyError, comfy_client.ComfyUnreachable, comfy_client.ComfyRejected,
                 comfy_client.ComfyExecutionFailed, comfy_client.ComfyInterrupted, comfy_client.ComfyTimeout,
-                comfy_client.ComfyBadResponse]:
+                comfy_client.ComfyBadResponse, images.InvalidFilename, images.ImageNotFound,
+                api_keys.InvalidApiKey, model_uploads.MissingFile, model_uploads.UnsupportedModelFile,
+                model_uploads.ModelTooLarge, model_uploads.ModelExists, model_uploads.ModelsFolderUnknown,
+                model_uploads.DiskFull, model_uploads.WriteFailed, controlnet_uploads.InputFolderUnknown,
+                page_routes.OriginNotAllowed]:
         assert listed.get(cls.code) == cls.status, (cls.__name__, cls.code, cls.status, listed.get(cls.code))
     for status, code in errors.HTTP_CODES.items():
         assert listed.get(code) == status, (code, status)

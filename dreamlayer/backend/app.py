@@ -1,5 +1,6 @@
 """DreamLayer's main backend (port 5002): model lists, path settings and generated images for the
-DreamLayer frontend, and optionally the local ComfyUI it all runs on.
+DreamLayer frontend, the routes behind its buttons (page_routes), and optionally the local ComfyUI
+it all runs on.
 
 ``python dream_layer.py`` serves with waitress on DREAMLAYER_HOST:DREAMLAYER_PORT;
 ``--start-comfyui`` also starts ComfyUI from COMFYUI_DIR (unless one already answers);
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import mimetypes
 import signal
 import sys
 import threading
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, current_app, jsonify, request
 from flask_cors import CORS
 
 from dreamlayer.comfyui import client as comfy_client
@@ -24,7 +24,9 @@ from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.backend import DreamLayerConfig
 from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, get_directories, load_settings,
                                  unreachable_hint, update_settings)
-from dreamlayer.errors import ApiError, BadRequest, InvalidParameter, register_error_handlers
+from dreamlayer.errors import BadRequest, InvalidParameter, register_error_handlers
+from dreamlayer.backend import page_routes
+from dreamlayer.backend.images import ImageFolders, open_folder
 from dreamlayer.backend.models import ModelCatalog
 from dreamlayer.img2img.staging import ServedImages
 
@@ -43,6 +45,10 @@ class Backend:
         self.client = client
         self.catalog = ModelCatalog(client, config.display_names_file)
         self.served = ServedImages(config.shared.served_images_dir)
+        #: generated images by name: the served folder, then ComfyUI's output folder
+        self.images = ImageFolders(self.served.directory,
+                                   lambda: (config.shared.comfyui_output_dir, self.directories().output_dir),
+                                   config.shared.comfyui_input_dir)
         self.comfyui = comfyui
 
     def directories(self):
@@ -130,15 +136,6 @@ def set_path_settings():
                     "directories": b.directories().to_dict()})
 
 
-@bp.get("/api/images/<path:filename>")
-def served_image(filename):
-    path = backend().served.resolve(filename)
-    mimetype = mimetypes.guess_type(filename)[0] if path is not None else None
-    if path is None or not (mimetype or "").startswith("image/"):
-        raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
-    return send_file(path, mimetype=mimetype, max_age=3600)
-
-
 # ---------------------------------------------------------------------------- errors -> JSON
 
 def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.ComfyClient | None = None,
@@ -158,8 +155,11 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     app.extensions["dream_layer"] = Backend(config, client, comfyui)
     CORS(app, origins=list(config.shared.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type"], max_age=600)
+    # show-in-folder starts the desktop's file manager, for loopback clients only; tests replace it
+    app.config["FOLDER_OPENER"] = open_folder if config.open_folders else None
     register_error_handlers(app)
     app.register_blueprint(bp)
+    app.register_blueprint(page_routes.bp)
     return app
 
 
@@ -226,7 +226,9 @@ def serve(config: DreamLayerConfig, *, with_comfyui: bool) -> int:
         app = create_app(config, client=client, comfyui=comfyui)
         try:
             server = create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                   ident="dreamlayer")
+                                   ident="dreamlayer",  # a model upload may be many GB (upload-model)
+                                   max_request_body_size=max(config.max_model_bytes,
+                                                             config.shared.max_content_length) + 1024 * 1024)
         except OSError as exc:
             log.error("cannot listen on %s:%d (%s); is another DreamLayer running? Stop it or set "
                       "DREAMLAYER_PORT", config.host, config.port, exc)

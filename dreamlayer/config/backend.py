@@ -36,6 +36,12 @@ class DreamLayerConfig:
     #: Origin ComfyUI allows (--enable-cors-header), for the frontend's WebSocket to ComfyUI.
     comfyui_cors_origin: str = E.default("CORS_ORIGINS")[0]
     comfyui_start_timeout_s: float = E.default("COMFYUI_START_TIMEOUT_S")
+    #: API keys posted by the page's "Add API KEY" dialog (JSON, mode 0600).
+    api_keys_file: Path = E.default("DREAMLAYER_API_KEYS_FILE")
+    #: Largest model file POST /api/upload-model accepts (bytes).
+    max_model_bytes: int = E.default("DREAMLAYER_MAX_MODEL_BYTES")
+    #: show-in-folder may open the desktop's file manager (for loopback clients only).
+    open_folders: bool = E.default("DREAMLAYER_OPEN_FOLDERS")
 
     @property
     def comfy_api_url(self) -> str:
@@ -72,4 +78,7 @@ class DreamLayerConfig:
             # CORS_ORIGINS is never empty (its rule), so its first origin is always there
             comfyui_cors_origin=env.get("COMFYUI_CORS_ORIGIN") or shared.cors_origins[0],
             comfyui_start_timeout_s=env.get("COMFYUI_START_TIMEOUT_S"),
+            api_keys_file=env.get("DREAMLAYER_API_KEYS_FILE"),
+            max_model_bytes=env.get("DREAMLAYER_MAX_MODEL_BYTES"),
+            open_folders=env.get("DREAMLAYER_OPEN_FOLDERS"),
         )

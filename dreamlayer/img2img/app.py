@@ -94,9 +94,14 @@ def interrupt():
 @bp.get("/images/<path:filename>")
 @bp.get("/api/images/<path:filename>")
 def served_image(filename):
+    """/images/ answers as a download (Content-Disposition: attachment), so that the page's cross-origin
+    "Download PNG" link saves the file instead of opening a tab; an <img> shows it all the same.
+    /api/images/ answers inline."""
     path = service().served.resolve(filename)
     if path is None:
         raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
+    if request.path.startswith("/images/"):
+        return send_file(path, mimetype="image/png", max_age=3600, as_attachment=True, download_name=path.name)
     return send_file(path, mimetype="image/png", max_age=3600)
 
 
