@@ -124,3 +124,8 @@ def grey_morph(m: np.ndarray, footprint: np.ndarray, dilate: bool) -> np.ndarray
 def to_uint8(image_hwc: np.ndarray) -> np.ndarray:
     """SaveImage's 8-bit conversion: clip(255*x) then truncate (astype), not round."""
     return np.clip(255.0 * image_hwc, 0, 255).astype(np.uint8)
+
+
+def upscale_repeat(image_bhwc: np.ndarray, scale: int) -> np.ndarray:
+    """Integer nearest-neighbour upscale of [B,H,W,C] (each pixel becomes a scale x scale block)."""
+    return np.repeat(np.repeat(image_bhwc, scale, axis=1), scale, axis=2)
