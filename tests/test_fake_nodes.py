@@ -1,5 +1,5 @@
 """The fake ComfyUI's node classes for issue 14 (hires fix, refiner, tiled VAE, VAE override) and
-issue 15 (inpainting): catalog, validation and pixel model.
+issue 15 (inpainting), and the facerestore_cf opt-in: catalog, validation and pixel model.
 
 Validation errors are compared with the shapes of the captured 0.3.40 rejections
 (tests/fixtures/comfyui_captures.json); the pixel model is the fake's own (README.md of the fake).
@@ -14,6 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
+from dreamlayer.comfyui.fake import FakeComfyUI
 from dreamlayer.comfyui.fake.nodes import upscale_model_scale, vae_tint
 from test_fake_comfyui import CAPS, INPUTS, post_prompt, put_inputs, run
 
@@ -622,3 +623,46 @@ def test_image_pad_for_outpaint_feathering_matches_0340(fake_comfy):
     assert _mask_row(fake_comfy, nodes, ("3", 1), 24, y=5) == [255] * 9 + [143, 63, 15] + [0] * 12
     nodes["3"]["inputs"]["feathering"] = 8  # 2 * 8 is not < 16: no feathering at all
     assert _mask_row(fake_comfy, nodes, ("3", 1), 24, y=5) == [255] * 8 + [0] * 16
+
+
+# --- custom nodes (opt-in) ------------------------------------------------------------------------------
+
+def test_facerestore_cf_is_opt_in(tmp_path):
+    with FakeComfyUI(tmp_path / "plain") as plain:
+        prompt = {"1": node("FaceRestoreModelLoader", model_name="codeformer.pth")}
+        r = post_prompt(plain, {**prompt, "2": node("PreviewImage", images=["1", 0])})
+        assert r.json()["error"]["message"] == "Cannot execute because node FaceRestoreModelLoader does not exist."
+    with pytest.raises(ValueError):
+        FakeComfyUI(tmp_path / "x", custom_nodes=("no_such_pack",))
+
+
+def test_facerestore_cf_nodes_run_when_loaded(tmp_path):
+    with FakeComfyUI(tmp_path / "c", custom_nodes=("facerestore_cf",)) as fake:
+        info = object_info(fake)
+        assert list(info)[-2:] == ["FaceRestoreCFWithModel", "FaceRestoreModelLoader"]
+        assert info["FaceRestoreCFWithModel"]["input"]["required"]["codeformer_fidelity"] == [
+            "FLOAT", {"default": 0.5, "min": 0.0, "max": 1, "step": 0.05}]
+        assert info["FaceRestoreCFWithModel"]["python_module"] == "custom_nodes.facerestore_cf"
+        assert info["FaceRestoreModelLoader"]["input"]["required"]["model_name"] == [[]]
+        assert requests.get(fake.url + "/models", timeout=5).json()[-2:] == ["facerestore_models",
+                                                                              "facedetection_models"]
+        fake.add_model("facerestore_models", "codeformer-v0.1.0.pth")
+        fake.add_model("upscale_models", "4x-UltraSharp.pth")  # the other "model_name" enum stays apart
+        info = object_info(fake)
+        assert info["FaceRestoreModelLoader"]["input"]["required"]["model_name"] == [["codeformer-v0.1.0.pth"]]
+        assert info["UpscaleModelLoader"]["input"]["required"]["model_name"] == [["4x-UltraSharp.pth"]]
+        put_inputs(fake, "probe_src_64.png")
+        prompt = {"1": node("LoadImage", image="probe_src_64.png"),
+                  "2": node("FaceRestoreModelLoader", model_name="codeformer-v0.1.0.pth"),
+                  "3": node("FaceRestoreCFWithModel", facerestore_model=["2", 0], image=["1", 0],
+                            facedetection="retinaface_resnet50", codeformer_fidelity=1.5)}
+        show(prompt, "9", ("3", 0))
+        body = post_prompt(fake, prompt).json()
+        assert body["node_errors"]["3"]["errors"][0]["message"] == "Value 1.5 bigger than max of 1"
+        prompt["3"]["inputs"]["codeformer_fidelity"] = 0.5
+        images, _ = execute(fake, prompt)
+        diff = np.abs(one(images, "9") - src_pixels()).max(axis=-1)
+        inside = np.zeros((64, 64), dtype=bool)
+        inside[16:48, 16:48] = True
+        assert diff[~inside].max() == 0 and diff[inside].mean() > 10
+        assert runs_of(fake, "FaceRestoreCFWithModel")["3"]["face_box"] == [16, 16, 48, 48]

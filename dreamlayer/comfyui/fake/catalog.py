@@ -12,6 +12,8 @@ import mimetypes
 import os
 from pathlib import Path
 
+from . import custom_nodes
+
 FIXTURE_PATH = Path(__file__).with_name("object_info.json")
 
 # Which (node class, input) enums list the files of each model folder (ComfyUI: the INPUT_TYPES
@@ -24,6 +26,8 @@ MODEL_FOLDER_INPUTS = {
     "upscale_models": (("UpscaleModelLoader", "model_name"),),
     "vae": (("VAELoader", "vae_name"),),
 }
+for _pack in custom_nodes.PACKS.values():  # only present in object_info when the pack is loaded
+    MODEL_FOLDER_INPUTS.update(_pack["model_inputs"])
 
 # GET /models as captured from 0.3.40 (folder_paths.folder_names_and_paths keys).
 MODEL_FOLDERS = [
@@ -50,6 +54,16 @@ def load_fixture() -> dict:
         with open(FIXTURE_PATH, encoding="utf-8") as f:
             _fixture_cache = json.load(f)
     return copy.deepcopy(_fixture_cache)
+
+
+def load_custom_nodes(object_info: dict, folders: list, pack_name: str) -> None:
+    """Add a custom node pack's classes (after the core ones, as ComfyUI loads them) and folders."""
+    pack = custom_nodes.pack(pack_name)
+    for class_type, info in pack["object_info"].items():
+        object_info[class_type] = info
+    for folder in pack["model_folders"]:
+        if folder not in folders:
+            folders.append(folder)
 
 
 def input_info(class_info: dict, name: str):

@@ -43,14 +43,17 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 class FakeComfyUI:
     """See dreamlayer/comfyui/fake/README.md for the public API and where it differs from ComfyUI."""
 
-    def __init__(self, root_dir):
+    def __init__(self, root_dir, custom_nodes=()):
         self.folders = Folders(Path(root_dir))
         self.folders.create()
         self._object_info: dict = catalog.load_fixture()
-        #: GET /models: ComfyUI's model folder names
+        #: GET /models: ComfyUI's model folder names, plus those the loaded custom node packs add
         self.model_folders: list = list(catalog.MODEL_FOLDERS)
         #: folder -> names given to add_model (model files are names only)
         self.model_files: dict = {}
+        self.custom_nodes: tuple = tuple(custom_nodes)
+        for pack in self.custom_nodes:
+            catalog.load_custom_nodes(self._object_info, self.model_folders, pack)
         catalog.refresh_input_lists(self._object_info, self.folders.input)
         self.settings = Settings()
         self.hub = Hub()

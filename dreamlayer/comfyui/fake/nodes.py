@@ -92,6 +92,11 @@ class UpscaleModel:
 
 
 @dataclass(frozen=True)
+class FaceRestoreModel:
+    name: str
+
+
+@dataclass(frozen=True)
 class ControlNet:
     name: str
     union_type: str | None = None
@@ -937,6 +942,30 @@ class Canny(Node):
         return (np.repeat(edges[..., None], 3, axis=-1),)
 
 
+# --- custom node packs (only in object_info when FakeComfyUI(custom_nodes=...) loads them) -----
+
+class FaceRestoreModelLoader(Node):
+    def run(self, ctx, model_name):
+        return (FaceRestoreModel(model_name),)
+
+
+class FaceRestoreCFWithModel(Node):
+    """facerestore_cf: the fake "finds" one face, the centre box (the middle half of each side),
+    and "restores" it: 0.8 * 3x3 blur + 0.2, blended in with weight 1 - codeformer_fidelity / 2."""
+
+    def run(self, ctx, facerestore_model, image, facedetection, codeformer_fidelity):
+        out = np.array(image, dtype=np.float32)
+        h, w = out.shape[1], out.shape[2]
+        top, left, bottom, right = h // 4, w // 4, h - h // 4, w - w // 4
+        weight = 1.0 - 0.5 * float(codeformer_fidelity)
+        restored = np.clip(imaging.box_blur3(out) * 0.8 + 0.2, 0.0, 1.0)
+        box = (slice(None), slice(top, bottom), slice(left, right))
+        out[box] = out[box] * (1.0 - weight) + restored[box] * weight
+        ctx.note(model_name=facerestore_model.name, facedetection=facedetection, face_box=[top, left, bottom, right],
+                 weight=weight)
+        return (out.astype(np.float32),)
+
+
 NODE_CLASSES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     CheckpointLoaderSimple, CLIPTextEncode, CLIPSetLastLayer, LoadImage, LoadImageMask, VAEEncode,
     VAEEncodeForInpaint, VAEDecode, SetLatentNoiseMask, RepeatLatentBatch, EmptyLatentImage, LatentUpscale,
@@ -944,4 +973,5 @@ NODE_CLASSES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ImageInvert, ImagePadForOutpaint, MaskToImage, ImageToMask, InvertMask, GrowMask, SolidMask, LoraLoader,
     ControlNetLoader, ControlNetApplyAdvanced, SetUnionControlNetType, Canny, UpscaleModelLoader,
     ImageUpscaleWithModel, LatentUpscaleBy, ImageScaleBy, VAEEncodeTiled, VAEDecodeTiled, VAELoader,
-    InpaintModelConditioning, DifferentialDiffusion, FeatherMask, ThresholdMask)}
+    InpaintModelConditioning, DifferentialDiffusion, FeatherMask, ThresholdMask,
+    FaceRestoreModelLoader, FaceRestoreCFWithModel)}
