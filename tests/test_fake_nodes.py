@@ -284,6 +284,43 @@ def test_step_is_not_validated_and_booleans_convert_anything(fake_comfy, class_t
         r.json()["prompt_id"]]["status"]["status_str"] == "success"
 
 
+@pytest.mark.parametrize("class_type, name, link, received", [
+    ("ImageUpscaleWithModel", "upscale_model", ["1", 0], "MODEL"),
+    ("DifferentialDiffusion", "model", ["1", 2], "VAE"),
+    ("InpaintModelConditioning", "mask", ["6", 0], "IMAGE"),
+    ("VAEDecodeTiled", "samples", ["6", 0], "IMAGE"),
+])
+def test_links_of_the_wrong_type_are_rejected_like_comfyui(fake_comfy, class_type, name, link, received):
+    p = base()
+    p["3"] = node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    p["5"] = node("SolidMask", value=1.0, width=16, height=16)
+    p["6"] = node("MaskToImage", mask=["5", 0])
+    p["4"] = {"ImageUpscaleWithModel": node(class_type, upscale_model=["1", 0], image=["6", 0]),
+              "DifferentialDiffusion": node(class_type, model=["1", 2]),
+              "VAEDecodeTiled": node(class_type, samples=["6", 0], vae=["1", 2], tile_size=512, overlap=64,
+                                     temporal_size=64, temporal_overlap=8)}.get(class_type)
+    if class_type == "InpaintModelConditioning":
+        p["4"] = node(class_type, positive=["2", 0], negative=["2", 0], vae=["1", 2], pixels=["6", 0], mask=link,
+                      noise_mask=True)
+    if class_type == "DifferentialDiffusion":
+        p["7"] = ksampler(("4", 0), ("3", 0))
+    elif class_type == "InpaintModelConditioning":
+        p["7"] = ksampler(("1", 0), ("4", 2), positive=("4", 0), negative=("4", 1))
+    if "7" in p:
+        show_latent(p, "9", ("7", 0))
+    else:
+        show(p, "9", ("4", 0))
+    body = post_prompt(fake_comfy, p).json()
+    spec = fake_comfy.object_info[class_type]["input"]["required"][name]
+    want = {"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
+            "details": f"{name}, received_type({received}) mismatch input_type({spec[0]})",
+            "extra_info": {"input_name": name, "input_config": [spec[0], {}], "received_type": received,
+                           "linked_node": link}}
+    assert body["node_errors"]["4"]["errors"] == [want]
+    captured = CAPS["prompt_errors"]["link_wrong_type"]["body"]["node_errors"]["7"]
+    assert _shape(body["node_errors"]["4"]["errors"]) == _shape(captured["errors"])
+
+
 def test_loader_enums_reject_unknown_files_with_the_list(fake_comfy):
     fake_comfy.add_model("vae", VAE)
     prompt = {"1": node("VAELoader", vae_name="missing.safetensors"), "2": node("UpscaleModelLoader",
@@ -574,8 +611,7 @@ def test_differential_diffusion_thresholds_grey_mask_levels_by_step(fake_comfy):
         assert np.abs(share(plain, i) - (src + without * (full - src))).max() <= 2, values[i]
         assert np.abs(share(dd, i) - (src + with_dd * (full - src))).max() <= 2, values[i]
     assert np.abs(share(dd, 2) - src).max() <= 1
-    assert all(r["differential"] for r in runs_of(fake_comfy, "KSampler").values() if r["prompt_id"] ==
-               fake_comfy.node_runs[-1]["prompt_id"])
+    assert [r["differential"] for r in fake_comfy.node_runs if r["class_type"] == "KSampler"] == [False] * 4 + [True] * 4
 
 
 # --- pixel model: masks -------------------------------------------------------------------------------

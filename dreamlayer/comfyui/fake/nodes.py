@@ -2,9 +2,10 @@
 
 Values mirror ComfyUI's tensors as numpy float32: IMAGE [B,H,W,C] in 0..1, MASK [B,H,W] or [H,W],
 LATENT {"samples": ..., "noise_mask"?: [B,1,H,W], "batch_index"?: [...]}. The fake's "latent" is
-the image itself at full resolution (the VAE is the identity), so a test can look at a saved PNG
-and tell exactly which pixels the sampler touched. Models, CLIP, VAE and ControlNets are opaque
-tokens that only remember what was applied to them.
+the image itself at full resolution (every VAE encodes as the identity; a VAELoader VAE tints what
+it decodes), so a test can look at a saved PNG and tell exactly which pixels the sampler touched.
+Models, CLIP, VAE and ControlNets are opaque tokens that only remember what was applied to them.
+README.md ("Pixel model of each node") describes each model; tests/test_fake_nodes.py pins them.
 
 Each class has `run(ctx, **inputs)` returning a tuple of outputs or {"ui": ..., "result": ...}
 (ComfyUI's FUNCTION contract), plus `VALIDATE_INPUTS` / `IS_CHANGED` where ComfyUI has them.
