@@ -123,7 +123,10 @@ REQUESTED_CLASSES = (
     "VAEDecode SetLatentNoiseMask RepeatLatentBatch EmptyLatentImage LatentUpscale KSampler KSamplerAdvanced "
     "SaveImage PreviewImage ImageScale ImageCrop ImageCompositeMasked ImageInvert ImagePadForOutpaint MaskToImage "
     "ImageToMask InvertMask GrowMask SolidMask LoraLoader ControlNetLoader ControlNetApplyAdvanced "
-    "SetUnionControlNetType Canny UpscaleModelLoader").split()
+    "SetUnionControlNetType Canny UpscaleModelLoader "
+    # issue 14 (hires fix, refiner, tiled VAE, VAE override) and issue 15 (inpainting)
+    "ImageUpscaleWithModel LatentUpscaleBy ImageScaleBy VAEEncodeTiled VAEDecodeTiled VAELoader "
+    "InpaintModelConditioning DifferentialDiffusion FeatherMask ThresholdMask").split()
 
 
 def test_object_info_fixture_holds_the_requested_classes(fake_comfy):

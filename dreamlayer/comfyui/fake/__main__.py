@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True, help="folder for its input/, output/ and temp/")
     parser.add_argument("--step-delay", type=float, default=None,
                         help="seconds per sampler step (makes progress visible)")
+    parser.add_argument("--custom-nodes", nargs="*", default=(), metavar="PACK",
+                        help="custom node packs to load (off by default, like --disable-all-custom-nodes): "
+                             "facerestore_cf")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -29,7 +32,7 @@ def main(argv=None) -> int:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
 
-    fake = FakeComfyUI(args.root)
+    fake = FakeComfyUI(args.root, custom_nodes=tuple(args.custom_nodes))
     fake.host = args.host
     if args.step_delay is not None:
         fake.step_delay = args.step_delay

@@ -182,6 +182,11 @@ class NodeContext:
         self._run = run
         self.folders = run.executor.folders
         self.send_previews = bool(run.executor.settings.send_previews)
+        self.notes: dict = {}
+
+    def note(self, **details) -> None:
+        """What a node wants tests to see it did (FakeComfyUI.node_runs)."""
+        self.notes.update(details)
 
     @staticmethod
     def save_image_path(prefix, out_dir, width, height):
@@ -390,7 +395,8 @@ class PromptRun:
             self._maybe_fail(node_id, class_type)
             if class_type not in SAMPLER_CLASSES:
                 self.maybe_hang(sampler=False)
-            result = obj.run(NodeContext(self), **input_data)
+            ctx = NodeContext(self)
+            result = obj.run(ctx, **input_data)
             if isinstance(result, dict):
                 output_ui = result.get("ui", {}) or {}
                 output_data = tuple(result.get("result", ()) or ())
@@ -403,6 +409,8 @@ class PromptRun:
                     self.send("executed", {"node": node_id, "display_node": node_id, "output": output_ui,
                                            "prompt_id": self.prompt_id}, self.client_id)
             ex.cache.set_output(node_id, output_data)
+            ex.node_runs.append({"prompt_id": self.prompt_id, "node": node_id, "class_type": class_type,
+                                 **ctx.notes})
         except InterruptProcessingException as iex:
             log.info("Processing interrupted")
             return False, {"node_id": node_id}, iex
@@ -480,6 +488,7 @@ class Executor:
         self.busy = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.reset_requested = False
+        self.node_runs: list = []  # an observation log for tests: survives reset() and die()
         self.reset()
 
     def reset(self) -> None:

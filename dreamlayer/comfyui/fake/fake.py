@@ -43,10 +43,17 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 class FakeComfyUI:
     """See dreamlayer/comfyui/fake/README.md for the public API and where it differs from ComfyUI."""
 
-    def __init__(self, root_dir):
+    def __init__(self, root_dir, custom_nodes=()):
         self.folders = Folders(Path(root_dir))
         self.folders.create()
         self._object_info: dict = catalog.load_fixture()
+        #: GET /models: ComfyUI's model folder names, plus those the loaded custom node packs add
+        self.model_folders: list = list(catalog.MODEL_FOLDERS)
+        #: folder -> names given to add_model (model files are names only)
+        self.model_files: dict = {}
+        self.custom_nodes: tuple = tuple(custom_nodes)
+        for pack in self.custom_nodes:
+            catalog.load_custom_nodes(self._object_info, self.model_folders, pack)
         catalog.refresh_input_lists(self._object_info, self.folders.input)
         self.settings = Settings()
         self.hub = Hub()
@@ -258,7 +265,19 @@ class FakeComfyUI:
         return running[0][1] if running else None
 
     def add_model(self, folder: str, filename: str) -> None:
-        catalog.add_model(self.object_info, folder, filename)
+        """A model file appears in ComfyUI's models/<folder>/: the enums that list it show it.
+
+        As in ComfyUI, a name without a model extension (.safetensors, .pth, .ckpt, ...) is not
+        listed. Adding both vae_approx/taesd_encoder.* and taesd_decoder.* offers "taesd" in
+        VAELoader (likewise taesdxl, taesd3, taef1)."""
+        if not catalog.add_model(self.object_info, folder, filename, self.model_files, self.model_folders):
+            log.warning("fake ComfyUI: %r has no model extension; ComfyUI would not list it", filename)
+
+    @property
+    def node_runs(self) -> list:
+        """Every node that executed (not served from cache), in order, with what it noted:
+        {"prompt_id", "node", "class_type", ...}; e.g. a sampler notes its checkpoint and steps."""
+        return self.executor.node_runs
 
     def output_image(self, filename: str, subfolder: str = "") -> Image.Image:
         with Image.open(self.folders.output / subfolder / filename) as img:

@@ -124,3 +124,19 @@ def grey_morph(m: np.ndarray, footprint: np.ndarray, dilate: bool) -> np.ndarray
 def to_uint8(image_hwc: np.ndarray) -> np.ndarray:
     """SaveImage's 8-bit conversion: clip(255*x) then truncate (astype), not round."""
     return np.clip(255.0 * image_hwc, 0, 255).astype(np.uint8)
+
+
+def box_blur3(image_bhwc: np.ndarray) -> np.ndarray:
+    """3x3 mean over H and W of [B,H,W,C] with edges replicated."""
+    p = np.pad(np.asarray(image_bhwc, dtype=np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = image_bhwc.shape[1], image_bhwc.shape[2]
+    acc = np.zeros(image_bhwc.shape, dtype=np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            acc += p[:, dy:dy + h, dx:dx + w, :]
+    return (acc / 9.0).astype(np.float32)
+
+
+def upscale_repeat(image_bhwc: np.ndarray, scale: int) -> np.ndarray:
+    """Integer nearest-neighbour upscale of [B,H,W,C] (each pixel becomes a scale x scale block)."""
+    return np.repeat(np.repeat(image_bhwc, scale, axis=1), scale, axis=2)

@@ -2,9 +2,10 @@
 
 Values mirror ComfyUI's tensors as numpy float32: IMAGE [B,H,W,C] in 0..1, MASK [B,H,W] or [H,W],
 LATENT {"samples": ..., "noise_mask"?: [B,1,H,W], "batch_index"?: [...]}. The fake's "latent" is
-the image itself at full resolution (the VAE is the identity), so a test can look at a saved PNG
-and tell exactly which pixels the sampler touched. Models, CLIP, VAE and ControlNets are opaque
-tokens that only remember what was applied to them.
+the image itself at full resolution (every VAE encodes as the identity; a VAELoader VAE tints what
+it decodes), so a test can look at a saved PNG and tell exactly which pixels the sampler touched.
+Models, CLIP, VAE and ControlNets are opaque tokens that only remember what was applied to them.
+README.md ("Pixel model of each node") describes each model; tests/test_fake_nodes.py pins them.
 
 Each class has `run(ctx, **inputs)` returning a tuple of outputs or {"ui": ..., "result": ...}
 (ComfyUI's FUNCTION contract), plus `VALIDATE_INPUTS` / `IS_CHANGED` where ComfyUI has them.
@@ -14,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -36,10 +39,22 @@ class InterruptProcessingException(Exception):
 
 # --- opaque model objects ----------------------------------------------------------------------
 
+def _basename(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Model:
     ckpt: str
     loras: tuple = ()
+    #: DifferentialDiffusion patched it (model_options["denoise_mask_function"])
+    differential: bool = False
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: real ComfyUI sees in_channels=9 in the weights; the fake
+        goes by the file name (contains "inpainting", case-insensitive)."""
+        return "inpainting" in _basename(self.ckpt).lower()
 
 
 @dataclass(frozen=True)
@@ -51,11 +66,34 @@ class Clip:
 
 @dataclass(frozen=True)
 class Vae:
-    ckpt: str
+    ckpt: str | None = None   #: the checkpoint this VAE came with (CheckpointLoaderSimple)
+    file: str | None = None   #: VAELoader's vae_name (a file of models/vae, or "taesd"...)
+
+
+_SCALE_IN_NAME = re.compile(r"(?<![0-9])([1-9][0-9]?)x(?![0-9])|x([1-9][0-9]?)(?![0-9])", re.IGNORECASE)
+
+
+def upscale_model_scale(name: str) -> int:
+    """The fake's stand-in for the scale spandrel reads from the weights: the first "Nx" or "xN"
+    (N = 1..99, not part of a longer number) in the file name, else 4.
+    "4x-UltraSharp.pth" -> 4, "RealESRGAN_x2plus.pth" -> 2, "tiny-esrgan-2x-random.pth" -> 2."""
+    m = _SCALE_IN_NAME.search(_basename(name))
+    if m is None:
+        return 4
+    return int(m.group(1) or m.group(2))
 
 
 @dataclass(frozen=True)
 class UpscaleModel:
+    name: str
+
+    @property
+    def scale(self) -> int:
+        return upscale_model_scale(self.name)
+
+
+@dataclass(frozen=True)
+class FaceRestoreModel:
     name: str
 
 
@@ -79,6 +117,9 @@ class Conditioning:
     text: str
     clip: Clip
     controls: tuple = ()
+    #: set by InpaintModelConditioning (node_helpers.conditioning_set_values), read by inpainting models
+    concat_latent_image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    concat_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -174,7 +215,21 @@ class ControlNetApplyAdvanced(Node):
 
 class UpscaleModelLoader(Node):
     def run(self, ctx, model_name):
-        return (UpscaleModel(model_name),)
+        model = UpscaleModel(model_name)
+        ctx.note(model_name=model_name, scale=model.scale)
+        return (model,)
+
+
+class VAELoader(Node):
+    def run(self, ctx, vae_name):
+        return (Vae(file=vae_name),)
+
+
+class DifferentialDiffusion(Node):
+    """model.clone() + set_model_denoise_mask_function: the sampler thresholds the noise mask."""
+
+    def run(self, ctx, model):
+        return (replace(model, differential=True),)
 
 
 # --- image loading ----------------------------------------------------------------------------
@@ -262,9 +317,58 @@ def _crop_to_multiple_of_8(pixels: np.ndarray) -> np.ndarray:
     return pixels[:, oy:oy + nh, ox:ox + nw, :]
 
 
+VAE_TINT = 0.2  # how much a VAELoader VAE pulls decoded pixels towards its colour
+
+
+def vae_tint(name: str) -> np.ndarray:
+    """The RGB colour (0..1) a VAELoader VAE of that name tints its decodes with."""
+    h = zlib.crc32(("vae:" + name).encode())
+    return np.array([(h >> 0) & 255, (h >> 8) & 255, (h >> 16) & 255], dtype=np.float32) / 255.0
+
+
+def _vae_encode(vae, pixels) -> np.ndarray:
+    """vae.encode: crop to multiples of 8, RGB only; every VAE encodes as the identity in the fake."""
+    return _crop_to_multiple_of_8(np.asarray(pixels, dtype=np.float32))[..., :3].copy()
+
+
+def _vae_decode(vae, samples: np.ndarray) -> np.ndarray:
+    """vae.decode: a checkpoint's VAE is the identity (clamped); a VAELoader VAE also tints."""
+    image = np.clip(samples, 0.0, 1.0).astype(np.float32)
+    if getattr(vae, "file", None) is not None:
+        image = (image * (1.0 - VAE_TINT) + vae_tint(vae.file) * VAE_TINT).astype(np.float32)
+    return image
+
+
+def tiled_scale_steps(width, height, tile_x, tile_y, overlap) -> int:
+    """comfy.utils.get_tiled_scale_steps (a tile as big as the overlap divides by zero, as there)."""
+    rows = 1 if height <= tile_y else math.ceil((height - overlap) / (tile_y - overlap))
+    cols = 1 if width <= tile_x else math.ceil((width - overlap) / (tile_x - overlap))
+    return rows * cols
+
+
+def _tile_progress(ctx, total: int) -> None:
+    """comfy.utils.ProgressBar(total) updated once per tile: one progress message each."""
+    for value in range(1, max(0, total) + 1):
+        ctx.progress(value, total)
+
+
 class VAEEncode(Node):
     def run(self, ctx, pixels, vae):
-        return ({"samples": _crop_to_multiple_of_8(np.asarray(pixels, dtype=np.float32))[..., :3].copy()},)
+        return ({"samples": _vae_encode(vae, pixels)},)
+
+
+class VAEEncodeTiled(Node):
+    """Same latent as VAEEncode; progress per tile as VAE.encode_tiled_ (three tilings)."""
+
+    def run(self, ctx, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
+        samples = _vae_encode(vae, pixels)
+        b, h, w = samples.shape[0], samples.shape[1], samples.shape[2]
+        steps = b * (tiled_scale_steps(w, h, tile_size, tile_size, overlap)
+                     + tiled_scale_steps(w, h, tile_size // 2, tile_size * 2, overlap)
+                     + tiled_scale_steps(w, h, tile_size * 2, tile_size // 2, overlap))
+        ctx.note(tile_size=tile_size, overlap=overlap, tiles=steps)
+        _tile_progress(ctx, steps)
+        return ({"samples": samples},)
 
 
 class VAEEncodeForInpaint(Node):
@@ -292,7 +396,49 @@ class VAEEncodeForInpaint(Node):
 
 class VAEDecode(Node):
     def run(self, ctx, samples, vae):
-        return (np.clip(samples["samples"], 0.0, 1.0).astype(np.float32),)
+        return (_vae_decode(vae, samples["samples"]),)
+
+
+class VAEDecodeTiled(Node):
+    """Same pixels as VAEDecode; ComfyUI's overlap clamp, progress per tile as VAE.decode_tiled_."""
+
+    def run(self, ctx, samples, vae, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
+        if tile_size < overlap * 4:
+            overlap = tile_size // 4
+        lat = samples["samples"]
+        b, h, w = lat.shape[0], lat.shape[1] // 8, lat.shape[2] // 8  # the real latent's size
+        tile, ov = tile_size // 8, overlap // 8
+        steps = b * (tiled_scale_steps(w, h, tile, tile, ov)
+                     + tiled_scale_steps(w, h, tile // 2, tile * 2, ov)
+                     + tiled_scale_steps(w, h, tile * 2, tile // 2, ov))
+        ctx.note(tile_size=tile_size, overlap=overlap, tiles=steps)
+        _tile_progress(ctx, steps)
+        return (_vae_decode(vae, lat),)
+
+
+class InpaintModelConditioning(Node):
+    """nodes.InpaintModelConditioning: the grey-masked image and the mask go into the conditioning
+    (concat_latent_image / concat_mask), the latent is the unmasked image (+ noise_mask)."""
+
+    def run(self, ctx, positive, negative, pixels, vae, mask, noise_mask=True):
+        orig = np.asarray(pixels, dtype=np.float32)
+        h, w = orig.shape[1], orig.shape[2]
+        x, y = (h // 8) * 8, (w // 8) * 8
+        mask = imaging.resize_bilinear(_as_mask_batch(mask), h, w)
+        pixels = orig.copy()
+        if (h, w) != (x, y):
+            ox, oy = (h % 8) // 2, (w % 8) // 2
+            pixels = pixels[:, ox:x + ox, oy:y + oy, :]
+            mask = mask[:, :, ox:x + ox, oy:y + oy]
+        keep = (1.0 - np.round(mask))[:, 0]
+        for c in range(3):
+            pixels[..., c] = (pixels[..., c] - 0.5) * keep + 0.5
+        concat = _vae_encode(vae, pixels)
+        latent = {"samples": _vae_encode(vae, orig)}
+        if noise_mask:
+            latent["noise_mask"] = mask
+        out = [replace(cond, concat_latent_image=concat, concat_mask=mask) for cond in (positive, negative)]
+        return (out[0], out[1], latent)
 
 
 class SetLatentNoiseMask(Node):
@@ -342,6 +488,26 @@ class LatentUpscale(Node):
         return (out,)
 
 
+def _check_output_size(in_h, in_w, out_h, out_w) -> None:
+    """torch's interpolate refuses an empty output (the text of upsample_bilinear2d's error)."""
+    if out_h <= 0 or out_w <= 0:
+        raise RuntimeError(f"Input and output sizes should be greater than 0, but got input (H: {in_h}, W: {in_w}) "
+                           f"output (H: {out_h}, W: {out_w})")
+
+
+class LatentUpscaleBy(Node):
+    """round(latent side * scale_by) in latent cells (8 pixels each), as ComfyUI sizes the latent."""
+
+    def run(self, ctx, samples, upscale_method, scale_by):
+        out = dict(samples)
+        s = samples["samples"]
+        lh, lw = s.shape[1] // 8, s.shape[2] // 8
+        width, height = round(lw * scale_by), round(lh * scale_by)
+        _check_output_size(lh, lw, height, width)
+        out["samples"] = imaging.common_upscale(s, width * 8, height * 8, upscale_method, "disabled")
+        return (out,)
+
+
 # --- sampling ---------------------------------------------------------------------------------
 
 def _seed_noise(seed: int, shape: tuple, batch_index=None) -> np.ndarray:
@@ -354,8 +520,27 @@ def _seed_noise(seed: int, shape: tuple, batch_index=None) -> np.ndarray:
     return full[np.asarray(batch_index)]
 
 
+def _preview(latent: np.ndarray, sampled: np.ndarray, t: float) -> Image.Image:
+    frame = np.clip(latent[0] * (1 - t) + sampled[0] * t, 0, 1)
+    return Image.fromarray(imaging.to_uint8(frame))
+
+
+CHECKPOINT_STRENGTH = 0.2  # how much a checkpoint's own pattern shows in what it samples
+
+#: Private latent key: the noise a KSamplerAdvanced pass left in its output
+#: (return_with_leftover_noise), so that a later add_noise=disable pass can take it out again.
+LEFTOVER_NOISE = "fake_leftover_noise"
+
+
+def _checkpoint_pattern(ckpt: str, shape: tuple) -> np.ndarray:
+    return np.random.default_rng(zlib.crc32(("checkpoint:" + ckpt).encode())).random(shape, dtype=np.float32)
+
+
 def _perturb(noise: np.ndarray, model: Model, positive: Conditioning) -> np.ndarray:
-    """LoRAs and ControlNets nudge the noise deterministically, so tests can see they applied."""
+    """What the model makes of the noise: its checkpoint's pattern, LoRAs and ControlNets nudge it
+    deterministically, so tests can see which were applied."""
+    a = CHECKPOINT_STRENGTH
+    noise = noise * (1 - a) + _checkpoint_pattern(model.ckpt, noise.shape[1:])[None] * a
     for name, strength in model.loras:
         a = min(1.0, 0.15 * abs(strength))
         r = np.random.default_rng(zlib.crc32(name.encode())).random(noise.shape[1:], dtype=np.float32)
@@ -369,32 +554,127 @@ def _perturb(noise: np.ndarray, model: Model, positive: Conditioning) -> np.ndar
     return noise.astype(np.float32)
 
 
-def _preview(latent: np.ndarray, sampled: np.ndarray, t: float) -> Image.Image:
-    frame = np.clip(latent[0] * (1 - t) + sampled[0] * t, 0, 1)
-    return Image.fromarray(imaging.to_uint8(frame))
+def _inpaint_view(positive, latent: dict, x: np.ndarray):
+    """BaseModel.concat_cond of a 9-channel model: (masked image, rounded mask [B,H,W], source).
+
+    concat_mask / concat_latent_image from the conditioning (InpaintModelConditioning), else the
+    latent's noise_mask and the latent being sampled itself; neither mask: all-ones + blank (grey)."""
+    b, h, w = x.shape[0], x.shape[1], x.shape[2]
+    mask = getattr(positive, "concat_mask", None)
+    if mask is None:
+        mask = latent.get("noise_mask")
+    if mask is None:
+        return np.full(x.shape, 0.5, dtype=np.float32), np.ones((b, h, w), dtype=np.float32), "blank"
+    image = getattr(positive, "concat_latent_image", None)
+    source = "concat_latent_image"
+    if image is None:
+        image, source = np.asarray(latent["samples"], dtype=np.float32), "latent_image"
+    if image.shape[1:] != x.shape[1:]:
+        image = imaging.common_upscale(image[..., :3], w, h, "bilinear", "center")
+    mask = _as_mask_batch(mask)
+    if mask.shape[-2:] != (h, w):
+        mask = np.moveaxis(imaging.common_upscale(np.moveaxis(mask, 1, -1), w, h, "bilinear", "center"), -1, 1)
+    return _repeat_to_batch(image, b), _repeat_to_batch(np.round(mask), b)[:, 0], source
 
 
-def common_ksampler(ctx, model, seed, steps, positive, latent, denoise, add_noise=True, start=None, end=None):
-    """sampled = latent*(1-d) + noise*d; with a noise_mask only the masked area changes.
+def _content(model: Model, positive, latent: dict, x: np.ndarray, base: np.ndarray):
+    """The image the model denoises towards. An inpainting model copies what it sees in its masked
+    image, except where that image is the grey (0.5) of a hidden area inside the mask: there it
+    generates like any model."""
+    content = _perturb(base, model, positive)
+    if not model.inpainting:
+        return content, None
+    seen, mask, source = _inpaint_view(positive, latent, x)
+    hidden = (mask == 1.0) & np.all(np.abs(seen[..., :3] - 0.5) <= 1 / 510, axis=-1)
+    return np.where(hidden[..., None], content, seen[..., :3]).astype(np.float32), source
 
-    Emits one progress message per step (honouring step_delay, /interrupt and hang_next)."""
+
+def _schedule(steps: int, denoise):
+    """Noise levels of the sampler's sigmas (1 = pure noise, linear in the step) and, per level, its
+    index in the full schedule of `total` steps (KSampler.set_steps: denoise < 1 takes the last
+    steps + 1 sigmas of int(steps / denoise) steps)."""
+    if denoise is None or denoise > 0.9999:
+        return [(steps - i) / steps for i in range(steps + 1)], list(range(steps + 1)), steps
+    if denoise <= 0.0:
+        return [], [], 0
+    total = int(steps / denoise)
+    return ([denoise * ((steps - i) / steps) for i in range(steps + 1)],
+            [total - steps + i for i in range(steps + 1)], total)
+
+
+def _dd_thresholds(indexes: list, levels: list, total: int) -> np.ndarray:
+    """DifferentialDiffusion.forward's threshold per step: (t - t_to) / (t_from - t_to) on timesteps.
+    The normal scheduler spaces timesteps evenly from 999 (first step) to 0 (last step), so the
+    fake's timestep of schedule index g is (total - 1 - g) / (total - 1); a pass that ends at 0 ends
+    at sigma_min (timestep 0), one that keeps leftover noise ends at its last index."""
+    def ts(g):
+        return 1.0 if total <= 1 else (total - 1 - g) / (total - 1)
+    t_to = 0.0 if levels[-1] == 0 else ts(indexes[-1])
+    t_from = ts(indexes[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.array([(ts(g) - t_to) / (t_from - t_to) if t_from != t_to else np.nan
+                         for g in indexes[:-1]], dtype=np.float32)
+
+
+def _dd_fraction(m: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per pixel, the threshold of the first step where mask >= threshold (0 if none): the share of
+    the pass that pixel is sampled for (before that, it is held at the re-noised original)."""
+    f = np.zeros_like(m)
+    done = np.zeros(m.shape, dtype=bool)
+    for t in thresholds:
+        sel = (m >= t) & ~done
+        f[sel] = t
+        done |= sel
+    return f
+
+
+def common_ksampler(ctx, model, seed, steps, positive, latent, denoise=1.0, add_noise=True, start=None, last=None,
+                    force_full_denoise=False):
+    """nodes.common_ksampler + comfy.samplers.KSampler.sample on the fake's noise levels.
+
+    A pass from level p_start to p_end: add_noise mixes the seeded noise in at p_start; the model
+    replaces the share (p_start - p_end) / p_start of the noise present with its content; what is
+    left (return_with_leftover_noise) stays in the pixels and is remembered in the latent so that a
+    pass with add_noise=disable can finish it. One progress message per step."""
     x = np.asarray(latent["samples"], dtype=np.float32)
-    run_steps = steps
-    effective = float(denoise)
-    if start is not None or end is not None:
-        first = start or 0
-        last = min(end if end is not None else steps, steps)
-        run_steps = max(0, last - first)
-        effective = run_steps / steps if steps else 0.0
-    if run_steps <= 0 or effective <= 0:
+    levels, indexes, total = _schedule(steps, denoise)
+    if last is not None and last < len(levels) - 1:
+        levels, indexes = levels[:last + 1], indexes[:last + 1]
+        if force_full_denoise:
+            levels[-1] = 0.0
+    if start is not None:
+        if start < len(levels) - 1:
+            levels, indexes = levels[start:], indexes[start:]
+        else:
+            return ({**latent, "samples": x.copy()},)
+    if len(levels) < 2:  # denoise 0: no sigmas, the latent comes back as it was
         return ({**latent, "samples": x.copy()},)
+    run_steps = len(levels) - 1
+    p_start, p_end = levels[0], levels[-1]
 
+    record = latent.get(LEFTOVER_NOISE)
     if add_noise:
         noise = _seed_noise(seed, x.shape, latent.get("batch_index"))
+        present = p_start
+        signal = x * (1.0 - p_start)
+    elif record is not None and record["noise"].shape == x.shape:
+        noise, present = record["noise"], record["level"]
+        signal = x - noise * present
     else:
-        noise = x.copy()
-    noise = _perturb(noise, model, positive)
-    sampled = x * (1.0 - effective) + noise * effective
+        noise, present, signal = None, 0.0, x
+
+    left = 0.0
+    if noise is not None:
+        content, saw = _content(model, positive, latent, x, noise)
+        removed = present * ((p_start - p_end) / p_start)
+        left = present - removed
+        sampled = signal + content * removed
+        if left > 0:
+            sampled = sampled + noise * left
+    else:  # nothing to denoise: the model redraws the clean latent by the pass's share
+        content, saw = _content(model, positive, latent, x, x)
+        e = p_start - p_end
+        sampled = x * (1.0 - e) + content * e
 
     for step in range(1, run_steps + 1):
         ctx.sleep_step()
@@ -407,9 +687,19 @@ def common_ksampler(ctx, model, seed, steps, positive, latent, denoise, add_nois
     if "noise_mask" in latent:
         m = imaging.resize_bilinear(_as_mask_batch(latent["noise_mask"]), x.shape[1], x.shape[2])
         m = _repeat_to_batch(m, x.shape[0])[:, 0, :, :, None]
-        out_samples = x * (1.0 - m) + sampled * m
+        if model.differential:
+            m = _dd_fraction(m, _dd_thresholds(indexes, levels, total))
+        outside = x if not (add_noise and left > 0) else x * (1.0 - left) + noise * left
+        out_samples = outside * (1.0 - m) + sampled * m
     out = dict(latent)
     out["samples"] = out_samples.astype(np.float32)
+    if left > 0:
+        out[LEFTOVER_NOISE] = {"noise": noise, "level": left}
+    else:
+        out.pop(LEFTOVER_NOISE, None)
+    ctx.note(ckpt=model.ckpt, steps=run_steps, start_level=p_start, end_level=p_end, add_noise=add_noise,
+             leftover_noise=left, differential=model.differential, inpainting_model=model.inpainting,
+             inpainting_model_saw=saw)
     return (out,)
 
 
@@ -423,7 +713,8 @@ class KSamplerAdvanced(Node):
     def run(self, ctx, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
             latent_image, start_at_step, end_at_step, return_with_leftover_noise, denoise=1.0):
         return common_ksampler(ctx, model, noise_seed, steps, positive, latent_image, denoise,
-                               add_noise=(add_noise != "disable"), start=start_at_step, end=end_at_step)
+                               add_noise=(add_noise != "disable"), start=start_at_step, last=end_at_step,
+                               force_full_denoise=(return_with_leftover_noise != "enable"))
 
 
 # --- saving -----------------------------------------------------------------------------------
@@ -484,6 +775,27 @@ class ImageScale(Node):
         elif height == 0:
             height = max(1, round(h * width / w))
         return (imaging.common_upscale(image, width, height, upscale_method, crop),)
+
+
+class ImageScaleBy(Node):
+    def run(self, ctx, image, upscale_method, scale_by):
+        h, w = image.shape[1], image.shape[2]
+        width, height = round(w * scale_by), round(h * scale_by)
+        _check_output_size(h, w, height, width)
+        return (imaging.common_upscale(image, width, height, upscale_method, "disabled"),)
+
+
+class ImageUpscaleWithModel(Node):
+    """The model's native scale (from its file name, see upscale_model_scale), nearest-neighbour
+    blocks clamped to 0..1; progress per 512px tile (overlap 32) as comfy.utils.tiled_scale."""
+
+    def run(self, ctx, upscale_model, image):
+        image = np.asarray(image, dtype=np.float32)
+        scale = upscale_model.scale
+        steps = image.shape[0] * tiled_scale_steps(image.shape[2], image.shape[1], 512, 512, 32)
+        ctx.note(model_name=upscale_model.name, scale=scale)
+        _tile_progress(ctx, steps)
+        return (np.clip(imaging.upscale_repeat(image, scale), 0.0, 1.0).astype(np.float32),)
 
 
 class ImageCrop(Node):
@@ -586,6 +898,31 @@ class GrowMask(Node):
         return (np.stack(out),)
 
 
+class FeatherMask(Node):
+    """comfy_extras.nodes_mask.FeatherMask, quirk included: the right/bottom loops index -0 first,
+    so the first column/row (not the last) gets the 1/right (1/bottom) factor and the last gets 2/n."""
+
+    def run(self, ctx, mask, left, top, right, bottom):
+        out = np.array(mask, dtype=np.float32).reshape((-1,) + mask.shape[-2:])
+        left, right = min(left, out.shape[-1]), min(right, out.shape[-1])
+        top, bottom = min(top, out.shape[-2]), min(bottom, out.shape[-2])
+        for x in range(left):
+            out[:, :, x] *= (x + 1.0) / left
+        for x in range(right):
+            out[:, :, -x] *= (x + 1) / right
+        for y in range(top):
+            out[:, y, :] *= (y + 1) / top
+        for y in range(bottom):
+            out[:, -y, :] *= (y + 1) / bottom
+        return (out,)
+
+
+class ThresholdMask(Node):
+    def run(self, ctx, mask, value):
+        mask = np.asarray(mask, dtype=np.float32)
+        return ((mask > np.float32(value)).astype(np.float32),)
+
+
 class Canny(Node):
     """Any deterministic edge map: Sobel magnitude of luminance with the two thresholds."""
 
@@ -606,9 +943,36 @@ class Canny(Node):
         return (np.repeat(edges[..., None], 3, axis=-1),)
 
 
+# --- custom node packs (only in object_info when FakeComfyUI(custom_nodes=...) loads them) -----
+
+class FaceRestoreModelLoader(Node):
+    def run(self, ctx, model_name):
+        return (FaceRestoreModel(model_name),)
+
+
+class FaceRestoreCFWithModel(Node):
+    """facerestore_cf: the fake "finds" one face, the centre box (the middle half of each side),
+    and "restores" it: 0.8 * 3x3 blur + 0.2, blended in with weight 1 - codeformer_fidelity / 2."""
+
+    def run(self, ctx, facerestore_model, image, facedetection, codeformer_fidelity):
+        out = np.array(image, dtype=np.float32)
+        h, w = out.shape[1], out.shape[2]
+        top, left, bottom, right = h // 4, w // 4, h - h // 4, w - w // 4
+        weight = 1.0 - 0.5 * float(codeformer_fidelity)
+        restored = np.clip(imaging.box_blur3(out) * 0.8 + 0.2, 0.0, 1.0)
+        box = (slice(None), slice(top, bottom), slice(left, right))
+        out[box] = out[box] * (1.0 - weight) + restored[box] * weight
+        ctx.note(model_name=facerestore_model.name, facedetection=facedetection, face_box=[top, left, bottom, right],
+                 weight=weight)
+        return (out.astype(np.float32),)
+
+
 NODE_CLASSES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     CheckpointLoaderSimple, CLIPTextEncode, CLIPSetLastLayer, LoadImage, LoadImageMask, VAEEncode,
     VAEEncodeForInpaint, VAEDecode, SetLatentNoiseMask, RepeatLatentBatch, EmptyLatentImage, LatentUpscale,
     KSampler, KSamplerAdvanced, SaveImage, PreviewImage, ImageScale, ImageCrop, ImageCompositeMasked,
     ImageInvert, ImagePadForOutpaint, MaskToImage, ImageToMask, InvertMask, GrowMask, SolidMask, LoraLoader,
-    ControlNetLoader, ControlNetApplyAdvanced, SetUnionControlNetType, Canny, UpscaleModelLoader)}
+    ControlNetLoader, ControlNetApplyAdvanced, SetUnionControlNetType, Canny, UpscaleModelLoader,
+    ImageUpscaleWithModel, LatentUpscaleBy, ImageScaleBy, VAEEncodeTiled, VAEDecodeTiled, VAELoader,
+    InpaintModelConditioning, DifferentialDiffusion, FeatherMask, ThresholdMask,
+    FaceRestoreModelLoader, FaceRestoreCFWithModel)}

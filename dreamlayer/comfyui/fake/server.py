@@ -203,13 +203,13 @@ class Routes:
         return web.json_response([])
 
     async def list_model_types(self, request):
-        return web.json_response(list(catalog.MODEL_FOLDERS))
+        return web.json_response(list(self.fake.model_folders))
 
     async def get_models(self, request):
         folder = request.match_info.get("folder", None)
-        if folder not in catalog.MODEL_FOLDERS:
+        if folder not in self.fake.model_folders:
             return web.Response(status=404)
-        return web.json_response(catalog.model_files(self.fake.object_info, folder))
+        return web.json_response(catalog.model_files(self.fake.object_info, folder, self.fake.model_files))
 
     async def view_metadata(self, request):
         """The fake has no safetensors files, so ComfyUI's answer is always an empty 404."""
