@@ -49,6 +49,8 @@ class Config:
     max_mask_bytes: int = 10 * 1024 * 1024
     #: Largest accepted image, in pixels (decompression bombs are rejected before decoding).
     max_image_pixels: int = 40_000_000
+    #: Largest image a workflow may produce or upscale to (hires fix), in pixels.
+    max_output_pixels: int = 4096 * 4096
     #: Checkpoint used when a request names none; empty = the first one ComfyUI lists.
     default_model: str = ""
     #: Background jobs: worker threads, and how long / how many finished jobs are kept.
@@ -94,6 +96,7 @@ class Config:
                 max_content_length=int(get("MAX_CONTENT_LENGTH", d.max_content_length)),
                 max_mask_bytes=int(get("MAX_MASK_BYTES", d.max_mask_bytes)),
                 max_image_pixels=int(get("MAX_IMAGE_PIXELS", d.max_image_pixels)),
+                max_output_pixels=int(get("MAX_OUTPUT_PIXELS", d.max_output_pixels)),
                 default_model=get("DEFAULT_MODEL", d.default_model),
                 job_workers=int(get("IMG2IMG_JOB_WORKERS", d.job_workers)),
                 job_ttl_s=float(get("IMG2IMG_JOB_TTL_S", d.job_ttl_s)),
