@@ -150,9 +150,12 @@ def parse_advanced(data: Mapping, *, number, string, boolean, show) -> Advanced:
                     number(data, "tile_overlap", integer=True, lo=TILE_OVERLAP_RANGE[0], hi=TILE_OVERLAP_RANGE[1],
                            default=64))
     tiling_on = boolean(data, "tiling")
-    if tiling_on and tiling.overlap >= tiling.tile_size:
-        raise InvalidParameter("tile_overlap", f"'tile_overlap' ({tiling.overlap}) must be smaller than "
-                               f"'tile_size' ({tiling.tile_size})", maximum=tiling.tile_size - 1)
+    if tiling_on and tiling.overlap * 2 >= tiling.tile_size:
+        # ComfyUI's tiled encoder also runs with tiles of half the size, and divides by
+        # (tile_size / 2 - overlap): a larger overlap fails there with ZeroDivisionError
+        raise InvalidParameter("tile_overlap", f"'tile_overlap' ({tiling.overlap}) must be less than half of "
+                               f"'tile_size' ({tiling.tile_size}): ComfyUI's tiled VAE encoder also uses "
+                               "half-size tiles", maximum=(tiling.tile_size - 1) // 2)
     vae = string(data, "vae_name", default="", max_len=1024).strip()
     face_model = string(data, "face_restoration_model", default="codeformer", max_len=64).strip().lower()
     if face_model not in FACE_MODELS:

@@ -210,6 +210,10 @@ class Img2ImgService:
         if keep is not None and params.inpaint_mode == "fill" and params.advanced.tiling is not None:
             warnings.append("tiling: ComfyUI has no tiled VAEEncodeForInpaint, so inpaint_mode 'fill' encodes "
                             "the input untiled (every decode is tiled); use 'original' for a fully tiled run")
+        tiling = params.advanced.tiling
+        if tiling is not None and tiling.tile_size < tiling.overlap * 4:
+            warnings.append(f"tiling: ComfyUI's tiled VAE decoder uses an overlap of tile_size // 4 = "
+                            f"{tiling.tile_size // 4} px when tile_overlap is more than a quarter of tile_size")
         warnings += params.warnings[len(parsed_warnings):]  # what resolving the names added
         source, keep, plan = planning.plan_generation(params, image.image, keep, comfy_nodes=self.client.object_info(),
                                                       max_output_pixels=self.config.max_output_pixels)
