@@ -136,11 +136,12 @@ def test_batch_size_and_count_give_all_images_with_incrementing_seeds(client, fa
     assert seeds_sent == [100, 101]
 
 
-def test_unimplemented_frontend_keys_only_warn(client):
+def test_an_unknown_hires_upscaler_is_refused_listing_the_installed_and_built_in_ones(client):
     resp = post_multipart(client, png(gradient(32, 32)), {**PARAMS, "hires_fix": True, "tiling": False})
-    assert resp.status_code == 200
-    warnings = resp.get_json()["warnings"]
-    assert any("hires_fix" in w for w in warnings) and not any("tiling" in w for w in warnings)
+    assert resp.status_code == 400
+    body = resp.get_json()
+    assert body["code"] == "unknown_upscaler" and body["field"] == "hires_fix_upscaler"
+    assert "4x-ultrasharp" in body["message"] and "Latent (bicubic)" in body["allowed"]
 
 
 def test_fill_mode_warns_when_denoise_is_raised(client):

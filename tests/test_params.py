@@ -85,12 +85,17 @@ def test_batch_count_seeds_increment():
     assert g.seeds() == [10, 11, 12]
 
 
-def test_unknown_and_unimplemented_keys_warn():
+def test_unknown_keys_warn_and_advanced_settings_are_read():
     g = P.parse_params({"prompt": "x", "seed": 1, "hires_fix": True, "restore_faces": True, "stepz": 3,
                         "tiling": False, "lora": {"enabled": False}})
-    text = " ".join(g.warnings)
-    assert "hires_fix" in text and "restore_faces" in text and "stepz" in text
-    assert "tiling" not in text and "lora" not in text
+    assert g.warnings == ("Unknown parameter 'stepz' was ignored",)
+    assert g.advanced.hires.factor == 2.5 and g.advanced.hires.upscaler == "4x-ultrasharp"
+    assert g.advanced.face_restore.model == "codeformer" and g.advanced.tiling is None
+
+
+def test_the_frontends_defaults_turn_every_advanced_setting_off():
+    g = P.parse_params(FRONTEND_DEFAULTS)
+    assert g.warnings == () and g.advanced == P.Advanced()
 
 
 def test_params_must_be_an_object():

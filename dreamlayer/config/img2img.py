@@ -48,6 +48,8 @@ class Config:
     max_mask_bytes: int = E.default("MAX_MASK_BYTES")
     #: Largest accepted image, in pixels (decompression bombs are rejected before decoding).
     max_image_pixels: int = E.default("MAX_IMAGE_PIXELS")
+    #: Largest image a workflow may produce or upscale to (hires fix), in pixels.
+    max_output_pixels: int = E.default("MAX_OUTPUT_PIXELS")
     #: Checkpoint used when a request names none; empty = the first one ComfyUI lists.
     default_model: str = E.default("DEFAULT_MODEL")
     #: Background jobs: worker threads, and how long / how many finished jobs are kept.
@@ -90,6 +92,7 @@ class Config:
             max_content_length=env.get("MAX_CONTENT_LENGTH"),
             max_mask_bytes=env.get("MAX_MASK_BYTES"),
             max_image_pixels=env.get("MAX_IMAGE_PIXELS"),
+            max_output_pixels=env.get("MAX_OUTPUT_PIXELS"),
             default_model=env.get("DEFAULT_MODEL"),
             job_workers=env.get("IMG2IMG_JOB_WORKERS"),
             job_ttl_s=env.get("IMG2IMG_JOB_TTL_S"),

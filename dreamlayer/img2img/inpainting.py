@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Optional
 
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
@@ -31,6 +32,18 @@ class Plan:
     #: ComfyUI's workflow pastes back and crops itself (img2img_workflow.finish_outputs): its
     #: output already is the final image
     final_from_comfyui: bool = False
+    #: Resize mode 3: the encoded input is stretched to this size (w, h) in the latent.
+    latent_resize: Optional[tuple] = None
+    #: The hires fix upscales the first pass to this size (w, h), padding included.
+    hires_size: Optional[tuple] = None
+    #: ((w, h), crop) scalings of the generation in the workflow, in order, for the paste-back.
+    scale_steps: tuple = ()
+    #: The final image's size when the workflow scales the generation (None = work_size).
+    output_size: Optional[tuple] = None
+
+    @property
+    def final_size(self) -> tuple:
+        return tuple(self.output_size or self.work_size)
 
     @property
     def whole(self) -> bool:
@@ -192,7 +205,7 @@ def paste_weight(keep: Image.Image, p: Plan) -> Image.Image:
 def needs_work(generated_size: tuple, keep, p: Plan) -> bool:
     """False when ComfyUI's output already is the final image (no crop, scale or paste)."""
     if p.final_from_comfyui:
-        return tuple(generated_size) != tuple(p.work_size)
+        return tuple(generated_size) != p.final_size
     return not (keep is None and p.whole and p.work_size == p.original_size == p.padded_size
                 and generated_size == p.padded_size)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from dreamlayer.errors import InvalidParameter
+from dreamlayer.img2img import advanced_params
+from dreamlayer.img2img.advanced_params import Advanced
 from dreamlayer.img2img.workflow import UNION_TYPES, WorkflowError, normalise_custom_workflow
 
 MAX_SEED = 2**64 - 1  # KSampler's own maximum
@@ -47,23 +49,6 @@ A1111_SAMPLERS = {
 }
 SCHEDULER_SUFFIXES = {"karras": "karras", "exponential": "exponential", "sgm uniform": "sgm_uniform"}
 
-#: Keys the DreamLayer frontend sends that this service does not implement yet, with the values
-#: that mean "off". An "on" value is accepted and reported in ``warnings``; never a 400.
-NOT_IMPLEMENTED = {
-    "tiling": (False, None),
-    "hires_fix": (False, None),
-    "hires_fix_enabled": (False, None),
-    "restore_faces": (False, None),
-    "refiner_enabled": (False, None),
-    "vae_name": (None, "", "none", "None"),
-}
-#: Settings of features above; they only matter when the feature is on, so they never warn.
-DEPENDENT_KEYS = {
-    "tile_size", "tile_overlap", "face_restoration_model", "codeformer_weight", "gfpgan_weight",
-    "refiner_model", "refiner_switch_at", "hires_fix_upscale_method", "hires_fix_upscale_factor",
-    "hires_fix_hires_steps", "hires_fix_denoising_strength", "hires_fix_resize_width",
-    "hires_fix_resize_height", "hires_fix_upscaler", "resize_mode",
-}
 #: Keys that carry the images in the JSON form; handled by the request parser, not here.
 IMAGE_KEYS = {"input_image", "mask_image", "mask"}
 
@@ -99,6 +84,8 @@ class GenerationParams:
     controlnet_units: tuple = ()
     #: A user's API-format workflow (normalised), or None for the core template.
     custom_workflow: Optional[dict] = None
+    #: Hires fix, refiner, tiled VAE, VAE override, face restoration, resize mode.
+    advanced: Advanced = field(default_factory=Advanced)
     warnings: tuple = field(default_factory=tuple)
 
     def seeds(self) -> list:
@@ -151,15 +138,6 @@ def _bool(data, key, default=False):
     if not isinstance(value, bool):
         raise InvalidParameter(key, f"'{key}' must be true or false; got {_show(value)}")
     return value
-
-
-def _is_off(value, off_values) -> bool:
-    """True when a not-implemented feature's value means "off" (``{"enabled": false}`` too)."""
-    if isinstance(value, dict):
-        return not value or value.get("enabled") is False
-    if isinstance(value, list):
-        return all(_is_off(v, off_values) for v in value)
-    return any(value is off or (type(value) is type(off) and value == off) for off in off_values)
 
 
 def _too_deep(value, limit: int = MAX_NESTING) -> bool:
@@ -253,11 +231,10 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         scheduler = "karras"
     extras = dict(loras=parse_loras(data.get("lora")), controlnet_units=parse_controlnet(data.get("controlnet")),
                   custom_workflow=parse_custom_workflow(data.get("custom_workflow")))
-    for key, value in data.items():
-        if key in NOT_IMPLEMENTED:
-            if not _is_off(value, NOT_IMPLEMENTED[key]):
-                warnings.append(f"'{key}' is not implemented by this service yet and was ignored")
-        elif key not in _KNOWN_KEYS and key not in DEPENDENT_KEYS and key not in IMAGE_KEYS:
+    extras["advanced"] = advanced_params.parse_advanced(data, number=_number, string=_string, boolean=_bool,
+                                                        show=_show)
+    for key in data:
+        if key not in _KNOWN_KEYS and key not in advanced_params.KEYS and key not in IMAGE_KEYS:
             warnings.append(f"Unknown parameter '{key}' was ignored")
     return GenerationParams(
         prompt=prompt, negative_prompt=negative, denoising_strength=denoise, steps=steps, cfg_scale=cfg,

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
-from dreamlayer.img2img import inpainting
+from dreamlayer.img2img import inpainting, planning
+from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
 from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
@@ -104,17 +105,8 @@ class Prepared:
     warnings: list
 
 
-#: The nodes build_img2img_workflow adds to finish an image in ComfyUI (core nodes since 2023; a
-#: ComfyUI without them gets the service-side paste-back instead).
-FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "LoadImageMask")
-
-
 def _finishing(plan, keep) -> dict:
-    """build_img2img_workflow's paste_back / crop_to for a plan the workflow finishes."""
-    if not plan.final_from_comfyui:
-        return {}
-    return {"paste_back": keep is not None and plan.paste_back,
-            "crop_to": tuple(plan.work_size) if plan.padded_size != plan.work_size else None}
+    return planning.finishing(plan, keep)
 
 
 @dataclass
@@ -148,7 +140,9 @@ class Img2ImgService:
 
     # -- choices that depend on the ComfyUI server ------------------------------------------
     #: Names that may have been installed in ComfyUI after we cached its object_info.
-    _REFRESHABLE = {"unknown_model", "unknown_sampler", "unknown_scheduler", "unknown_lora", "unknown_controlnet"}
+    _REFRESHABLE = {"unknown_model", "unknown_sampler", "unknown_scheduler", "unknown_lora", "unknown_controlnet",
+                    "unknown_upscaler", "unknown_refiner", "unknown_vae", "unknown_face_model", "custom_node_missing",
+                    "node_missing"}
     #: At most one object_info refresh per this many seconds for unknown names.
     REFRESH_INTERVAL_S = 2.0
 
@@ -156,14 +150,32 @@ class Img2ImgService:
         """Check the names against ComfyUI's lists; an unknown name re-reads them once (a model
         installed while the service runs), at most every REFRESH_INTERVAL_S."""
         try:
-            return resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
+            return self._resolve_once(params)
         except InvalidParameter as exc:
             now = time.monotonic()
             if exc.code not in self._REFRESHABLE or now - self._last_refresh < self.REFRESH_INTERVAL_S:
                 raise
             self._last_refresh = now
             self.client.object_info(refresh=True)
-            return resolve_choices(params, default_model=self.config.default_model, **self._choices(params))
+            return self._resolve_once(params)
+
+    def _resolve_once(self, params):
+        choices = self._choices(params)
+        params = resolve_choices(params, default_model=self.config.default_model, **choices)
+        advanced, warnings = resolve_advanced(params.advanced, choices=self._node_choices,
+                                              checkpoints=choices["checkpoints"])
+        return dataclasses.replace(params, advanced=advanced, warnings=params.warnings + tuple(warnings))
+
+    def _node_choices(self, class_type: str, input_name):
+        """An input's options; [] for a node asked for without an input; None: no such node."""
+        if class_type not in self.client.object_info():
+            return None
+        if input_name is None:
+            return []
+        try:
+            return self.client.input_choices(class_type, input_name)
+        except KeyError:
+            return []
 
     def _choices(self, params) -> dict:
         def optional(class_type, name):
@@ -191,6 +203,7 @@ class Img2ImgService:
         """Everything that can reject a request (4xx, or 503 when ComfyUI is down), before any
         file is written or any prompt queued."""
         params = parse_params(request.params)
+        parsed_warnings = params.warnings
         warnings = list(request.warnings) + list(params.warnings)
         image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
         warnings += image.warnings
@@ -205,15 +218,17 @@ class Img2ImgService:
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
             warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
                             "'fill' (VAEEncodeForInpaint) needs full denoise; use 'original' to keep it")
-        plan = inpainting.plan(image.image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
-                               width=params.width, height=params.height, paste_back=params.paste_back,
-                               mask_blur=params.mask_blur)
-        if (params.custom_workflow is None and inpainting.comfy_can_finish(plan, keep is not None)
-                and all(node in self.client.object_info() for node in FINISHING_NODES)):
-            # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
-            # final image and the service serves it without decoding it (docs/performance.md)
-            plan = dataclasses.replace(plan, final_from_comfyui=True)
-        return Prepared(params, image.image, keep, control_images, plan, warnings)
+        if keep is not None and params.inpaint_mode == "fill" and params.advanced.tiling is not None:
+            warnings.append("tiling: ComfyUI has no tiled VAEEncodeForInpaint, so inpaint_mode 'fill' encodes "
+                            "the input untiled (every decode is tiled); use 'original' for a fully tiled run")
+        tiling = params.advanced.tiling
+        if tiling is not None and tiling.tile_size < tiling.overlap * 4:
+            warnings.append(f"tiling: ComfyUI's tiled VAE decoder uses an overlap of tile_size // 4 = "
+                            f"{tiling.tile_size // 4} px when tile_overlap is more than a quarter of tile_size")
+        warnings += params.warnings[len(parsed_warnings):]  # what resolving the names added
+        source, keep, plan = planning.plan_generation(params, image.image, keep, comfy_nodes=self.client.object_info(),
+                                                      max_output_pixels=self.config.max_output_pixels)
+        return Prepared(params, source, keep, control_images, plan, warnings)
 
     def execute(self, job: Prepared, *, run_id: str | None = None, listener: Listener | None = None) -> dict:
         """Stage the inputs, run every batch on ComfyUI, serve the results; inputs are removed

@@ -13,6 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from dreamlayer import PROJECT_ROOT
+from dreamlayer.img2img import decoding, passes
+from dreamlayer.img2img.graph import (add_node, consumers, is_link, linked, nodes_of,  # noqa: F401
+                                     relink, upstream)
 
 TEMPLATE_DIR = PROJECT_ROOT / "workflows" / "img2img"
 CORE_TEMPLATE = "core_generation_workflow"
@@ -35,72 +38,6 @@ def load_template(name: str = CORE_TEMPLATE) -> dict:
     """A fresh copy of a template (API format: node id -> {class_type, inputs})."""
     data = json.loads(_read_template(name))
     return data.get("prompt", data)
-
-
-# --- graph helpers ------------------------------------------------------------------------
-
-def is_link(value) -> bool:
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], int) and not isinstance(value[1], bool))
-
-
-def nodes_of(workflow: dict, *class_types: str) -> list:
-    """Ids of the nodes of these classes, in the workflow's order."""
-    return [nid for nid, node in workflow.items() if node.get("class_type") in class_types]
-
-
-def consumers(workflow: dict, node_id: str, output: int = 0) -> list:
-    """(node id, input name) of every input linked to ``node_id``'s output ``output``."""
-    return [(nid, name) for nid, node in workflow.items()
-            for name, value in node.get("inputs", {}).items()
-            if is_link(value) and value[0] == node_id and value[1] == output]
-
-
-def linked(workflow: dict, node_id: str, input_name: str):
-    """The node id an input is linked to, or None."""
-    value = workflow.get(node_id, {}).get("inputs", {}).get(input_name)
-    return value[0] if is_link(value) else None
-
-
-def new_node_id(workflow: dict) -> str:
-    """An unused id: one more than the largest numeric id (ids are strings of any shape)."""
-    numbers = [int(k) for k in workflow if k.isdigit()]
-    candidate = max(numbers, default=0) + 1
-    while str(candidate) in workflow:
-        candidate += 1
-    return str(candidate)
-
-
-def add_node(workflow: dict, class_type: str, inputs: dict) -> str:
-    node_id = new_node_id(workflow)
-    workflow[node_id] = {"class_type": class_type, "inputs": inputs}
-    return node_id
-
-
-def relink(workflow: dict, old: list, new: list, *, skip: str | None = None) -> list:
-    """Point every input linked to ``old`` at ``new`` (except in node ``skip``); returns them."""
-    changed = []
-    for nid, name in consumers(workflow, old[0], old[1]):
-        if nid != skip:
-            workflow[nid]["inputs"][name] = list(new)
-            changed.append((nid, name))
-    return changed
-
-
-def _upstream(workflow: dict, node_id: str, class_types, seen=None):
-    """The first node of one of ``class_types`` found walking the links upstream of node_id."""
-    seen = set() if seen is None else seen
-    if node_id in seen or node_id not in workflow:
-        return None
-    seen.add(node_id)
-    if workflow[node_id].get("class_type") in class_types:
-        return node_id
-    for value in workflow[node_id].get("inputs", {}).values():
-        if is_link(value):
-            found = _upstream(workflow, value[0], class_types, seen)
-            if found:
-                return found
-    return None
 
 
 # --- img2img ------------------------------------------------------------------------------
@@ -181,7 +118,7 @@ def input_image_loaders(workflow: dict) -> list:
     """LoadImage nodes whose pixels are encoded into a latent: the img2img input image(s)."""
     found = []
     for eid in nodes_of(workflow, "VAEEncode", "VAEEncodeForInpaint"):
-        loader = _upstream(workflow, linked(workflow, eid, "pixels") or "", ("LoadImage",))
+        loader = upstream(workflow, linked(workflow, eid, "pixels") or "", ("LoadImage",))
         if loader and loader not in found:
             found.append(loader)
     return found
@@ -214,7 +151,7 @@ def inject_mask_into_workflow(workflow: dict, mask_name: str, *, grow_mask_by: i
         raise WorkflowError(f"unknown inpaint mode {mode!r}")
     wf = copy.deepcopy(workflow)
     encoders = [eid for eid in nodes_of(wf, "VAEEncode")
-                if _upstream(wf, linked(wf, eid, "pixels") or "", ("LoadImage",))]
+                if upstream(wf, linked(wf, eid, "pixels") or "", ("LoadImage",))]
     if not encoders:
         raise WorkflowError("cannot inject the mask: the workflow has no VAEEncode of the input image")
     mask_node = add_node(wf, "LoadImageMask", {"image": mask_name, "channel": "alpha"})
@@ -254,23 +191,68 @@ def _samplers_downstream(workflow: dict, node_id: str) -> list:
 
 def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, filename_prefix: str,
                            seed: int, inpaint_mode: str = "fill", controlnet_units=(),
-                           paste_back: bool = False, crop_to: tuple | None = None) -> dict:
+                           paste_back: bool = False, crop_to: tuple | None = None, scale_steps=(),
+                           latent_resize: tuple | None = None, hires_size: tuple | None = None) -> dict:
     """The whole workflow for one run: the core template (or the user's custom workflow), filled,
-    with the mask injected and the LoRA and ControlNet nodes added.
+    with the mask injected, the LoRA and ControlNet nodes added, and the advanced settings
+    (``params.advanced``: refiner, hires fix, VAE, tiling, face restoration) applied.
 
     ``controlnet_units``: the request's units with "image" set to a staged file name or None.
-    ``paste_back`` / ``crop_to``: let ComfyUI make the final image (see ``finish_outputs``).
+    ``latent_resize`` (w, h): resize mode 3, a LatentUpscale of the encoded input.
+    ``hires_size`` (w, h): the size the hires fix upscales the first pass to.
+    ``paste_back`` / ``crop_to`` / ``scale_steps``: let ComfyUI make the final image (see
+    ``finish_outputs``).
     """
     wf = transform_to_img2img_workflow(params, image_name=image_name, filename_prefix=filename_prefix,
                                        seed=seed, template=getattr(params, "custom_workflow", None))
     input_loader = (input_image_loaders(wf) or nodes_of(wf, "LoadImage"))[0]
     if mask_name is not None:
         wf = inject_mask_into_workflow(wf, mask_name, grow_mask_by=params.grow_mask_by, mode=inpaint_mode)
+    if latent_resize is not None:
+        wf = resize_latent(wf, latent_resize)
     if (paste_back and mask_name is not None) or crop_to is not None:
         wf = finish_outputs(wf, input_loader=input_loader, keep_mask_name=mask_name if paste_back else None,
-                            crop_to=crop_to)
+                            crop_to=crop_to, scale_steps=scale_steps)
     wf = apply_loras(wf, getattr(params, "loras", ()))
-    return apply_controlnets(wf, controlnet_units, input_loader=input_loader)
+    wf = apply_controlnets(wf, controlnet_units, input_loader=input_loader)
+    return apply_advanced(wf, params, seed=seed, hires_size=hires_size)
+
+
+def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | None) -> dict:
+    """The Img2Img tab's advanced settings, in the order A1111 applies them: the refiner finishes
+    the first pass, the hires fix adds the second, then the VAE, tiling and face restoration."""
+    adv = getattr(params, "advanced", None)
+    if adv is None:
+        return workflow
+    wf = workflow
+    if adv.refiner is not None:
+        wf = passes.apply_refiner(wf, refiner_model=adv.refiner.model, switch_at=adv.refiner.switch_at,
+                                  prompt=params.prompt, negative_prompt=params.negative_prompt,
+                                  clip_skip=params.clip_skip)
+    if adv.hires is not None and hires_size is not None:
+        wf = passes.apply_hires_fix(wf, upscaler=adv.hires.upscaler, size=hires_size, steps=adv.hires.steps,
+                                    denoise=adv.hires.denoise, seed=seed)
+    if adv.vae_name:
+        wf = decoding.apply_vae_override(wf, adv.vae_name)
+    if adv.tiling is not None:
+        wf, _ = decoding.apply_tiled_vae(wf, tile_size=adv.tiling.tile_size, overlap=adv.tiling.overlap)
+    if adv.face_restore is not None:
+        face = adv.face_restore
+        wf = decoding.apply_face_restore(wf, model_name=face.model, fidelity=face.fidelity,
+                                         blend=face.weight if "gfpgan" in face.model.lower() else None)
+    return wf
+
+
+def resize_latent(workflow: dict, size: tuple) -> dict:
+    """Resize mode 3, "Just resize (latent upscale)": every sampler's input latent is stretched to
+    ``size`` (LatentUpscale, bilinear; an inpainting noise mask goes along)."""
+    wf = copy.deepcopy(workflow)
+    for sid in nodes_of(wf, *SAMPLER_CLASSES):
+        latent = wf[sid]["inputs"]["latent_image"]
+        wf[sid]["inputs"]["latent_image"] = [add_node(wf, "LatentUpscale", {
+            "samples": latent, "upscale_method": "bilinear", "width": size[0], "height": size[1],
+            "crop": "disabled"}), 0]
+    return wf
 
 
 #: LoadImageMask channel of the mask file holding how much of the input to keep when pasting back
@@ -279,14 +261,16 @@ PASTE_BACK_CHANNEL = "red"
 
 
 def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | None = None,
-                   crop_to: tuple | None = None) -> dict:
+                   crop_to: tuple | None = None, scale_steps=()) -> dict:
     """Make the images ComfyUI saves the final ones, so the service serves them as they are.
 
     With ``keep_mask_name``: ImageCompositeMasked puts the input image back over the generated
     one, weighted by the red channel of that mask file (1 = keep the input: outside the inpainted
     area the input's pixels come back unchanged; a blurred edge blends the two). The generated
     batch is the destination, so every image of a batch is pasted into. With ``crop_to`` (w, h):
-    ImageCrop removes the padding to a multiple of 8 from the bottom and right.
+    ImageCrop removes the padding to a multiple of 8 from the bottom and right. ``scale_steps``
+    ((w, h), crop) scale the input and the weights the way the workflow scaled the generation
+    (resize mode 3, hires fix) before they are pasted.
     """
     wf = copy.deepcopy(workflow)
     mask = None
@@ -296,10 +280,14 @@ def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | N
             continue
         if keep_mask_name is not None:
             if mask is None:
-                mask = add_node(wf, "LoadImageMask", {"image": keep_mask_name, "channel": PASTE_BACK_CHANNEL})
+                mask = [add_node(wf, "LoadImageMask", {"image": keep_mask_name, "channel": PASTE_BACK_CHANNEL}), 0]
+                source = [input_loader, 0]
+                for size, crop in scale_steps:
+                    source = passes.scaled_image(wf, source, size, crop=crop)
+                    mask = passes.scaled_mask(wf, mask, size, crop=crop)
             images = [add_node(wf, "ImageCompositeMasked", {
-                "destination": images, "source": [input_loader, 0], "x": 0, "y": 0, "resize_source": False,
-                "mask": [mask, 0]}), 0]
+                "destination": images, "source": list(source), "x": 0, "y": 0, "resize_source": False,
+                "mask": list(mask)}), 0]
         if crop_to is not None:
             images = [add_node(wf, "ImageCrop", {"image": images, "width": crop_to[0], "height": crop_to[1],
                                                  "x": 0, "y": 0}), 0]

@@ -1,0 +1,153 @@
+"""Extra sampling passes, as AUTOMATIC1111 runs them: the SDXL-style refiner and the hires fix.
+
+Pure workflow edits (dict in, new dict out). Both work on the samplers of the built workflow, so
+they come after LoRAs and ControlNets are chained in (and see the same model and conditioning).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+from dreamlayer.img2img.graph import add_node, is_link, nodes_of, relink
+
+#: KSamplerAdvanced's end_at_step for "to the end" (ComfyUI's own default).
+TO_THE_END = 10000
+
+
+# --- refiner -----------------------------------------------------------------------------------
+
+def refiner_steps(steps: int, denoise: float, switch_at: float) -> tuple:
+    """(total, start, switch) steps for KSamplerAdvanced that sample what KSampler(steps, denoise)
+    samples: ComfyUI's KSampler runs the last ``steps`` of a ``int(steps / denoise)``-step
+    schedule, so the base model runs [start, switch) and the refiner [switch, total)."""
+    total = max(steps, int(steps / denoise)) if denoise < 1.0 else steps
+    start = total - steps
+    switch = start + max(1, round(steps * switch_at))
+    return total, start, min(switch, total)
+
+
+def apply_refiner(workflow: dict, *, refiner_model: str, switch_at: float, prompt: str, negative_prompt: str,
+                  clip_skip: int = 1) -> dict:
+    """Split each KSampler into base [start, switch) and refiner [switch, end) on the same latent.
+
+    The base pass keeps its leftover noise for the refiner, which adds none; the refiner samples
+    with its own checkpoint and the prompts encoded by its own CLIP (A1111's refiner). LoRAs and
+    ControlNets stay on the base model: they are made for it, not for the refiner.
+    """
+    wf = copy.deepcopy(workflow)
+    refiner = None
+    for sid in nodes_of(wf, "KSampler"):
+        s = wf[sid]["inputs"]
+        if s.get("denoise", 1.0) <= 0:
+            continue  # nothing is sampled: nothing to hand over
+        total, start, switch = refiner_steps(s["steps"], s.get("denoise", 1.0), switch_at)
+        if switch >= total:
+            continue  # switch at 1.0: the base model samples every step
+        if refiner is None:
+            refiner = _refiner_conditioning(wf, refiner_model, prompt, negative_prompt, clip_skip)
+        common = {"noise_seed": s["seed"], "steps": total, "cfg": s["cfg"], "sampler_name": s["sampler_name"],
+                  "scheduler": s["scheduler"]}
+        base = add_node(wf, "KSamplerAdvanced", {
+            "model": s["model"], "add_noise": "enable", **common, "positive": s["positive"],
+            "negative": s["negative"], "latent_image": s["latent_image"], "start_at_step": start,
+            "end_at_step": switch, "return_with_leftover_noise": "enable"})
+        finish = add_node(wf, "KSamplerAdvanced", {
+            "model": refiner["model"], "add_noise": "disable", **common, "positive": refiner["positive"],
+            "negative": refiner["negative"], "latent_image": [base, 0], "start_at_step": switch,
+            "end_at_step": TO_THE_END, "return_with_leftover_noise": "disable"})
+        relink(wf, [sid, 0], [finish, 0])
+        del wf[sid]
+    return wf
+
+
+def _refiner_conditioning(wf: dict, model: str, prompt: str, negative_prompt: str, clip_skip: int) -> dict:
+    ckpt = add_node(wf, "CheckpointLoaderSimple", {"ckpt_name": model})
+    clip = [ckpt, 1]
+    if clip_skip > 1:
+        clip = [add_node(wf, "CLIPSetLastLayer", {"clip": clip, "stop_at_clip_layer": -clip_skip}), 0]
+    return {"model": [ckpt, 0],
+            "positive": [add_node(wf, "CLIPTextEncode", {"text": prompt, "clip": list(clip)}), 0],
+            "negative": [add_node(wf, "CLIPTextEncode", {"text": negative_prompt, "clip": list(clip)}), 0]}
+
+
+# --- hires fix ---------------------------------------------------------------------------------
+
+def round8(value: float) -> int:
+    """To a multiple of 8 (the latent's grid), at least 64."""
+    return max(64, int(round(value / 8.0)) * 8)
+
+
+def hires_target(hires, work_size: tuple) -> tuple:
+    """The hires output size (A1111): ``factor`` x the first pass's size, or exactly the
+    resize-to size; each side a multiple of 8. A resize-to of another aspect ratio is covered and
+    centre-cropped (A1111 upscales to cover the target, then crops), never stretched."""
+    if hires.method == "resize-to":
+        return round8(hires.resize_width), round8(hires.resize_height)
+    return round8(work_size[0] * hires.factor), round8(work_size[1] * hires.factor)
+
+
+def hires_canvas(target: tuple, work_size: tuple, padded_size: tuple) -> tuple:
+    """The size the padded first pass is upscaled to, so that after cropping the padding the
+    image is ``target``: the padding (at most 7 px, right and bottom) scales along."""
+    if tuple(work_size) == tuple(padded_size):
+        return tuple(target)
+    return (round8(math.ceil(target[0] * padded_size[0] / work_size[0])),
+            round8(math.ceil(target[1] * padded_size[1] / work_size[1])))
+
+
+def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denoise: float, seed: int) -> dict:
+    """A second pass over every final sampler's result, upscaled to ``size`` (w, h).
+
+    ``upscaler``: an advanced_params.Upscaler — "latent" upscales the latent (LatentUpscale, the
+    noise mask goes along), "pixel" decodes, scales (ImageScale) and re-encodes, "model" decodes,
+    runs the upscale model (its native scale), scales to the exact size and re-encodes. The second
+    KSampler uses the first pass's model, conditioning, sampler, scheduler and cfg, ``steps`` and
+    ``denoise``; an inpainting mask limits it to the masked area as in the first pass.
+    """
+    wf = copy.deepcopy(workflow)
+    masks = [wf[n]["inputs"]["mask"] for n in nodes_of(wf, "SetLatentNoiseMask", "VAEEncodeForInpaint")]
+    width, height = size
+    for did in nodes_of(wf, "VAEDecode", "VAEDecodeTiled"):
+        source = wf[did]["inputs"]["samples"]
+        first = wf.get(source[0]) if is_link(source) else None
+        if first is None or first["class_type"] not in ("KSampler", "KSamplerAdvanced"):
+            continue
+        vae = wf[did]["inputs"]["vae"]
+        if upscaler.kind == "latent":
+            latent = [add_node(wf, "LatentUpscale", {"samples": list(source), "upscale_method": upscaler.name,
+                                                     "width": width, "height": height, "crop": "center"}), 0]
+        else:
+            image = [add_node(wf, "VAEDecode", {"samples": list(source), "vae": list(vae)}), 0]
+            method = upscaler.name
+            if upscaler.kind == "model":
+                loader = add_node(wf, "UpscaleModelLoader", {"model_name": upscaler.name})
+                image = [add_node(wf, "ImageUpscaleWithModel", {"upscale_model": [loader, 0], "image": image}), 0]
+                method = "lanczos"
+            image = [add_node(wf, "ImageScale", {"image": image, "upscale_method": method, "width": width,
+                                                 "height": height, "crop": "center"}), 0]
+            latent = [add_node(wf, "VAEEncode", {"pixels": image, "vae": list(vae)}), 0]
+            if masks:
+                latent = [add_node(wf, "SetLatentNoiseMask", {"samples": latent, "mask": list(masks[0])}), 0]
+        f = first["inputs"]
+        second = add_node(wf, "KSampler", {
+            "model": list(f["model"]), "seed": seed, "steps": steps, "cfg": f["cfg"],
+            "sampler_name": f["sampler_name"], "scheduler": f["scheduler"], "positive": list(f["positive"]),
+            "negative": list(f["negative"]), "latent_image": latent, "denoise": denoise})
+        wf[did]["inputs"]["samples"] = [second, 0]
+    return wf
+
+
+def scaled_mask(workflow: dict, mask: list, size: tuple, *, crop: str = "center") -> list:
+    """A MASK link resized to ``size`` as the generation was (``crop`` "center" for the hires
+    fix, "disabled" for a stretch), through an image: ComfyUI has no mask resize node."""
+    image = add_node(workflow, "MaskToImage", {"mask": list(mask)})
+    scaled = add_node(workflow, "ImageScale", {"image": [image, 0], "upscale_method": "bilinear",
+                                               "width": size[0], "height": size[1], "crop": crop})
+    return [add_node(workflow, "ImageToMask", {"image": [scaled, 0], "channel": "red"}), 0]
+
+
+def scaled_image(workflow: dict, image: list, size: tuple, *, crop: str = "center") -> list:
+    """An IMAGE link resized to ``size`` as the generation was (see ``scaled_mask``)."""
+    return [add_node(workflow, "ImageScale", {"image": list(image), "upscale_method": "lanczos",
+                                              "width": size[0], "height": size[1], "crop": crop}), 0]
+

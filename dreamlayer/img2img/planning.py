@@ -1,0 +1,92 @@
+"""What ComfyUI generates for a request, and at which sizes: the output size and resize mode,
+the "only masked" crop, the hires fix's upscale, and whether the workflow itself makes the final
+image (paste-back, crop). Pure: images and parameters in, (image, keep mask, Plan) out.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dreamlayer.errors import InvalidParameter
+from dreamlayer.img2img import inpainting, passes
+from dreamlayer.img2img.resize import LATENT_UPSCALE, resize_image
+
+#: The nodes build_img2img_workflow adds to finish an image in ComfyUI (core nodes since 2023; a
+#: ComfyUI without them gets the service-side paste-back instead).
+FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "LoadImageMask")
+#: What scaling in the workflow (resize mode 3, hires fix) needs besides them.
+SCALING_NODES = ("ImageScale", "MaskToImage", "ImageToMask", "LatentUpscale")
+
+
+def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int) -> tuple:
+    """(image, keep, plan) for a validated request: ``image`` / ``keep`` resized by the resize
+    mode when the output size differs from the input (the mask follows the image).
+
+    ``comfy_nodes``: the node classes ComfyUI has. Combinations that cannot work raise
+    InvalidParameter (400) saying why.
+    """
+    adv = params.advanced
+    custom = params.custom_workflow is not None
+    only_masked = keep is not None and params.inpaint_area == "only_masked"
+    if custom and (adv.hires or adv.refiner):
+        feature = "hires_fix" if adv.hires else "refiner_enabled"
+        raise InvalidParameter(feature, f"'{feature}' applies to the built-in workflow; a custom_workflow "
+                               "defines its own sampling passes", code="unsupported_combination")
+    if adv.hires and only_masked:
+        raise InvalidParameter("hires_fix", "The hires fix cannot be combined with inpaint_area 'only masked': "
+                               "that crop is pasted back at the input's resolution; use 'whole'",
+                               code="unsupported_combination")
+    latent_resize = None
+    width, height = params.width, params.height
+    if (width or height) and not only_masked:
+        size = (width or image.size[0], height or image.size[1])
+        if adv.resize_mode == LATENT_UPSCALE:
+            if custom:
+                raise InvalidParameter("resize_mode", "resize_mode 3 (latent upscale) applies to the built-in "
+                                       "workflow, not to a custom_workflow", code="unsupported_combination")
+            if size != tuple(image.size):
+                latent_resize = (passes.round8(size[0]), passes.round8(size[1]))
+        else:
+            image = resize_image(adv.resize_mode, image, size)
+            keep = resize_image(adv.resize_mode, keep, size) if keep is not None else None
+        width = height = None
+    plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
+                           width=width, height=height, paste_back=params.paste_back,
+                           mask_blur=params.mask_blur)
+    steps, output, hires_size = [], None, None
+    if latent_resize is not None:
+        steps.append((latent_resize, "disabled"))
+        output = latent_resize
+    if adv.hires is not None:
+        base = latent_resize or plan.work_size
+        target = passes.hires_target(adv.hires, base)
+        hires_size = passes.hires_canvas(target, base, latent_resize or plan.padded_size)
+        for name, (w, h) in (("output", target), ("upscaled canvas", hires_size)):
+            if w * h > max_output_pixels:
+                raise InvalidParameter("hires_fix", f"The hires fix's {name} would be {w}x{h} = {w * h:,} pixels; "
+                                       f"the limit is {max_output_pixels:,} (MAX_OUTPUT_PIXELS)",
+                                       code="output_too_large", maximum=max_output_pixels)
+        steps.append((hires_size, "center"))
+        output = target
+    can_finish = (not custom and inpainting.comfy_can_finish(plan, keep is not None)
+                  and all(node in comfy_nodes for node in FINISHING_NODES))
+    if steps and not (can_finish and all(node in comfy_nodes for node in SCALING_NODES)):
+        raise InvalidParameter("hires_fix" if adv.hires else "resize_mode", "This ComfyUI lacks the core nodes "
+                               f"{', '.join(FINISHING_NODES + SCALING_NODES)} that scaling in the workflow needs",
+                               code="unsupported_combination")
+    if can_finish:
+        # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
+        # final image and the service serves it without decoding it (docs/performance.md)
+        plan = dataclasses.replace(plan, final_from_comfyui=True, latent_resize=latent_resize,
+                                   hires_size=hires_size, scale_steps=tuple(steps), output_size=output)
+    return image, keep, plan
+
+
+def finishing(plan, keep) -> dict:
+    """build_img2img_workflow's finishing arguments for a plan the workflow finishes: the
+    paste-back, the crop of the padding, and the scalings the paste-back must follow."""
+    if not plan.final_from_comfyui:
+        return {}
+    scaled = plan.scale_steps[-1][0] if plan.scale_steps else plan.padded_size
+    return {"paste_back": keep is not None and plan.paste_back,
+            "crop_to": plan.final_size if tuple(scaled) != plan.final_size else None,
+            "scale_steps": plan.scale_steps, "latent_resize": plan.latent_resize, "hires_size": plan.hires_size}
