@@ -10,7 +10,6 @@ import hmac
 import logging
 import sys
 from functools import lru_cache
-from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file, stream_with_context
 from flask_cors import CORS

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 from functools import lru_cache
-from pathlib import Path
 
 from dreamlayer import PROJECT_ROOT
 from dreamlayer.img2img import decoding, passes
