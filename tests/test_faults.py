@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
 from dreamlayer.img2img import inpainting
-from dreamlayer.img2img import png_writer, uploads
+from dreamlayer.img2img import png_writer
 from images import box_mask, gradient, png
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from dreamlayer.img2img import workflow as W
 from dreamlayer.img2img import params as P
+from dreamlayer.img2img import graph
 
 CHOICES = dict(checkpoints=["tiny-sd15-random.safetensors"], samplers=["euler", "dpmpp_2m"],
                schedulers=["normal", "karras"])
@@ -98,8 +99,8 @@ def test_injection_does_not_mutate_its_input():
 def test_new_ids_avoid_odd_existing_ids():
     wf = {"3.5": {"class_type": "X", "inputs": {}}, "10:2": {"class_type": "Y", "inputs": {}},
           "7": {"class_type": "Z", "inputs": {}}}
-    assert W.new_node_id(wf) == "8"
-    assert W.new_node_id({"a": {}}) == "1"
+    assert graph.new_node_id(wf) == "8"
+    assert graph.new_node_id({"a": {}}) == "1"
 
 
 def test_clip_skip_inserts_clip_set_last_layer():
