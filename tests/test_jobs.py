@@ -13,6 +13,7 @@ from PIL import Image
 
 from dreamlayer.comfyui import client as comfy_client
 from dreamlayer.img2img.app import create_app
+from dreamlayer.errors import ApiError
 from images import box_mask, gradient, png
 from service_fixtures import LiveServer
 from waiting import wait_until
@@ -225,3 +226,27 @@ def test_leaving_the_event_stream_neither_cancels_nor_leaks(live_server, fake_co
     # the worker thread that served the abandoned stream is free again
     dispatcher = live_server.server.task_dispatcher
     wait_until(lambda: dispatcher.active_count == 0, what="the worker of the abandoned stream to be free")
+
+
+def test_expired_ids_are_remembered_up_to_the_documented_window(monkeypatch):
+    """docs/api.md: the last 10,000 expired ids answer job_expired, older ones job_not_found."""
+    from dreamlayer.jobs import store as job_store
+    assert job_store.EXPIRED_IDS_REMEMBERED == 10_000
+    monkeypatch.setattr(job_store, "EXPIRED_IDS_REMEMBERED", 3)
+    jobs = job_store.JobStore(service=None, workers=1, max_kept=1)
+    try:
+        ids = [f"job{i}" for i in range(6)]
+        for job_id in ids:  # each finished job pushes the one before it out (max_kept=1)
+            job = job_store.Job(job_id)
+            job.finish("succeeded", result={})
+            jobs._jobs[job_id] = job
+            jobs.get(job_id)
+        codes = []
+        for job_id in ids[:-1]:
+            with pytest.raises(ApiError) as info:
+                jobs.get(job_id)
+            codes.append(info.value.code)
+        assert codes == ["job_not_found", "job_not_found", "job_expired", "job_expired", "job_expired"]
+        assert jobs.get(ids[-1]).status == "succeeded"
+    finally:
+        jobs.shutdown()

@@ -124,6 +124,11 @@ class Job(Listener):
             return self.events[last_id:], self.status in TERMINAL
 
 
+#: How many ids of forgotten jobs still answer 404 job_expired (older ones: job_not_found). An id
+#: costs about 100 bytes, so the memory stays bounded (about 1 MB) whatever the traffic.
+EXPIRED_IDS_REMEMBERED = 10_000
+
+
 class JobStore:
     """Runs jobs on a bounded pool and forgets finished ones after ``ttl_s`` or beyond ``max_kept``."""
 
@@ -133,7 +138,7 @@ class JobStore:
         self.ttl_s, self.max_kept = ttl_s, max_kept
         self.cancel_wait_s = 2.0  # how long a cancel request waits for the job to end
         self._jobs: OrderedDict = OrderedDict()
-        self._expired: deque = deque(maxlen=10_000)
+        self._expired: deque = deque(maxlen=EXPIRED_IDS_REMEMBERED)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="img2img-job")
 
