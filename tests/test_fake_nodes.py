@@ -702,3 +702,17 @@ def test_facerestore_cf_nodes_run_when_loaded(tmp_path):
         inside[16:48, 16:48] = True
         assert diff[~inside].max() == 0 and diff[inside].mean() > 10
         assert runs_of(fake, "FaceRestoreCFWithModel")["3"]["face_box"] == [16, 16, 48, 48]
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("normal", lambda a, b: b), ("multiply", lambda a, b: a * b), ("screen", lambda a, b: 1 - (1 - a) * (1 - b)),
+    ("difference", lambda a, b: a - b)])
+def test_image_blend_mixes_by_factor_as_comfyui(mode, expected):
+    from dreamlayer.comfyui.fake.nodes import ImageBlend
+    rng = np.random.default_rng(1)
+    a = rng.random((1, 4, 6, 3), dtype=np.float32)
+    b = rng.random((1, 4, 6, 3), dtype=np.float32)
+    (out,) = ImageBlend().run(None, a, b, 0.25, mode)
+    assert np.allclose(out, np.clip(a * 0.75 + expected(a, b) * 0.25, 0, 1), atol=1e-6)
+    (same,) = ImageBlend().run(None, a, b, 0.0, mode)
+    assert np.allclose(same, a)

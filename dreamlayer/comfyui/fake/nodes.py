@@ -798,6 +798,37 @@ class ImageUpscaleWithModel(Node):
         return (np.clip(imaging.upscale_repeat(image, scale), 0.0, 1.0).astype(np.float32),)
 
 
+class ImageBlend(Node):
+    """comfy_extras.nodes_post_processing.Blend: image2 (bicubic-resized to image1 when their
+    shapes differ) blended by mode, then mixed over image1 by blend_factor, clamped to 0..1."""
+
+    def run(self, ctx, image1, image2, blend_factor, blend_mode):
+        image1 = np.asarray(image1, dtype=np.float32)
+        image2 = np.asarray(image2, dtype=np.float32)
+        if image1.shape != image2.shape:
+            image2 = imaging.common_upscale(image2, image1.shape[2], image1.shape[1], "bicubic", "center")
+        blended = _blend_modes(image1, image2, blend_mode)
+        out = image1 * (1 - blend_factor) + blended * blend_factor
+        return (np.clip(out, 0.0, 1.0).astype(np.float32),)
+
+
+def _blend_modes(img1, img2, mode):
+    if mode == "normal":
+        return img2
+    if mode == "multiply":
+        return img1 * img2
+    if mode == "screen":
+        return 1 - (1 - img1) * (1 - img2)
+    if mode == "overlay":
+        return np.where(img1 <= 0.5, 2 * img1 * img2, 1 - 2 * (1 - img1) * (1 - img2))
+    if mode == "soft_light":
+        g = np.where(img1 <= 0.25, ((16 * img1 - 12) * img1 + 4) * img1, np.sqrt(img1))
+        return np.where(img2 <= 0.5, img1 - (1 - 2 * img2) * img1 * (1 - img1), img1 + (2 * img2 - 1) * (g - img1))
+    if mode == "difference":
+        return img1 - img2
+    raise ValueError(f"Unsupported blend mode: {mode}")
+
+
 class ImageCrop(Node):
     def run(self, ctx, image, width, height, x, y):
         x = min(x, image.shape[2] - 1)
@@ -974,5 +1005,5 @@ NODE_CLASSES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ImageInvert, ImagePadForOutpaint, MaskToImage, ImageToMask, InvertMask, GrowMask, SolidMask, LoraLoader,
     ControlNetLoader, ControlNetApplyAdvanced, SetUnionControlNetType, Canny, UpscaleModelLoader,
     ImageUpscaleWithModel, LatentUpscaleBy, ImageScaleBy, VAEEncodeTiled, VAEDecodeTiled, VAELoader,
-    InpaintModelConditioning, DifferentialDiffusion, FeatherMask, ThresholdMask,
+    InpaintModelConditioning, DifferentialDiffusion, FeatherMask, ThresholdMask, ImageBlend,
     FaceRestoreModelLoader, FaceRestoreCFWithModel)}
