@@ -125,7 +125,7 @@ REQUESTED_CLASSES = (
     "ImageToMask InvertMask GrowMask SolidMask LoraLoader ControlNetLoader ControlNetApplyAdvanced "
     "SetUnionControlNetType Canny UpscaleModelLoader "
     # issue 14 (hires fix, refiner, tiled VAE, VAE override) and issue 15 (inpainting)
-    "ImageUpscaleWithModel LatentUpscaleBy ImageScaleBy VAEEncodeTiled VAEDecodeTiled VAELoader "
+    "ImageUpscaleWithModel LatentUpscaleBy ImageScaleBy VAEEncodeTiled VAEDecodeTiled VAELoader ImageBlend "
     "InpaintModelConditioning DifferentialDiffusion FeatherMask ThresholdMask").split()
 
 
