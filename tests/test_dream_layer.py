@@ -106,8 +106,18 @@ def test_model_lists_have_the_frontend_shape(client, path, filename, name):
     assert body == {"status": "success", "models": [{"id": filename, "name": name, "filename": filename}]}
 
 
-def test_empty_upscaler_list_is_still_success(client):
-    assert client.get("/api/upscaler-models").get_json() == {"status": "success", "models": []}
+def test_upscaler_list_offers_the_built_in_methods_after_the_installed_models(client, fake_comfy):
+    from dreamlayer.img2img.advanced_params import builtin_upscaler
+    body = client.get("/api/upscaler-models").get_json()
+    assert body["status"] == "success"
+    ids = [m["id"] for m in body["models"]]
+    assert ids[:3] == ["latent", "latent-antialiased", "latent-bicubic"] and "lanczos" in ids
+    assert all(m["builtin"] is True and m["filename"] is None for m in body["models"])
+    assert all(builtin_upscaler(i) is not None for i in ids)  # the img2img service takes each id
+    fake_comfy.add_model("upscale_models", "4x-UltraSharp.pth")
+    models = client.get("/api/upscaler-models").get_json()["models"]
+    assert models[0] == {"id": "4x-UltraSharp.pth", "name": "4x Ultrasharp", "filename": "4x-UltraSharp.pth"}
+    assert [m["id"] for m in models[1:]] == ids
 
 
 @pytest.mark.parametrize("folder, path", [("checkpoints", "/api/models"), ("loras", "/api/lora-models"),
@@ -143,7 +153,7 @@ def test_comfyui_unreachable_is_503_with_the_img2img_error_shape(client, fake_co
 def test_missing_node_class_gives_an_empty_list_with_a_warning(client, fake_comfy):
     del fake_comfy.object_info["UpscaleModelLoader"]
     body = client.get("/api/upscaler-models").get_json()
-    assert body["status"] == "success" and body["models"] == []
+    assert body["status"] == "success" and all(m.get("builtin") for m in body["models"])
     assert "UpscaleModelLoader" in body["warnings"][0]
 
 

@@ -24,6 +24,7 @@ from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.backend import DreamLayerConfig
 from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, get_directories, load_settings,
                                  unreachable_hint, update_settings)
+from dreamlayer.img2img.advanced_params import builtin_upscaler_entries
 from dreamlayer.errors import BadRequest, InvalidParameter, register_error_handlers
 from dreamlayer.backend import page_routes
 from dreamlayer.backend.images import ImageFolders, open_folder
@@ -102,7 +103,13 @@ def loras():
 
 @bp.get("/api/upscaler-models")
 def upscalers():
-    return _models("upscalers")
+    """The upscale models ComfyUI lists, then the built-in methods the hires fix also takes
+    (Latent, Lanczos, ...), so the page's drop-downs offer both."""
+    models, warnings = backend().catalog.models("upscalers")
+    body = {"status": "success", "models": models + builtin_upscaler_entries()}
+    if warnings:
+        body["warnings"] = warnings
+    return jsonify(body)
 
 
 @bp.get("/api/controlnet/models")

@@ -203,6 +203,15 @@ def match_model(requested: str, installed) -> Optional[str]:
     return found[0] if len(found) == 1 else None
 
 
+def builtin_upscaler_entries() -> list:
+    """The built-in upscalers as the page's model lists show them ({"id", "name", "filename":
+    None, "builtin": True}), in A1111's order; each id is one builtin_upscaler() accepts."""
+    def page_id(label):
+        return label.lower().replace(" (", "-").replace(")", "").replace(" ", "-")
+    return [{"id": page_id(label), "name": label, "filename": None, "builtin": True}
+            for label in BUILTIN_UPSCALER_LABELS]
+
+
 def builtin_upscaler(name: str) -> Optional[tuple]:
     """(kind, method, label) of a built-in upscaler id or label, else None."""
     label = name.strip().lower()
