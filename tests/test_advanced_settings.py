@@ -230,7 +230,7 @@ def test_hires_adds_a_second_pass_over_the_upscaled_first(upscaler, nodes):
 
 def test_hires_with_a_mask_limits_the_pixel_pass_to_the_masked_area():
     wf = built(mask=True, hires_fix=True, hires_fix_upscaler="Lanczos")
-    masks = [wf[n]["inputs"]["mask"] for n in nodes_of(wf, "SetLatentNoiseMask")]
+    masks = [wf[n]["inputs"]["mask"] for n in nodes_of(wf, "SetLatentNoiseMask", "InpaintModelConditioning")]
     assert len(masks) == 2 and masks[0] == masks[1]
 
 

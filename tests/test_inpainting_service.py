@@ -92,7 +92,7 @@ def test_original_mode_honours_denoise(client):
         out, body = run(client, {"inpaint_mode": "original", "denoising_strength": denoise, "mask_blur": 0})
         ks = [n for n in body["workflow"].values() if n["class_type"] == "KSampler"][0]["inputs"]
         assert ks["denoise"] == denoise
-        assert "SetLatentNoiseMask" in {n["class_type"] for n in body["workflow"].values()}
+        assert "InpaintModelConditioning" in {n["class_type"] for n in body["workflow"].values()}
         assert (out[~inside] == SRC[~inside]).all()
         change[denoise] = np.abs(out[inside] - SRC[inside]).mean()
     assert 0 < change[0.3] < change[0.9]

@@ -61,12 +61,45 @@ def test_fill_mask_replaces_the_encode_and_forces_denoise_1():
 
 
 def test_original_mode_keeps_denoise_and_adds_noise_mask():
-    wf = build(mask="m.png", mode="original", denoising_strength=0.3)
+    """inject_mask_into_workflow alone: VAEEncode -> SetLatentNoiseMask."""
+    base = W.transform_to_img2img_workflow(P.parse_params({"prompt": "p", "denoising_strength": 0.3}),
+                                           image_name="in.png", filename_prefix="x", seed=1)
+    wf = W.inject_mask_into_workflow(base, "m.png", mode="original")
     vid, enc = only(wf, "VAEEncode")
     nid, nm = only(wf, "SetLatentNoiseMask")
     assert nm["samples"] == [vid, 0] and wf[nm["mask"][0]]["class_type"] == "LoadImageMask"
     assert only(wf, "RepeatLatentBatch")[1]["samples"] == [nid, 0]
     assert only(wf, "KSampler")[1]["denoise"] == 0.3
+
+
+def test_original_mode_is_inpaint_model_conditioning_in_the_built_workflow():
+    """The masked image reaches the model's conditioning (inpainting checkpoints read it); the
+    latent is the original's with the noise mask, the sampler's prompts go through it."""
+    wf = build(mask="m.png", mode="original", denoising_strength=0.3)
+    assert not W.nodes_of(wf, "SetLatentNoiseMask", "VAEEncode")
+    iid, imc = only(wf, "InpaintModelConditioning")
+    sid, ks = only(wf, "KSampler")
+    assert wf[imc["pixels"][0]]["class_type"] == "LoadImage"
+    assert wf[imc["mask"][0]]["inputs"] == {"image": "m.png", "channel": "alpha"}
+    assert imc["noise_mask"] is True and imc["vae"] == ["1", 2]
+    assert [wf[imc[k][0]]["class_type"] for k in ("positive", "negative")] == ["CLIPTextEncode"] * 2
+    assert (ks["positive"], ks["negative"]) == ([iid, 0], [iid, 1]) and ks["denoise"] == 0.3
+    assert only(wf, "RepeatLatentBatch")[1]["samples"] == [iid, 2]
+
+
+def test_original_mode_keeps_a_tiled_encode_with_a_noise_mask():
+    """InpaintModelConditioning encodes untiled: with tiling on, the tiled encode stays."""
+    wf = build(mask="m.png", mode="original", tiling=True, tile_size=256, tile_overlap=32)
+    assert not W.nodes_of(wf, "InpaintModelConditioning")
+    _, nm = only(wf, "SetLatentNoiseMask")
+    assert wf[nm["samples"][0]]["class_type"] == "VAEEncodeTiled"
+
+
+def test_soft_inpainting_patches_every_sampler_model_once():
+    wf = build(mask="m.png", mode="original", soft_inpainting=True)
+    did, dd = only(wf, "DifferentialDiffusion")
+    assert dd["model"] == ["1", 0] and only(wf, "KSampler")[1]["model"] == [did, 0]
+    assert not W.nodes_of(build(mask="m.png", mode="original"), "DifferentialDiffusion")
 
 
 def test_every_sampler_consuming_the_latent_is_rewired():

@@ -50,6 +50,8 @@ class Config:
     max_image_pixels: int = E.default("MAX_IMAGE_PIXELS")
     #: Largest image a workflow may produce or upscale to (hires fix), in pixels.
     max_output_pixels: int = E.default("MAX_OUTPUT_PIXELS")
+    #: Most pixels outpainting may add on one side.
+    max_outpaint_px: int = E.default("MAX_OUTPAINT_PX")
     #: Checkpoint used when a request names none; empty = the first one ComfyUI lists.
     default_model: str = E.default("DEFAULT_MODEL")
     #: Background jobs: worker threads, and how long / how many finished jobs are kept.
@@ -93,6 +95,7 @@ class Config:
             max_mask_bytes=env.get("MAX_MASK_BYTES"),
             max_image_pixels=env.get("MAX_IMAGE_PIXELS"),
             max_output_pixels=env.get("MAX_OUTPUT_PIXELS"),
+            max_outpaint_px=env.get("MAX_OUTPAINT_PX"),
             default_model=env.get("DEFAULT_MODEL"),
             job_workers=env.get("IMG2IMG_JOB_WORKERS"),
             job_ttl_s=env.get("IMG2IMG_JOB_TTL_S"),

@@ -77,6 +77,14 @@ class GenerationParams:
     paste_back: bool = True
     inpaint_area: str = "whole"
     inpaint_padding: int = 32
+    #: Soft inpainting: grey mask levels are per-pixel strengths (DifferentialDiffusion).
+    soft_inpainting: bool = False
+    #: Pixels to grow (negative: shrink) the inpainted area by, in the service.
+    mask_grow: int = 0
+    #: Binarise the mask at this keep level (0-255); None = grey levels stay partial.
+    mask_threshold: Optional[int] = None
+    #: Outpainting: mask_shaping.Outpaint, or None.
+    outpaint: Optional[object] = None
     #: LoRAs to chain: dicts with lora_name, strength_model, strength_clip.
     loras: tuple = ()
     #: ControlNet units: dicts with model, input_image (str or None), preprocessor, low, high,
@@ -211,7 +219,15 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         paste_back=_bool(data, "paste_back", True),
         inpaint_area=_choice(data, "inpaint_area", INPAINT_AREAS, "whole"),
         inpaint_padding=_number(data, "inpaint_padding", integer=True, lo=0, hi=1024, default=32),
+        soft_inpainting=_bool(data, "soft_inpainting"),
+        mask_grow=_number(data, "mask_grow", integer=True, lo=-64, hi=64, default=0),
+        mask_threshold=_number(data, "mask_threshold", integer=True, lo=1, hi=255, default=None),
+        outpaint=_outpaint(data, warnings),
     )
+    if inpaint["soft_inpainting"] and inpaint["mask_threshold"] is not None:
+        raise InvalidParameter("mask_threshold", "'mask_threshold' makes the mask black and white, which "
+                               "'soft_inpainting' exists to avoid: send one or the other",
+                               code="unsupported_combination")
     seed = data.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (
@@ -248,8 +264,39 @@ _KNOWN_KEYS = {
     "prompt", "negative_prompt", "denoising_strength", "steps", "cfg_scale", "batch_size", "batch_count",
     "grow_mask_by", "clip_skip", "width", "height", "random_seed", "seed", "model_name", "sampler_name",
     "scheduler", "karras_sigmas", "async", "lora", "controlnet", "custom_workflow", "inpaint_mode", "mask_blur", "mask_invert", "paste_back", "inpaint_area",
-    "inpaint_padding",
+    "inpaint_padding", "soft_inpainting", "mask_grow", "mask_threshold", "outpaint",
 }
+
+#: ComfyUI's MAX_RESOLUTION: the most ImagePadForOutpaint adds on a side (the service's own
+#: limit, MAX_OUTPAINT_PX, is checked against the configuration).
+OUTPAINT_SIDES = ("left", "top", "right", "bottom")
+
+
+def _outpaint(data, warnings):
+    """``outpaint``: {left, top, right, bottom, feathering} in pixels; sides rounded up to
+    multiples of 8. null, {} or all sides 0 = none."""
+    from dreamlayer.img2img.mask_shaping import OUTPAINT_MULTIPLE, Outpaint
+    value = data.get("outpaint")
+    if value is None or value is False or value == {}:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidParameter("outpaint", "'outpaint' must be an object {left, top, right, bottom, feathering} "
+                               f"in pixels; got {_show(value)}")
+    unknown = sorted(set(map(str, value)) - set(OUTPAINT_SIDES) - {"feathering"})
+    if unknown:
+        raise InvalidParameter("outpaint", f"'outpaint' has unknown keys {unknown}; it takes left, top, right, "
+                               "bottom and feathering")
+    named = {f"outpaint.{k}": v for k, v in value.items()}
+    sides = {}
+    for side in OUTPAINT_SIDES:
+        px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=16384, default=0)
+        rounded = -(-px // OUTPAINT_MULTIPLE) * OUTPAINT_MULTIPLE
+        if rounded != px:
+            warnings.append(f"outpaint.{side} {px} was rounded up to {rounded} (a multiple of {OUTPAINT_MULTIPLE})")
+        sides[side] = rounded
+    feathering = _number(named, "outpaint.feathering", integer=True, lo=0, hi=16384, default=0)
+    out = Outpaint(**sides, feathering=feathering)
+    return out if out.any else None
 
 
 def _enabled_items(value, key):

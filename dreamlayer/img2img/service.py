@@ -14,9 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
-from dreamlayer.img2img import inpainting, planning
+from dreamlayer.img2img import inpainting, mask_shaping, planning
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
 from dreamlayer.errors import ApiError, InvalidParameter
@@ -214,6 +216,7 @@ class Img2ImgService:
             warnings += mask.warnings
             keep = mask.image
         control_images = [self._control_image(unit) for unit in params.controlnet_units]
+        source, keep, control_images, params = self._shape(params, image.image, keep, control_images, warnings)
         params = self._resolve(params)
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
             warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
@@ -226,7 +229,7 @@ class Img2ImgService:
             warnings.append(f"tiling: ComfyUI's tiled VAE decoder uses an overlap of tile_size // 4 = "
                             f"{tiling.tile_size // 4} px when tile_overlap is more than a quarter of tile_size")
         warnings += params.warnings[len(parsed_warnings):]  # what resolving the names added
-        source, keep, plan = planning.plan_generation(params, image.image, keep, comfy_nodes=self.client.object_info(),
+        source, keep, plan = planning.plan_generation(params, source, keep, comfy_nodes=self.client.object_info(),
                                                       max_output_pixels=self.config.max_output_pixels)
         return Prepared(params, source, keep, control_images, plan, warnings)
 
@@ -300,6 +303,46 @@ class Img2ImgService:
                 self.served.remove(output["filename"])
             raise
         return batches
+
+    def _shape(self, params, image, keep, control_images, warnings) -> tuple:
+        """Mask shaping (threshold, grow) and the outpainting canvas, done once here so that
+        ComfyUI's mask and the paste-back weights agree. Returns (image, keep, control images,
+        params)."""
+        if keep is None and (params.mask_grow or params.mask_threshold is not None):
+            warnings.append("mask_grow and mask_threshold apply to a mask; none was sent")
+        if keep is not None and params.mask_threshold is not None:
+            keep = mask_shaping.threshold(keep, params.mask_threshold)
+        if keep is not None and params.mask_grow:
+            keep = mask_shaping.grow(keep, params.mask_grow)
+            if keep.getextrema()[0] == 255:
+                raise InvalidParameter("mask_grow", f"mask_grow {params.mask_grow} shrinks the mask to nothing",
+                                       code="mask_empty")
+        out = params.outpaint
+        if out is None:
+            if keep is None and params.soft_inpainting:
+                warnings.append("soft_inpainting applies to a mask or outpainting; neither was sent")
+            return image, keep, control_images, params
+        limit = self.config.max_outpaint_px
+        for side in ("left", "top", "right", "bottom"):
+            if getattr(out, side) > limit:
+                raise InvalidParameter(f"outpaint.{side}", f"'outpaint.{side}' is {getattr(out, side)} px; the "
+                                       f"limit is {limit} (MAX_OUTPAINT_PX)", maximum=limit)
+        size = out.padded_size(image.size)
+        if size[0] * size[1] > self.config.max_output_pixels:
+            raise InvalidParameter("outpaint", f"The outpainted image would be {size[0]}x{size[1]} = "
+                                   f"{size[0] * size[1]:,} pixels; the limit is {self.config.max_output_pixels:,} "
+                                   "(MAX_OUTPUT_PIXELS)", code="output_too_large",
+                                   maximum=self.config.max_output_pixels)
+        asked = (params.width or size[0], params.height or size[1])
+        if asked != size:
+            raise InvalidParameter("width", f"With outpaint the output is the padded size {size[0]}x{size[1]}; "
+                                   f"width x height asks for {asked[0]}x{asked[1]}: leave them out or match it",
+                                   code="unsupported_combination")
+        controls = [None if c is None else mask_shaping.pad_image(
+            c if c.size == image.size else c.resize(image.size, Image.LANCZOS), out) for c in control_images]
+        keep = mask_shaping.pad_keep(keep, image.size, out)
+        image = mask_shaping.pad_image(image, out)
+        return image, keep, controls, dataclasses.replace(params, width=None, height=None)
 
     def _control_image(self, unit):
         """A ControlNet unit's own image, decoded and checked like the input image (or None)."""

@@ -214,7 +214,64 @@ def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, fi
                             crop_to=crop_to, scale_steps=scale_steps)
     wf = apply_loras(wf, getattr(params, "loras", ()))
     wf = apply_controlnets(wf, controlnet_units, input_loader=input_loader)
-    return apply_advanced(wf, params, seed=seed, hires_size=hires_size)
+    wf = apply_advanced(wf, params, seed=seed, hires_size=hires_size)
+    if mask_name is not None and inpaint_mode == "original":
+        wf = apply_inpaint_conditioning(wf)
+    if mask_name is not None and getattr(params, "soft_inpainting", False):
+        wf = apply_differential_diffusion(wf)
+    return wf
+
+
+def apply_inpaint_conditioning(workflow: dict) -> dict:
+    """Inpaint mode "original" through InpaintModelConditioning: each SetLatentNoiseMask of an
+    encoded image (VAEEncode -> SetLatentNoiseMask) becomes one InpaintModelConditioning that
+    encodes the same pixels with the same mask and noise mask, and also puts the masked image
+    (masked pixels grey) into the conditioning of the samplers it feeds. An inpainting (9-channel)
+    checkpoint reads that instead of the unmasked original; other checkpoints ignore it.
+
+    Left as it is (documented): a tiled encode (InpaintModelConditioning encodes untiled) and
+    samplers fed by one latent with different conditioning."""
+    wf = copy.deepcopy(workflow)
+    for sid in nodes_of(wf, "SetLatentNoiseMask"):
+        if sid not in wf:
+            continue
+        eid = linked(wf, sid, "samples")
+        if eid is None or wf.get(eid, {}).get("class_type") != "VAEEncode":
+            continue
+        samplers = _samplers_downstream(wf, sid)
+        conds = {(tuple(wf[n]["inputs"]["positive"]), tuple(wf[n]["inputs"]["negative"])) for n in samplers}
+        if len(conds) != 1:
+            continue
+        positive, negative = (list(c) for c in conds.pop())
+        encode = wf[eid]["inputs"]
+        imc = add_node(wf, "InpaintModelConditioning", {
+            "positive": positive, "negative": negative, "vae": encode["vae"], "pixels": encode["pixels"],
+            "mask": wf[sid]["inputs"]["mask"], "noise_mask": True})
+        relink(wf, [sid, 0], [imc, 2])
+        for n in samplers:
+            wf[n]["inputs"]["positive"] = [imc, 0]
+            wf[n]["inputs"]["negative"] = [imc, 1]
+        del wf[sid]
+        if not consumers(wf, eid, 0):
+            del wf[eid]
+    return wf
+
+
+def apply_differential_diffusion(workflow: dict) -> dict:
+    """Soft inpainting: every sampler's model goes through DifferentialDiffusion, which turns the
+    noise mask's grey levels into per-pixel strengths (ComfyUI's answer to A1111's soft
+    inpainting). One node per distinct model link."""
+    wf = copy.deepcopy(workflow)
+    patched: dict = {}
+    for sid in nodes_of(wf, *SAMPLER_CLASSES):
+        model = wf[sid]["inputs"].get("model")
+        if not is_link(model):
+            continue
+        key = tuple(model)
+        if key not in patched:
+            patched[key] = add_node(wf, "DifferentialDiffusion", {"model": list(model)})
+        wf[sid]["inputs"]["model"] = [patched[key], 0]
+    return wf
 
 
 def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | None) -> dict:
