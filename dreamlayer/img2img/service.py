@@ -333,8 +333,9 @@ class Img2ImgService:
                                    f"{size[0] * size[1]:,} pixels; the limit is {self.config.max_output_pixels:,} "
                                    "(MAX_OUTPUT_PIXELS)", code="output_too_large",
                                    maximum=self.config.max_output_pixels)
+        only_masked = params.inpaint_area == "only_masked"  # there width x height is the crop's size
         asked = (params.width or size[0], params.height or size[1])
-        if asked != size:
+        if asked != size and not only_masked:
             raise InvalidParameter("width", f"With outpaint the output is the padded size {size[0]}x{size[1]}; "
                                    f"width x height asks for {asked[0]}x{asked[1]}: leave them out or match it",
                                    code="unsupported_combination")
@@ -342,6 +343,8 @@ class Img2ImgService:
             c if c.size == image.size else c.resize(image.size, Image.LANCZOS), out) for c in control_images]
         keep = mask_shaping.pad_keep(keep, image.size, out)
         image = mask_shaping.pad_image(image, out)
+        if only_masked:
+            return image, keep, controls, params
         return image, keep, controls, dataclasses.replace(params, width=None, height=None)
 
     def _control_image(self, unit):
