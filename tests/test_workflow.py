@@ -171,3 +171,18 @@ def test_finish_outputs_only_crops_without_paste_back():
     assert wf[crop["image"][0]]["class_type"] == "VAEDecode"
     assert build() == W.build_img2img_workflow(gp(), image_name="in.png", mask_name=None,
                                                filename_prefix="img2img_x_0", seed=7)  # nothing asked, nothing added
+
+
+def test_the_top_level_entry_point_re_exports_the_public_api():
+    """The design card's `from img2img_workflow import build_img2img_workflow` (run in a fresh
+    interpreter: an import error anywhere in the chain fails here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    code = ("import img2img_workflow as m; from img2img_workflow import build_img2img_workflow; "
+            "missing = [n for n in m.__all__ if not hasattr(m, n)]; assert not missing, missing; "
+            "print(build_img2img_workflow.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "dreamlayer.img2img.workflow"
