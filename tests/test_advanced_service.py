@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from dreamlayer.comfyui.fake import FakeComfyUI
@@ -167,8 +168,8 @@ def test_hires_upscale_by_doubles_a_64x48_input(client, fake_comfy, service_conf
         else:  # the model at its native scale, then ImageScale to the exact size
             (up,) = runs(fake_comfy, "ImageUpscaleWithModel")
             assert (up["model_name"], up["scale"]) == (method, 4 if method == ULTRASHARP else 2)
-            assert of(wf, "UpscaleModelLoader")[wf[scale["inputs"]["image"][0]]["inputs"]["upscale_model"][0]][
-                "inputs"]["model_name"] == method
+            upscaled = wf[scale["inputs"]["image"][0]]
+            assert upscaled["class_type"] == "ImageUpscaleWithModel"
     assert leftovers(fake_comfy) == []
 
 
@@ -181,6 +182,17 @@ def test_hires_resize_to_gives_exactly_that_size_in_multiples_of_8(client, fake_
                                   "hires_fix_resize_height": asked[1]})
     assert out.shape == (size[1], size[0], 3)
     assert len(runs(fake_comfy, "KSampler")) == 2
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "Latent"])
+def test_hires_upscale_by_1_keeps_the_size_and_the_whole_picture(client, fake_comfy, upscaler):
+    """A second pass at the first one's size (A1111 allows 1x): 64 x 48 stays 64 x 48, every side
+    already a multiple of 8 -- not squared up to 64 x 64 and centre-cropped."""
+    out, _ = generate(client, {**HIRES, "hires_fix_upscaler": upscaler, "hires_fix_upscale_factor": 1,
+                               "mask_blur": 0}, mask=box_mask((W, H), BOX))
+    assert out.shape == (H, W, 3)
+    inside = region((W, H), BOX, 1)
+    assert (out[~inside] == SRC_A[~inside]).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -231,6 +243,23 @@ def test_hires_with_a_mask_pastes_back_the_input_scaled_to_the_output(client, fa
     latent = wf[second["inputs"]["latent_image"][0]]
     assert latent["class_type"] in ("SetLatentNoiseMask", "LatentUpscale")
     assert leftovers(fake_comfy) == []
+
+
+def test_hires_of_an_input_off_multiples_of_8_scales_its_padding_along(client, fake_comfy):
+    """101 x 77 is padded to 104 x 80 by repeating the edge pixels (docs/inpainting.md); the hires
+    fix scales that to its canvas (208 x 160) and crops the 200 x 152 target (2 x, rounded to
+    multiples of 8): the unmasked pixels are exactly that."""
+    size, box = (101, 77), (30, 20, 70, 55)
+    src = gradient(*size)
+    out, body = generate(client, {**HIRES, "hires_fix_upscaler": "Lanczos", "mask_blur": 0}, src=src,
+                         mask=box_mask(size, box))
+    assert out.shape == (152, 200, 3)
+    padded = Image.fromarray(np.pad(np.asarray(src), ((0, 3), (0, 3), (0, 0)), mode="edge"))
+    expected = lanczos(padded, (208, 160))[:152, :200]
+    keep = ~region((200, 152), scaled_box(box, 2), 3)
+    assert (out[keep] == expected[keep]).all()
+    assert [(n["inputs"]["width"], n["inputs"]["height"]) for n in of(body["workflow"], "ImageCrop").values()] == [
+        (200, 152)]
 
 
 def test_hires_resize_to_another_aspect_covers_and_crops_the_centre(client, fake_comfy):
@@ -621,3 +650,212 @@ def test_two_images_of_the_right_size_with_hires_and_refiner(client, fake_comfy,
         keep = ~region(size, scaled_box(BOX, 2), 2)
         for o in outs:
             assert (o[keep] == expected[keep]).all()
+
+
+# --- 9. the frontend's request shapes ----------------------------------------------------------
+
+#: What DreamLayer's Img2Img page sends with every request (its 37 keys, UI defaults; see
+#: tests/test_params.py), made small for the fake: 64 x 64 (the least width / height), 2 steps, one image.
+FW = 64
+FSRC = gradient(FW, FW)
+FRONTEND = {
+    "prompt": "a red cube", "negative_prompt": "blurry", "model_name": BASE, "sampler_name": "euler",
+    "scheduler": "normal", "steps": 2, "cfg_scale": 7.0, "denoising_strength": 0.75, "width": FW, "height": FW,
+    "batch_size": 1, "batch_count": 1, "seed": -1, "random_seed": True, "clip_skip": 1,
+    "tiling": False, "tile_size": 512, "tile_overlap": 64, "hires_fix": False, "karras_sigmas": False,
+    "lora": None, "restore_faces": False, "face_restoration_model": "codeformer", "codeformer_weight": 0.5,
+    "gfpgan_weight": 0.5, "hires_fix_enabled": False, "hires_fix_upscale_method": "upscale-by",
+    "hires_fix_upscale_factor": 2.5, "hires_fix_hires_steps": 15, "hires_fix_denoising_strength": 0.5,
+    "hires_fix_resize_width": 4000, "hires_fix_resize_height": 4000, "hires_fix_upscaler": "4x-ultrasharp",
+    "refiner_enabled": False, "refiner_model": "none", "refiner_switch_at": 0.8, "custom_workflow": None,
+}
+
+
+def send(client, changes: dict, form: str, mask=None):
+    """The page's request with ``changes``: JSON with a data-URL ``input_image`` (its own form), or
+    the same keys as multipart ``params``."""
+    params = {**FRONTEND, **changes}
+    assert len(FRONTEND) == 37
+    if form == "json":
+        body = {**params, "input_image": data_url(png(FSRC))}
+        if mask is not None:
+            body["mask_image"] = data_url(png(mask))
+        return client.post("/api/img2img", data=json.dumps(body), headers={"Content-Type": "application/json"})
+    data = {"params": json.dumps(params), "image": (io.BytesIO(png(FSRC)), "input.png")}
+    if mask is not None:
+        data["mask"] = (io.BytesIO(png(mask)), "mask.png")
+    return client.post("/api/img2img", data=data, content_type="multipart/form-data")
+
+
+def hires_pass(wf) -> dict:
+    """The inputs of the hires fix's KSampler: the one whose latent comes from an upscale."""
+    (second,) = [n for n in of(wf, "KSampler").values()
+                 if wf[n["inputs"]["latent_image"][0]]["class_type"] in ("VAEEncode", "LatentUpscale")]
+    return second["inputs"]
+
+
+def scale_size(wf) -> tuple:
+    (scale,) = of(wf, "ImageScale").values()
+    return scale["inputs"]["width"], scale["inputs"]["height"]
+
+
+def check_hires(wf, fake, out=None, size=(160, 160), steps=15, denoise=0.5):   # 2.5 x 64 x 64 by default
+    assert len(of(wf, "KSampler")) == 2 and scale_size(wf) == size
+    assert (hires_pass(wf)["steps"], hires_pass(wf)["denoise"]) == (steps, denoise)
+    assert [r["steps"] for r in runs(fake, "KSampler")] == [2, steps]
+
+
+def check_pages_default_upscaler(wf, fake, out):
+    check_hires(wf, fake)
+    (loader,) = of(wf, "UpscaleModelLoader").values()
+    assert loader["inputs"]["model_name"] == ULTRASHARP
+    assert [(r["model_name"], r["scale"]) for r in runs(fake, "ImageUpscaleWithModel")] == [(ULTRASHARP, 4)]
+
+
+def check_latent_bicubic(wf, fake, out):
+    assert [n["inputs"]["upscale_method"] for n in of(wf, "LatentUpscale").values()] == ["bicubic"]
+    assert not of(wf, "ImageScale") and hires_pass(wf)["steps"] == 15
+
+
+def check_refiner(wf, fake, out):
+    # steps 4 at denoise 0.75: the last 4 of a 5-step schedule, switching after 2 of them
+    assert sorted((n["inputs"]["steps"], n["inputs"]["start_at_step"], n["inputs"]["end_at_step"])
+                  for n in of(wf, "KSamplerAdvanced").values()) == [(5, 1, 3), (5, 3, 10000)]
+    assert [r["ckpt"] for r in runs(fake, "KSamplerAdvanced")] == [BASE, REFINER]
+
+
+def check_no_refiner(wf, fake, out):
+    assert not of(wf, "KSamplerAdvanced") and [r["ckpt"] for r in runs(fake, "KSampler")] == [BASE]
+
+
+def check_tiling(wf, fake, out):
+    assert sorted((n["class_type"], n["inputs"]["tile_size"], n["inputs"]["overlap"])
+                  for n in wf.values() if "tile_size" in n["inputs"]) == [("VAEDecodeTiled", 256, 48),
+                                                                          ("VAEEncodeTiled", 256, 48)]
+    assert not of(wf, "VAEEncode") and not of(wf, "VAEDecode")
+
+
+def check_vae(wf, fake, out):
+    assert [n["inputs"]["vae_name"] for n in of(wf, "VAELoader").values()] == [VAE]
+
+
+def check_no_vae(wf, fake, out):
+    assert not of(wf, "VAELoader")
+
+
+def check_latent_resize(wf, fake, out):
+    assert [(n["inputs"]["width"], n["inputs"]["height"], n["inputs"]["crop"])
+            for n in of(wf, "LatentUpscale").values()] == [(96, 72, "disabled")]
+
+
+def check_crop_and_resize(wf, fake, out):
+    assert not of(wf, "LatentUpscale")   # modes 0-2 are done by the service before the encode
+    # denoise 0: the output is the resized input, 64 x 64 scaled to cover 96 x 72 (96 x 96) and
+    # centre-cropped: 12 rows off the top and the bottom
+    assert (out == np.asarray(FSRC.resize((96, 96), Image.LANCZOS).crop((0, 12, 96, 84)), dtype=np.int16)).all()
+
+
+def check_resize_and_fill(wf, fake, out):
+    assert not of(wf, "LatentUpscale")
+    # fitted as 72 x 72 in the middle, 12-column bands of its first and last columns stretched
+    fitted = np.asarray(FSRC.resize((72, 72), Image.LANCZOS), dtype=np.int16)
+    assert (out[:, 12:84] == fitted).all()
+    assert (out[:, :12] == fitted[:, :1]).all() and (out[:, 84:] == fitted[:, -1:]).all()
+
+
+LANCZOS_HIRES = {"hires_fix": True, "hires_fix_upscaler": "Lanczos"}
+CONTROLS = {
+    # id: (the page's values, models ComfyUI must have, check(workflow, fake), output size)
+    "hires_fix": (LANCZOS_HIRES, (), check_hires, (160, 160)),
+    "hires_fix_enabled": ({"hires_fix_enabled": True, "hires_fix_upscaler": "lanczos"}, (), check_hires, (160, 160)),
+    "hires_fix with the page's defaults": ({"hires_fix": True}, [("upscale_models", ULTRASHARP)],
+                                           check_pages_default_upscaler, (160, 160)),
+    "hires_fix_upscale_method": (
+        {**LANCZOS_HIRES, "hires_fix_upscale_method": "resize-to", "hires_fix_resize_width": 96,
+         "hires_fix_resize_height": 80}, (), lambda wf, fake, out: check_hires(wf, fake, size=(96, 80)), (96, 80)),
+    "hires_fix_upscale_factor": ({**LANCZOS_HIRES, "hires_fix_upscale_factor": 1.5}, (),
+                                 lambda wf, fake, out: check_hires(wf, fake, size=(96, 96)), (96, 96)),
+    "hires_fix_hires_steps": ({**LANCZOS_HIRES, "hires_fix_hires_steps": 7}, (),
+                              lambda wf, fake, out: check_hires(wf, fake, steps=7), (160, 160)),
+    "hires_fix_denoising_strength": ({**LANCZOS_HIRES, "hires_fix_denoising_strength": 0.35}, (),
+                                     lambda wf, fake, out: check_hires(wf, fake, denoise=0.35), (160, 160)),
+    "hires_fix_upscaler": ({"hires_fix": True, "hires_fix_upscaler": "latent-bicubic"}, (), check_latent_bicubic,
+                           (160, 160)),
+    "refiner_enabled": ({"steps": 4, "refiner_enabled": True, "refiner_model": REFINER, "refiner_switch_at": 0.5},
+                        [("checkpoints", REFINER)], check_refiner, (FW, FW)),
+    "refiner_enabled false": ({"refiner_enabled": False, "refiner_model": REFINER}, [("checkpoints", REFINER)],
+                              check_no_refiner, (FW, FW)),
+    "tiling": ({"tiling": True, "tile_size": 256, "tile_overlap": 48}, (), check_tiling, (FW, FW)),
+    "vae_name": ({"vae_name": VAE}, [("vae", VAE)], check_vae, (FW, FW)),
+    "vae_name Automatic": ({"vae_name": "Automatic"}, [("vae", VAE)], check_no_vae, (FW, FW)),
+    "resize_mode 3": ({"resize_mode": 3, "width": 96, "height": 72}, (), check_latent_resize, (96, 72)),
+    "resize_mode label": ({"resize_mode": "Just resize (latent upscale)", "width": 96, "height": 72}, (),
+                          check_latent_resize, (96, 72)),
+    "resize_mode 1": ({"resize_mode": 1, "width": 96, "height": 72, "denoising_strength": 0}, (),
+                      check_crop_and_resize, (96, 72)),
+    "resize_mode Crop and resize": ({"resize_mode": "Crop and resize", "width": 96, "height": 72,
+                                     "denoising_strength": 0}, (), check_crop_and_resize, (96, 72)),
+    "resize_mode Resize and fill": ({"resize_mode": "Resize and fill", "width": 96, "height": 72,
+                                     "denoising_strength": 0}, (), check_resize_and_fill, (96, 72)),
+}
+
+
+@pytest.mark.parametrize("form", ["json", "multipart"])
+@pytest.mark.parametrize("control", list(CONTROLS))
+def test_each_advanced_control_of_the_page_reaches_the_workflow(client, fake_comfy, control, form):
+    changes, models, check, size = CONTROLS[control]
+    for folder, name in models:
+        fake_comfy.add_model(folder, name)
+    body = ok(send(client, changes, form))
+    assert not [w for w in body["warnings"] if "Unknown parameter" in w]   # every key is read
+    (out,) = download(client, body)
+    assert out.shape == (size[1], size[0], 3)
+    (_, wf, _), = fake_comfy.prompts
+    assert wf == json.loads(json.dumps(body["workflow"]))   # what the service answered is what ComfyUI got
+    check(wf, fake_comfy, out)
+
+
+@pytest.mark.parametrize("form", ["json", "multipart"])
+@pytest.mark.parametrize("model,weights,expect", [
+    ("codeformer", {"codeformer_weight": 0.3}, {"FaceRestoreCFWithModel": ("codeformer_fidelity", 0.3)}),
+    ("gfpgan", {"gfpgan_weight": 0.7}, {"FaceRestoreCFWithModel": ("codeformer_fidelity", 0.5),
+                                        "ImageBlend": ("blend_factor", 0.7)}),
+])
+def test_the_page_face_restoration_controls_reach_the_custom_nodes(face_client, face_comfy, form, model, weights,
+                                                                   expect):
+    face_comfy.add_model("facerestore_models", GFPGAN)
+    body = ok(send(face_client, {"restore_faces": True, "face_restoration_model": model, **weights}, form,
+                   mask=box_mask((FW, FW), BOX)))
+    (_, wf, _), = face_comfy.prompts
+    for cls, (name, value) in expect.items():
+        (node,) = of(wf, cls).values()
+        assert node["inputs"][name] == value
+    (loader,) = of(wf, "FaceRestoreModelLoader").values()
+    assert loader["inputs"]["model_name"] == (GFPGAN if model == "gfpgan" else CODEFORMER)
+    assert ("ImageBlend" in classes_ran(face_comfy)) == (model == "gfpgan")
+    (out,) = download(face_client, body)
+    assert out.shape == (FW, FW, 3)
+
+
+@pytest.mark.parametrize("form", ["json", "multipart"])
+def test_the_page_restore_faces_without_the_custom_nodes_is_a_400(client, fake_comfy, form):
+    body = refused(send(client, {"restore_faces": True}, form), 400, "custom_node_missing")
+    assert "facerestore_cf" in body["message"] and fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_the_pages_hires_request_over_real_http(live_server, fake_comfy):
+    """The page's own transport: a JSON POST to the running server (waitress), the answer's URLs
+    fetched as the browser does."""
+    fake_comfy.add_model("upscale_models", ULTRASHARP)
+    body = {**FRONTEND, "hires_fix": True, "restore_faces": False, "input_image": data_url(png(FSRC)),
+            "mask_image": data_url(png(box_mask((FW, FW), BOX)))}
+    resp = requests.post(f"{live_server.url}/api/img2img", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    (image,) = resp.json()["comfy_response"]["generated_images"]
+    assert image["url"].startswith(live_server.url + "/images/")
+    got = requests.get(image["url"], timeout=10)
+    assert got.status_code == 200 and got.headers["Content-Type"] == "image/png"
+    with Image.open(io.BytesIO(got.content)) as im:
+        assert im.size == (160, 160)
+    assert [r["scale"] for r in runs(fake_comfy, "ImageUpscaleWithModel")] == [4]
+    assert leftovers(fake_comfy) == []
