@@ -155,6 +155,7 @@ def test_a_comfyui_without_the_tiled_nodes_is_told_so_before_queueing():
 @pytest.mark.parametrize("method,factor,rw,rh,work,target", [
     ("upscale-by", 2.5, 0, 0, (512, 512), (1280, 1280)),
     ("upscale-by", 1.5, 0, 0, (100, 60), (152, 88)),
+    ("upscale-by", 1, 0, 0, (64, 48), (64, 48)),    # a side under 64 stays: no squaring up
     ("resize-to", 1, 1000, 700, (512, 512), (1000, 704)),
 ])
 def test_hires_target_is_a1111s_rounded_to_multiples_of_8(method, factor, rw, rh, work, target):

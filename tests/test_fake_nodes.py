@@ -402,6 +402,27 @@ def test_latent_and_image_scale_sizes(fake_comfy):
     assert size("31") == (50, 30) and size("32") == (40, 40) and size("33") == (48, 16)
 
 
+def test_lanczos_is_pillows_8_bit_lanczos_as_in_comfy_utils(fake_comfy):
+    """comfy.utils.lanczos hands Pillow 8-bit images: a loaded PNG scaled with "lanczos" (and
+    saved) is bit for bit Pillow's LANCZOS resize of it, also where Pillow's 8-bit passes clamp
+    the overshoot of a sharp edge (a float resize differs there by tens of levels)."""
+    name = "lanczos_probe.png"
+    src = Image.new("RGB", (64, 48))
+    src.putdata([((x * 7) % 256, (y * 11) % 256, ((x + y) * 5) % 256) for y in range(48) for x in range(64)])
+    src.save(fake_comfy.input_dir / name)
+    prompt = {"1": node("LoadImage", image=name)}
+    for out_id, (w, h, crop) in {"11": (128, 96, "disabled"), "12": (45, 31, "disabled"),
+                                 "13": (128, 128, "center")}.items():
+        prompt[out_id + "s"] = node("ImageScale", image=["1", 0], upscale_method="lanczos", width=w, height=h,
+                                    crop=crop)
+        show(prompt, out_id, (out_id + "s", 0))
+    images, _ = execute(fake_comfy, prompt)
+    expected = {"11": src.resize((128, 96), Image.LANCZOS), "12": src.resize((45, 31), Image.LANCZOS),
+                "13": src.crop((8, 0, 56, 48)).resize((128, 128), Image.LANCZOS)}  # centre crop 48 x 48
+    for out_id, im in expected.items():
+        assert (one(images, out_id) == np.asarray(im, dtype=np.int16)).all(), out_id
+
+
 # --- pixel model: samplers ------------------------------------------------------------------------
 
 def test_refiner_split_mixes_each_checkpoints_share_of_the_steps(fake_comfy):

@@ -73,8 +73,10 @@ def _refiner_conditioning(wf: dict, model: str, prompt: str, negative_prompt: st
 # --- hires fix ---------------------------------------------------------------------------------
 
 def round8(value: float) -> int:
-    """To a multiple of 8 (the latent's grid), at least 64."""
-    return max(64, int(round(value / 8.0)) * 8)
+    """To a multiple of 8 (the latent's grid), at least 8 (one latent cell). Not at least 64: a
+    side of 48 scaled by 1 stays 48 (a larger minimum would change the aspect ratio, and the hires
+    fix's centre crop would cut the sides off)."""
+    return max(8, int(round(value / 8.0)) * 8)
 
 
 def hires_target(hires, work_size: tuple) -> tuple:

@@ -61,13 +61,25 @@ def resize_area(a: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _resize_pil(a: np.ndarray, height: int, width: int, resample) -> np.ndarray:
-    """Per-plane float resize through PIL (mode F), for bicubic / lanczos."""
+    """Per-plane float resize through PIL (mode F), for bicubic."""
     a = np.asarray(a, dtype=np.float32)
     lead = a.shape[:-2]
     planes = a.reshape((-1,) + a.shape[-2:])
     out = [np.asarray(Image.fromarray(p, mode="F").resize((width, height), resample=resample), dtype=np.float32)
            for p in planes]
     return np.stack(out).reshape(lead + (height, width))
+
+
+def resize_lanczos(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """comfy.utils.lanczos: each image goes to 8 bits (clip(255 * x), truncated), Pillow resizes it
+    with LANCZOS (in 8 bits: it clamps between its horizontal and vertical passes), then back to
+    0..1. Pillow resamples the bands of an RGB image alike, so plane by plane ("L") is the same."""
+    a = np.asarray(a, dtype=np.float32)
+    lead = a.shape[:-2]
+    planes = np.clip(255.0 * a, 0, 255).astype(np.uint8).reshape((-1,) + a.shape[-2:])
+    out = [np.asarray(Image.fromarray(p).resize((width, height), resample=Image.Resampling.LANCZOS))
+           for p in planes]
+    return (np.stack(out).astype(np.float32) / 255.0).reshape(lead + (height, width))
 
 
 def resize_planes(a: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
@@ -79,7 +91,7 @@ def resize_planes(a: np.ndarray, height: int, width: int, method: str) -> np.nda
     if method == "bicubic":
         return _resize_pil(a, height, width, Image.Resampling.BICUBIC)
     if method == "lanczos":
-        return np.clip(_resize_pil(a, height, width, Image.Resampling.LANCZOS), 0.0, 1.0)
+        return resize_lanczos(a, height, width)
     return resize_bilinear(a, height, width)  # bilinear, and bislerp approximated by it
 
 
