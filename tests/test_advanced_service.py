@@ -241,7 +241,7 @@ def test_hires_with_a_mask_pastes_back_the_input_scaled_to_the_output(client, fa
     wf = body["workflow"]
     (second,) = [n for n in of(wf, "KSampler").values() if n["inputs"]["steps"] == 3]
     latent = wf[second["inputs"]["latent_image"][0]]
-    assert latent["class_type"] in ("SetLatentNoiseMask", "LatentUpscale")
+    assert latent["class_type"] in ("SetLatentNoiseMask", "LatentUpscale", "InpaintModelConditioning")
     assert leftovers(fake_comfy) == []
 
 
