@@ -20,7 +20,6 @@ import pytest
 import requests
 from PIL import Image
 
-from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 from images import box_mask, gradient, png
 from dreamlayer.img2img.app import create_app
 from waiting import wait_until
@@ -76,9 +75,7 @@ class Ledger:
 
     def assert_nothing_left(self):
         inputs = [p.relative_to(self.fake.input_dir) for p in self.fake.input_dir.rglob("*") if p.is_file()]
-        if self.config.comfyui_input_dir is None:  # over HTTP ComfyUI cannot delete uploads (documented)
-            inputs = [p for p in inputs if p.parts[0] != HTTP_UPLOAD_SUBFOLDER]
-        assert inputs == [], "uploads left in ComfyUI's input folder"
+        assert inputs == [], "uploads left in ComfyUI's input folder"  # HTTP uploads go to temp/
         served = sorted(p.name for p in self.config.served_images_dir.glob("*"))
         assert served == sorted(self.results), "the served folder holds files no client was given"
 

@@ -158,8 +158,10 @@ def test_http_upload_mode_without_shared_disk(fake_comfy, service_config, tmp_pa
     assert resp.status_code == 200, resp.get_json()
     wf = resp.get_json()["workflow"]
     names = [n["inputs"]["image"] for n in wf.values() if n["class_type"] in ("LoadImage", "LoadImageMask")]
-    assert all(n.startswith("dreamlayer_img2img/") for n in names)
-    assert sorted(p.parent.name for p in fake_comfy.input_dir.rglob("*.png")) == ["dreamlayer_img2img"] * 2
+    assert all(n.startswith("dreamlayer_img2img/") and n.endswith(".png [temp]") for n in names)
+    # into ComfyUI's temp folder (emptied by ComfyUI at start and exit), never its input folder
+    assert sorted(p.parent.name for p in fake_comfy.temp_dir.rglob("*.png")) == ["dreamlayer_img2img"] * 2
+    assert list(fake_comfy.input_dir.rglob("*.png")) == []
 
 
 # --- validation ----------------------------------------------------------------------------

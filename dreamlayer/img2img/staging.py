@@ -58,10 +58,13 @@ class InputStager:
         if self.input_dir is not None:
             self._written.append(write_atomic(self.input_dir, name, data))
             return name
-        answer = self.client.upload_image(data, name, subfolder=HTTP_UPLOAD_SUBFOLDER, type="input",
+        # ComfyUI has no route to delete an input, so an upload goes to its temp folder, which
+        # ComfyUI empties itself at start and exit; LoadImage / LoadImageMask read it through the
+        # " [temp]" annotation (folder_paths.get_annotated_filepath, 0.3.40).
+        answer = self.client.upload_image(data, name, subfolder=HTTP_UPLOAD_SUBFOLDER, type="temp",
                                           overwrite=True)
         sub = answer.get("subfolder") or ""
-        return f"{sub}/{answer['name']}" if sub else answer["name"]
+        return (f"{sub}/{answer['name']}" if sub else answer["name"]) + " [temp]"
 
     def cleanup(self) -> None:
         while self._written:
