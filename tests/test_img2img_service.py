@@ -294,10 +294,10 @@ def test_interrupt_endpoint_stops_the_running_generation(live_server, fake_comfy
     active = live_server.app.extensions["img2img"].active
     set_prompt, recorded = active.set_prompt, threading.Event()
 
-    def spy(run_id, prompt_id):
+    def spy(run_id, prompt_id, client=None):
         if prompt_id is not None:
             recorded.set()
-        return set_prompt(run_id, prompt_id)
+        return set_prompt(run_id, prompt_id, client)
     monkeypatch.setattr(active, "set_prompt", spy)
     fake_comfy.hang_next()
     with ThreadPoolExecutor(1) as pool:

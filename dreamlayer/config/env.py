@@ -93,6 +93,13 @@ def _origins_parse(text):
     return origins
 
 
+def _urls_parse(text):
+    urls = tuple(_url_parse(u.strip()) for u in text.split(","))  # an empty item is an error
+    if len(set(urls)) != len(urls):
+        raise ValueError("a URL is listed twice")
+    return urls
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -130,6 +137,7 @@ SECONDS = Kind("a number of seconds > 0", _seconds_parse)
 PATH = Kind("a path (~ allowed)", _path_parse)
 TEXT = Kind("any text", str)
 URL = Kind("an http:// or https:// URL with a host", _url_parse)
+URLS = Kind("one or more comma-separated http:// or https:// URLs with a host", _urls_parse)
 ORIGINS = Kind("comma-separated origins (scheme://host[:port]) or *", _origins_parse)
 ORIGIN = Kind("an origin (scheme://host[:port]) or *", _origin_check)
 BOOL = Kind("1, true, yes, on or 0, false, no, off", _bool_parse)
@@ -163,7 +171,8 @@ class Variable:
 V = Variable
 VARIABLES = (
     # ComfyUI and the folders shared with it
-    V("COMFY_API_URL", URL, "http://127.0.0.1:8188", ALL),
+    V("COMFY_API_URL", URLS, "http://127.0.0.1:8188", ALL),
+    V("COMFY_PROMPTS_PER_BACKEND", WHOLE, None, (IMG2IMG,)),
     V("COMFY_TIMEOUT_S", SECONDS, "600", (IMG2IMG,)),
     V("COMFYUI_DIR", PATH, None, ALL),
     V("COMFYUI_INPUT_DIR", PATH, None, (IMG2IMG, BACKEND)),

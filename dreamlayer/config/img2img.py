@@ -19,14 +19,20 @@ __all__ = ["Config", "ConfigError", "DEFAULT_CORS_ORIGINS", "HTTP_UPLOAD_SUBFOLD
 
 DEFAULT_CORS_ORIGINS = E.default("CORS_ORIGINS")
 
-#: Subfolder of ComfyUI's input folder that receives uploads made over HTTP (no shared disk).
-#: ComfyUI has no API to delete an upload, so these files stay there; see docs/api.md.
+#: Subfolder of ComfyUI's temp folder that receives uploads made over HTTP (no shared disk);
+#: ComfyUI empties its temp folder at start and exit (it has no API to delete an upload).
 HTTP_UPLOAD_SUBFOLDER = "dreamlayer_img2img"
 
 
 @dataclass(frozen=True)
 class Config:
-    comfy_api_url: str = E.default("COMFY_API_URL")
+    #: The first ComfyUI backend (the one whose folders COMFYUI_DIR describes).
+    comfy_api_url: str = E.default("COMFY_API_URL")[0]
+    #: Every backend (COMFY_API_URL may list several); () = just comfy_api_url.
+    comfy_api_urls: tuple = ()
+    #: This service's prompts one backend may hold at a time; None = 1 with several backends,
+    #: no limit with one (ComfyUI's own queue orders them, as before).
+    prompts_per_backend: Optional[int] = None
     #: Local ComfyUI install; its input/ folder receives uploads directly.
     comfyui_dir: Optional[Path] = None
     #: ComfyUI's input folder, when it is shared with this machine. None = upload over HTTP.
@@ -64,11 +70,20 @@ class Config:
     demo: bool = E.default("DREAMLAYER_DEMO")
     extra: Mapping = field(default_factory=dict)
 
+    def __post_init__(self):
+        # comfy_api_url is always the first of comfy_api_urls, whichever of the two was given
+        if not self.comfy_api_urls:
+            object.__setattr__(self, "comfy_api_urls", (self.comfy_api_url,))
+        elif self.comfy_api_urls[0] != self.comfy_api_url:
+            object.__setattr__(self, "comfy_api_url", self.comfy_api_urls[0])
+
     @property
     def uploads_over_http(self) -> bool:
         return self.comfyui_input_dir is None
 
     def replace(self, **changes) -> "Config":
+        if "comfy_api_url" in changes and "comfy_api_urls" not in changes:
+            changes["comfy_api_urls"] = ()  # one new address replaces the list
         return _normalise(dataclasses.replace(self, **changes))
 
     @classmethod
@@ -79,8 +94,11 @@ class Config:
         env = Environment.of(environ)
         port = env.get("IMG2IMG_PORT")
         comfyui_dir = env.get("COMFYUI_DIR")
+        urls = env.get("COMFY_API_URL")
         return _normalise(cls(
-            comfy_api_url=env.get("COMFY_API_URL"),
+            comfy_api_url=urls[0],
+            comfy_api_urls=urls,
+            prompts_per_backend=env.get("COMFY_PROMPTS_PER_BACKEND"),
             comfyui_dir=comfyui_dir,
             comfyui_input_dir=env.get("COMFYUI_INPUT_DIR"),
             comfyui_output_dir=_output_dir(env, comfyui_dir),
@@ -124,9 +142,11 @@ def _normalise(cfg: Config) -> Config:
         output_dir = cfg.comfyui_dir / "output"
     E.check("COMFY_TIMEOUT_S", cfg.comfy_timeout_s)
     E.check("IMG2IMG_PORT", cfg.port)
+    urls = tuple(u.rstrip("/") for u in (cfg.comfy_api_urls or (cfg.comfy_api_url,)))
     return dataclasses.replace(
         cfg,
-        comfy_api_url=cfg.comfy_api_url.rstrip("/"),
+        comfy_api_url=urls[0],
+        comfy_api_urls=urls,
         public_base_url=cfg.public_base_url.rstrip("/"),
         comfyui_input_dir=Path(input_dir) if input_dir is not None else None,
         comfyui_output_dir=Path(output_dir) if output_dir is not None else None,

@@ -16,6 +16,7 @@ from flask_cors import CORS
 
 from dreamlayer import PROJECT_ROOT
 from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.pool import Backend, BackendPool
 from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
@@ -106,13 +107,16 @@ def served_image(filename):
 
 @bp.get("/health")
 def health():
-    client = service().client
+    svc = service()
+    client = svc.client
     up = client.is_up()
     comfyui = {"url": client.base_url, "reachable": up, **demo_health_fields(current_app.config["IMG2IMG"].demo)}
     if not up:
         comfyui["hint"] = unreachable_hint(client.base_url)
-    return jsonify({"status": "ok", "service": "img2img", "active_generations": len(service().active),
-                    "comfyui": comfyui})
+    body = {"status": "ok", "service": "img2img", "active_generations": len(svc.active), "comfyui": comfyui}
+    if len(svc.pool) > 1:
+        body["backends"] = svc.pool.health()
+    return jsonify(body)
 
 
 @bp.get("/openapi.json")
@@ -146,6 +150,16 @@ def _require_api_key(app: Flask, key: str) -> None:
         return None
 
 
+def backend_pool(config: Config, primary) -> BackendPool:
+    """The ComfyUI backends of COMFY_API_URL. The shared folders (COMFYUI_DIR, ...) belong to the
+    first; the others get their inputs over HTTP (into ComfyUI's temp folder) and outputs over
+    GET /view. With several, each holds at most COMFY_PROMPTS_PER_BACKEND (default 1) prompts."""
+    backends = [Backend(config.comfy_api_url, primary, config.comfyui_input_dir, config.comfyui_output_dir)]
+    backends += [Backend(url, comfy_client.ComfyClient(url)) for url in config.comfy_api_urls[1:]]
+    slots = config.prompts_per_backend or (1 if len(backends) > 1 else None)
+    return BackendPool(backends, slots=slots).start()
+
+
 def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient | None = None) -> Flask:
     """Build the app. Tests pass their own Config (directories, ComfyUI address); without one
     (a WSGI server importing the app) it is read from the environment now."""
@@ -159,7 +173,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
                       MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
-    service = Img2ImgService(config, client, ServedImages(config.served_images_dir))
+    service = Img2ImgService(config, client, ServedImages(config.served_images_dir), backend_pool(config, client))
     app.extensions["img2img"] = service
     app.extensions["img2img_jobs"] = JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s,
                                               max_kept=config.jobs_kept)

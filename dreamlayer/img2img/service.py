@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from dreamlayer.comfyui.client import ComfyClient
-from dreamlayer.comfyui.errors import ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected
+from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected, ComfyTimeout,
+                                       ComfyUnreachable)
+from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
 from dreamlayer.img2img import inpainting, mask_shaping, planning
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow
@@ -46,39 +48,49 @@ class ActiveRuns:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._runs: dict = {}  # run_id -> {"prompt_id": str|None, "cancelled": bool}
+        self._runs: dict = {}  # run_id -> {"prompt_id": str|None, "client": ComfyClient|None, "cancelled": bool}
 
     def start(self, run_id: str) -> None:
         with self._lock:
-            self._runs.setdefault(run_id, {"prompt_id": None, "cancelled": False})
+            self._runs.setdefault(run_id, {"prompt_id": None, "client": None, "cancelled": False})
 
     def finish(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
 
-    def set_prompt(self, run_id: str, prompt_id: str | None) -> bool:
-        """Record the prompt now running for run_id; False if the run was cancelled meanwhile."""
+    def set_prompt(self, run_id: str, prompt_id: str | None, client=None) -> bool:
+        """Record the prompt now running for run_id (and the backend's client that runs it);
+        False if the run was cancelled meanwhile."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 return False
-            run["prompt_id"] = prompt_id
+            run["prompt_id"], run["client"] = prompt_id, client
             return not run["cancelled"]
+
+    def prompt_of(self, prompt_id: str):
+        """The client of the backend running ``prompt_id``, or None."""
+        with self._lock:
+            for run in self._runs.values():
+                if run["prompt_id"] == prompt_id:
+                    return run["client"]
+        return None
 
     def cancelled(self, run_id: str) -> bool:
         with self._lock:
             run = self._runs.get(run_id)
             return bool(run and run["cancelled"])
 
-    def cancel(self, run_id: str) -> str | None:
+    def cancel(self, run_id: str) -> tuple:
         """Mark one run cancelled (it may not have queued anything yet: then it never will);
-        returns the prompt it is running. Unknown (finished) runs are left alone."""
+        returns (prompt it is running, client of its backend), or (None, None). Unknown
+        (finished) runs are left alone."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
-                return None
+                return None, None
             run["cancelled"] = True
-            return run["prompt_id"]
+            return run["prompt_id"], run["client"]
 
     def cancel_all(self) -> list:
         """Mark every run cancelled; returns the prompt ids of those not cancelled before."""
@@ -88,7 +100,7 @@ class ActiveRuns:
                 run["cancelled"] = True
             # runs cancelled before were already taken care of: never cancel a prompt twice, as a
             # second global /interrupt could stop whatever ComfyUI runs next
-            return [r["prompt_id"] for r in fresh if r["prompt_id"]]
+            return [(r["prompt_id"], r["client"]) for r in fresh if r["prompt_id"]]
 
     def __len__(self):
         with self._lock:
@@ -132,13 +144,40 @@ class Listener:
 
 
 class Img2ImgService:
-    def __init__(self, config, client: ComfyClient, served: ServedImages):
+    def __init__(self, config, client: ComfyClient, served: ServedImages, pool: BackendPool | None = None):
         self.config = config
-        self.client = client
+        self.pool = pool or BackendPool([Backend(client.base_url, client, config.comfyui_input_dir,
+                                                 config.comfyui_output_dir)], slots=config.prompts_per_backend)
+        #: The backend whose object_info says which models and nodes exist: the first one, or
+        #: with several, the first that answers (all are expected to hold the same models).
+        self._catalog = self.pool.primary
         self.served = served
         self.active = ActiveRuns()
         self._last_refresh = float("-inf")
         self._warned_output_dir = False
+
+    @property
+    def client(self) -> ComfyClient:
+        """The client of the catalog backend (see _catalog)."""
+        return self._catalog.client
+
+    def _check_catalog(self) -> None:
+        """With several backends, make sure the catalog comes from one that answers: the first
+        in rotation, in the order of COMFY_API_URL. One backend: its error is the answer."""
+        if len(self.pool) == 1:
+            return
+        order = sorted(enumerate(self.pool.backends), key=lambda ib: (not ib[1].reachable, ib[0]))
+        error = None
+        for _, backend in order:
+            try:
+                backend.client.object_info()
+            except ComfyUnreachable as exc:
+                self.pool.mark_down(backend, str(exc))
+                error = error or exc
+                continue
+            self._catalog = backend
+            return
+        raise error
 
     # -- choices that depend on the ComfyUI server ------------------------------------------
     #: Names that may have been installed in ComfyUI after we cached its object_info.
@@ -217,6 +256,7 @@ class Img2ImgService:
             keep = mask.image
         control_images = [self._control_image(unit) for unit in params.controlnet_units]
         source, keep, control_images, params = self._shape(params, image.image, keep, control_images, warnings)
+        self._check_catalog()
         params = self._resolve(params)
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
             warnings.append(f"denoising_strength {params.denoising_strength:g} was raised to 1.0: inpaint_mode "
@@ -240,23 +280,28 @@ class Img2ImgService:
         run_id = run_id or uuid.uuid4().hex
         gen_image, gen_keep = inpainting.prepare(job.image, job.keep, plan)
         self.active.start(run_id)
+        tried: list = []
         try:
-            with InputStager(self.client, self.config.comfyui_input_dir) as stager:
-                image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
-                mask_ref = None
-                if gen_keep is not None:
-                    weight = None
-                    if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
-                        weight = inpainting.paste_weight(job.keep, plan)
-                    mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep, weight))
-                units = []
-                for i, (unit, control) in enumerate(zip(params.controlnet_units, job.control_images)):
-                    ref = None
-                    if control is not None:
-                        shaped = inpainting.prepare_extra(control, job.image.size, plan)
-                        ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
-                    units.append({**unit, "image": ref})
-                batches = self._run_batches(job, run_id, listener, image_ref, mask_ref, units)
+            while True:
+                try:
+                    # a retry never goes back to a backend already tried
+                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried) as backend:
+                        tried.append(backend)
+                        batches = self._execute_on(backend, job, run_id, listener, gen_image, gen_keep)
+                    break
+                except NoBackendLeft:
+                    raise ApiError("No ComfyUI backend is left in rotation (none answers): "
+                                   + ", ".join(b.url for b in self.pool.backends), code="no_backend_available",
+                                   status=503) from None
+                except TimeoutError:
+                    raise ComfyTimeout(self.config.comfy_timeout_s, f"No ComfyUI backend became free within "
+                                       f"{self.config.comfy_timeout_s:g}s (COMFY_TIMEOUT_S)") from None
+                except ComfyUnreachable as exc:
+                    self.pool.mark_down(tried[-1], str(exc))
+                    if len(self.pool) == 1 or len(tried) > 1 or self.active.cancelled(run_id):
+                        raise
+                    log.warning("run %s: ComfyUI backend %s is unreachable; retrying once on another "
+                                "backend", run_id, tried[-1].url)
         finally:
             self.active.finish(run_id)
         if not batches.outputs:
@@ -278,7 +323,28 @@ class Img2ImgService:
             "workflow": batches.workflows[0],
         }
 
-    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units) -> Batches:
+    def _execute_on(self, backend, job: Prepared, run_id, listener, gen_image, gen_keep) -> Batches:
+        """Stage the inputs on one backend and run every batch there; inputs are removed
+        whatever happens."""
+        params, plan = job.params, job.plan
+        with InputStager(backend.client, backend.input_dir) as stager:
+            image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
+            mask_ref = None
+            if gen_keep is not None:
+                weight = None
+                if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
+                    weight = inpainting.paste_weight(job.keep, plan)
+                mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep, weight))
+            units = []
+            for i, (unit, control) in enumerate(zip(params.controlnet_units, job.control_images)):
+                ref = None
+                if control is not None:
+                    shaped = inpainting.prepare_extra(control, job.image.size, plan)
+                    ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
+                units.append({**unit, "image": ref})
+            return self._run_batches(job, run_id, listener, image_ref, mask_ref, units, backend)
+
+    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, backend) -> Batches:
         """One ComfyUI run per batch_count (seed + i). On failure the images already served are
         removed: the client gets an error and never learns their URLs."""
         params, finishing = job.params, _finishing(job.plan, job.keep)
@@ -294,10 +360,10 @@ class Img2ImgService:
                     raise ApiError(f"Could not build the workflow: {exc}", code="workflow_error",
                                    status=400) from None
                 batches.workflows.append(workflow)
-                result = self._run(run_id, workflow, index, listener)
+                result = self._run(run_id, workflow, index, listener, backend.client)
                 batches.prompt_ids.append(result.prompt_id)
                 for image in result.images:  # one at a time: if one fails, those before it are removed
-                    batches.outputs.append(self._serve(run_id, index, image, job.image, job.keep, job.plan))
+                    batches.outputs.append(self._serve(run_id, index, image, job, backend))
         except BaseException:
             for output in batches.outputs:
                 self.served.remove(output["filename"])
@@ -354,33 +420,35 @@ class Img2ImgService:
         data = decode_base64_image(unit["input_image"], unit["where"] + ".input_image")
         return decode_image(data, max_pixels=self.config.max_image_pixels).image
 
-    def _run(self, run_id: str, workflow: dict, index: int, listener: Listener):
+    def _run(self, run_id: str, workflow: dict, index: int, listener: Listener, client):
         if self.active.cancelled(run_id):
             raise ComfyInterrupted(message="The generation was interrupted")
 
         def on_queued(prompt_id):
-            if not self.active.set_prompt(run_id, prompt_id):
+            if not self.active.set_prompt(run_id, prompt_id, client):
                 # cancelled between queueing and now: cancel what we just queued
-                self.client.cancel(prompt_id)
+                client.cancel(prompt_id)
             listener.queued(prompt_id, index)
 
         try:
-            return self.client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
-                                   on_progress=listener.progress)
+            return client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
+                              on_progress=listener.progress)
         except ComfyRejected:
             # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
             # the next request is checked against what ComfyUI really has.
             try:
-                self.client.object_info(refresh=True)
+                client.object_info(refresh=True)
+                if client is not self.client:
+                    self.client.object_info(refresh=True)
             except ComfyError:
                 pass
             raise
         finally:
             self.active.set_prompt(run_id, None)
 
-    def _serve(self, run_id: str, index: int, image, original, keep, plan) -> dict:
+    def _serve(self, run_id: str, index: int, image, job: Prepared, backend) -> dict:
         """Download one output, map it back onto the original (see inpainting.py), serve it."""
-        data = inpainting.finish_png(self._output_bytes(image), original, keep, plan)
+        data = inpainting.finish_png(self._output_bytes(image, backend), job.image, job.keep, job.plan)
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]
@@ -389,10 +457,10 @@ class Img2ImgService:
         return {"filename": name, "url": f"{self.config.public_base_url}/images/{name}",
                 "type": "output", "subfolder": ""}
 
-    def _output_bytes(self, image) -> bytes:
+    def _output_bytes(self, image, backend) -> bytes:
         """One output file of ComfyUI: read from its output folder when this machine shares it
         (COMFYUI_OUTPUT_DIR / COMFYUI_DIR), else downloaded with GET /view."""
-        folder = self.config.comfyui_output_dir
+        folder = backend.output_dir
         if folder is not None and image.type == "output":
             path = output_file(folder, image.subfolder, image.filename)
             if path is not None:
@@ -404,19 +472,18 @@ class Img2ImgService:
                 self._warned_output_dir = True
                 log.warning("ComfyUI output %r is not in %s; downloading outputs instead (is COMFYUI_OUTPUT_DIR "
                             "ComfyUI's output folder?)", image.filename, folder)
-        return self.client.view(image)
+        return backend.client.view(image)
 
     def cancel_run(self, run_id: str) -> str:
         """Cancel one run: "removed" / "interrupted" on ComfyUI, or "not_found" (not queued yet
         or already finished: a run not yet queued will not queue)."""
-        prompt_id = self.active.cancel(run_id)
-        return self.client.cancel(prompt_id) if prompt_id else "not_found"
+        prompt_id, client = self.active.cancel(run_id)
+        return client.cancel(prompt_id) if prompt_id else "not_found"
 
     def interrupt(self) -> dict:
         """Stop every generation of this service (queued or running) — and nobody else's."""
-        prompt_ids = self.active.cancel_all()
         outcomes = {}
-        for prompt_id in prompt_ids:
-            outcomes[prompt_id] = self.client.cancel(prompt_id)
+        for prompt_id, client in self.active.cancel_all():
+            outcomes[prompt_id] = client.cancel(prompt_id)
         return {"status": "success", "interrupted": [p for p, o in outcomes.items() if o != "not_found"],
                 "outcomes": outcomes}

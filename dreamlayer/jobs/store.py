@@ -203,8 +203,9 @@ class JobStore:
 
     def _queue_position(self, prompt_id: str):
         """0 = running, n = n-th pending in ComfyUI's queue, None = not in it."""
+        client = self.service.active.prompt_of(prompt_id) or self.service.client  # the job's backend
         try:
-            queue = self.service.client.get_queue()
+            queue = client.get_queue()
         except ComfyError:
             return None
         if any(item[1] == prompt_id for item in queue.get("queue_running") or []):

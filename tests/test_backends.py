@@ -1,0 +1,181 @@
+"""Several ComfyUI backends behind one service (COMFY_API_URL with a comma-separated list): two real
+fake ComfyUI servers on loopback, the real app, requests over the test client or real HTTP."""
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from dreamlayer.comfyui.fake import FakeComfyUI
+from dreamlayer.img2img.app import create_app
+from images import box_mask, gradient, png
+from service_fixtures import LiveServer
+from waiting import wait_until
+
+PARAMS = {"prompt": "a red cube", "steps": 2, "seed": 5, "denoising_strength": 0.5}
+
+
+@pytest.fixture
+def second(tmp_path):
+    fake = FakeComfyUI(tmp_path / "comfy-b")
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def two(service_config, fake_comfy, second):
+    """An app whose backends are fake_comfy (shared disk, as COMFYUI_DIR) and ``second`` (HTTP)."""
+    app = create_app(service_config.replace(comfy_api_urls=(fake_comfy.url, second.url)))
+    yield app
+    app.extensions["img2img"].pool.close()
+
+
+def post(client, params=None, mask=False):
+    data = {"params": json.dumps({**PARAMS, **(params or {})}), "image": (io.BytesIO(png(gradient(32, 32))), "i.png")}
+    if mask:
+        data["mask"] = (io.BytesIO(png(box_mask((32, 32), (8, 8, 24, 24)))), "m.png")
+    return client.post("/api/img2img", data=data, content_type="multipart/form-data")
+
+
+def backends(client):
+    return {b["url"]: b for b in client.get("/health").get_json()["backends"]}
+
+
+def test_config_lists_backends_and_the_first_is_the_primary(service_config, fake_comfy, second):
+    cfg = service_config.replace(comfy_api_urls=(fake_comfy.url, second.url + "/"))
+    assert cfg.comfy_api_url == fake_comfy.url and cfg.comfy_api_urls == (fake_comfy.url, second.url)
+    assert cfg.replace(comfy_api_url=second.url).comfy_api_urls == (second.url,)
+
+
+def test_work_waits_in_the_service_and_takes_the_first_backend_that_frees(two, fake_comfy, second):
+    """One prompt per backend (the default with several): a third request neither queues behind
+    a busy ComfyUI nor lets a backend idle; it runs where the first slot frees up."""
+    client = two.test_client()
+    fake_comfy.hang_next()
+    second.hang_next()
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(post, client)
+        wait_until(fake_comfy.running_prompt_id, what="the first request to run on backend A")
+        blocked = pool.submit(post, client)
+        wait_until(second.running_prompt_id, what="the second request to run on backend B")
+        third = pool.submit(post, client, {"seed": 6})
+        wait_until(lambda: backends(client)[fake_comfy.url]["busy"] == 1 and not third.done(), what="three in flight")
+        assert len(fake_comfy.prompts) == 1 and len(second.prompts) == 1  # the third waits in the service
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)  # A frees up
+        assert first.result(timeout=30).status_code == 409
+        done = third.result(timeout=30)
+        assert done.status_code == 200, done.get_json()
+        assert len(fake_comfy.prompts) == 2 and len(second.prompts) == 1  # the third ran on A
+        requests.post(f"{second.url}/interrupt", timeout=5)
+        assert blocked.result(timeout=30).status_code == 409
+    health = backends(client)
+    assert [health[u]["busy"] for u in (fake_comfy.url, second.url)] == [0, 0]
+    assert health[fake_comfy.url]["jobs_done"] == 1 and health[fake_comfy.url]["jobs_failed"] == 1
+
+
+def test_a_backend_that_does_not_answer_is_skipped_and_put_back_when_it_answers(two, fake_comfy, second):
+    client = two.test_client()
+    second.refuse_connections()
+    for seed in range(1, 5):  # every request succeeds, some after a retry on the other backend
+        resp = post(client, {"seed": seed})
+        assert resp.status_code == 200, resp.get_json()
+    assert second.prompts == [] and len(fake_comfy.prompts) == 4
+    assert backends(client)[second.url]["reachable"] is False
+    second.accept_connections()
+    wait_until(lambda: backends(client)[second.url]["reachable"], what="the prober to put B back")
+    wait_until(lambda: post(client, {"seed": 9}).status_code == 200 and second.prompts, what="B to take work")
+
+
+def test_a_backend_dying_mid_job_is_retried_once_on_another(two, fake_comfy, second):
+    client = two.test_client()
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(post, client)
+        wait_until(fake_comfy.running_prompt_id, what="A to be busy")
+        second.hang_next()
+        moved = pool.submit(post, client, {"seed": 7}, True)
+        wait_until(second.running_prompt_id, what="the job to run on B")
+        second.die()
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)  # A frees up for the retry
+        assert holder.result(timeout=60).status_code == 409
+        resp = moved.result(timeout=60)
+    assert resp.status_code == 200, resp.get_json()
+    assert len(fake_comfy.prompts) == 2  # the retry ran on A
+    health = backends(client)
+    assert health[second.url]["reachable"] is False and health[second.url]["jobs_failed"] == 1
+
+
+def test_no_backend_left_is_a_distinct_503_and_the_service_recovers(two, fake_comfy, second):
+    client = two.test_client()
+    fake_comfy.refuse_connections()
+    second.hang_next()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(post, client)
+        wait_until(second.running_prompt_id, what="the job to run on B (A does not answer)")
+        second.die()  # and A is out of rotation: nowhere left to retry
+        resp = job.result(timeout=60)
+    assert resp.status_code == 503 and resp.get_json()["code"] == "no_backend_available", resp.get_json()
+    assert fake_comfy.url in resp.get_json()["message"] and second.url in resp.get_json()["message"]
+    both_down = post(client)
+    assert both_down.status_code == 503 and both_down.get_json()["code"] in ("comfyui_unreachable",
+                                                                            "no_backend_available")
+    fake_comfy.accept_connections()
+    wait_until(lambda: post(client).status_code == 200, what="the service to use A again")
+
+
+def test_a_backend_without_shared_disk_gets_its_inputs_in_comfyuis_temp_folder(two, fake_comfy, second):
+    client = two.test_client()
+    fake_comfy.refuse_connections()  # every run goes to B
+    resp = post(client, mask=True)
+    assert resp.status_code == 200, resp.get_json()
+    names = [n["inputs"]["image"] for n in resp.get_json()["workflow"].values()
+             if n["class_type"] in ("LoadImage", "LoadImageMask")]
+    assert names and all(n.endswith(" [temp]") for n in names)
+    assert list(second.input_dir.rglob("*.png")) == []
+    assert len(list(second.temp_dir.rglob("img2img_*.png"))) == 2
+    image = resp.get_json()["comfy_response"]["generated_images"][0]["filename"]
+    assert client.get("/images/" + image).status_code == 200  # read over GET /view from B
+
+
+def test_cancel_reaches_only_the_backend_running_the_job(service_config, fake_comfy, second, server_socket):
+    app = create_app(service_config.replace(comfy_api_urls=(fake_comfy.url, second.url)))
+    server = LiveServer(app, server_socket).start()
+    try:
+        fake_comfy.hang_next()
+        second.hang_next()
+        jobs = []
+        for seed in (1, 2):
+            resp = requests.post(f"{server.url}/api/img2img", files={"image": ("i.png", png(gradient(32, 32)))},
+                                 data={"params": json.dumps({**PARAMS, "seed": seed, "async": True})}, timeout=10)
+            assert resp.status_code == 202, resp.text
+            jobs.append(resp.json())
+        wait_until(lambda: fake_comfy.running_prompt_id() and second.running_prompt_id(), what="both running")
+        on_b = [j for j in jobs if requests.get(j["status_url"], timeout=5).json().get("prompt_id")
+                == second.running_prompt_id()]
+        assert len(on_b) == 1
+        requests.post(on_b[0]["cancel_url"], timeout=10)
+        wait_until(lambda: requests.get(on_b[0]["status_url"], timeout=5).json()["status"] == "cancelled",
+                   what="the job on B to be cancelled")
+        assert second.interrupt_count >= 1 and fake_comfy.interrupt_count == 0
+        assert fake_comfy.running_prompt_id() is not None  # A's job runs on
+        answer = requests.post(f"{server.url}/api/img2img/interrupt", json={}, timeout=10).json()
+        assert fake_comfy.interrupt_count == 1 and answer["cancelled_jobs"]
+    finally:
+        server.stop()
+        app.extensions["img2img"].pool.close()
+
+
+def test_one_backend_keeps_comfyuis_own_queue(client, fake_comfy):
+    """One URL: unchanged. No cap in the service: a second prompt queues on ComfyUI at once."""
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, client)
+        wait_until(fake_comfy.running_prompt_id, what="the first to run")
+        second = pool.submit(post, client, {"seed": 8})
+        wait_until(lambda: len(fake_comfy.prompts) == 2, what="the second to queue on ComfyUI")
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
+        assert first.result(timeout=30).status_code == 409
+        assert second.result(timeout=30).status_code == 200
+    assert "backends" not in client.get("/health").get_json()
