@@ -295,3 +295,16 @@ def test_port_0_lets_the_system_choose_and_the_log_names_the_port(tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_the_package_never_imports_from_the_tests():
+    """The package runs from a clone without tests/ on the path (the service, the demo)."""
+    import ast
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests", "corpus"}
+    offenders = []
+    for path in (ROOT / "dreamlayer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in test_modules]
+    assert offenders == []

@@ -204,3 +204,21 @@ def test_soft_inpainting_and_a_threshold_contradict_each_other(client, fake_comf
     error(post(client, {"soft_inpainting": True, "mask_threshold": 128}, mask=box_mask((W, H), BOX)),
           400, "unsupported_combination")
     assert fake_comfy.prompts == []
+
+
+def test_outpaint_pads_a_controlnet_units_own_image_like_the_input(app, client, fake_comfy):
+    """The unit's image (any size) is resized to the input and padded alike, so the control
+    lines up with the padded canvas; the request runs end to end."""
+    from dreamlayer.img2img.service import Img2ImgRequest
+    hint = Image.new("RGB", (32, 24), (10, 200, 30))
+    data_url = "data:image/png;base64," + base64.b64encode(png(hint)).decode()
+    params = {"prompt": "p", "steps": 2, "seed": 5, "outpaint": {"left": 8, "bottom": 16},
+              "controlnet": {"enabled": True, "units": [{"enabled": True, "model": "tiny-controlnet-random.safetensors",
+                                                         "preprocessor": "none", "input_image": data_url}]}}
+    prepared = app.extensions["img2img"].prepare(Img2ImgRequest(png(gradient(W, H)), None, params))
+    (control,) = prepared.control_images
+    assert control.size == prepared.image.size == (W + 8, H + 16)
+    assert control.getpixel((0, 0)) == control.getpixel((8, 0)) == (10, 200, 30)  # the edge stretched out
+    (img,), body = images(client, post(client, {k: v for k, v in params.items() if k != "prompt"}))
+    assert img.shape == (H + 16, W + 8, 3) and "ControlNetApplyAdvanced" in classes(body)
+    assert leftovers(fake_comfy) == []
