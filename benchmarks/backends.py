@@ -13,7 +13,6 @@ with 4.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
