@@ -808,3 +808,17 @@ def test_history_of_a_run_falls_back_to_the_announced_outputs_when_comfyui_is_go
     fake_comfy.die()
     assert result.history["outputs"] == {"9": {"images": [
         {"filename": i.filename, "subfolder": i.subfolder, "type": i.type} for i in result.images]}}
+
+
+def test_sockets_are_closed_and_spares_opened_by_one_reused_worker(fake_comfy, client):
+    """No thread is started per run (Thread.start() on the run's path cost ~2 ms); the worker
+    ends when the client is closed."""
+    workers = set()
+    for i in range(3):
+        client.run(workflow(fake_comfy, prefix=f"worker{i}"), timeout=WAIT)
+        workers.add(client.sockets._worker)
+    assert len(workers) == 1 and None not in workers
+    (worker,) = workers
+    _spare_ready(client)
+    client.close()
+    wait_until(lambda: not worker.is_alive(), what="the socket worker to end after close()")

@@ -4,11 +4,13 @@ Opening one costs a round trip and a handshake (about 1.5 ms on loopback), so af
 pool opens the next run's socket in the background and keeps it as a spare, one at most. A run
 takes the spare, emptied of what it heard while idle, or opens a socket of its own. Sockets are
 closed in the background too: the close handshake waits for ComfyUI's answer, which concerns no
-caller.
+caller. One long-lived worker thread does that background work: starting a thread per run cost
+the run about 2 ms (Thread.start() waits until the new thread is scheduled).
 """
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import threading
 import time
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 class SocketPool:
     """Hands out run sockets and keeps the spare; thread-safe."""
 
+    #: The background worker ends after this many idle seconds.
+    IDLE_S = 5.0
+
     def __init__(self, base_url: str, *, connect_timeout: float, spare: bool = True):
         self.base_url = base_url
         self.connect_timeout = connect_timeout
@@ -31,6 +36,8 @@ class SocketPool:
         self._lock = threading.Lock()
         self._opening = False
         self._closed = False
+        self._chores: queue.SimpleQueue = queue.SimpleQueue()  # (ws to close, open a spare?)
+        self._worker = None
 
     def url(self, client_id: str) -> str:
         parts = urlsplit(self.base_url)
@@ -68,8 +75,30 @@ class SocketPool:
         with self._lock:
             open_spare = self.spare and not self._closed and self._spare is None and not self._opening
             self._opening = self._opening or open_spare
-        threading.Thread(target=self._close_and_replace, args=(ws, open_spare), name="comfy-spare-ws",
-                         daemon=True).start()
+            # under the lock: the worker decides to end under it too, so no chore is left behind
+            self._chores.put((ws, open_spare))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="comfy-spare-ws", daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        """Close sockets and open spares, in order; ends after IDLE_S without work (or at
+        close()), and release() starts a new one when needed."""
+        while True:
+            try:
+                chore = self._chores.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._chores.empty():
+                        self._worker = None
+                        return
+                continue
+            if chore is None:  # close()
+                return
+            try:
+                self._close_and_replace(*chore)
+            except Exception:  # pragma: no cover - the worker must outlive any one socket
+                log.exception("spare WebSocket chore failed")
 
     def _close_and_replace(self, ws, open_spare: bool) -> None:
         _close_quietly(ws)
@@ -93,6 +122,9 @@ class SocketPool:
         with self._lock:
             self._closed = True
             spare, self._spare = self._spare, None
+            if self._worker is not None:
+                self._chores.put(None)  # the worker ends once the chores before it are done
+                self._worker = None
         if spare is not None:
             _close_quietly(spare[1])
 
