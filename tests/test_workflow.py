@@ -186,3 +186,17 @@ def test_the_top_level_entry_point_re_exports_the_public_api():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "dreamlayer.img2img.workflow"
+
+
+def test_copy_workflow_shares_nothing_an_edit_can_reach():
+    from dreamlayer.img2img.graph import copy_workflow
+    wf = {"1": {"class_type": "A", "inputs": {"x": ["2", 0], "n": 3, "opts": {"deep": [1, 2]}},
+                "_meta": {"title": "t"}}, "2": {"class_type": "B", "inputs": {}}}
+    out = copy_workflow(wf)
+    assert out == wf
+    out["1"]["inputs"]["x"][0] = "9"
+    out["1"]["inputs"]["opts"]["deep"].append(3)
+    out["1"]["_meta"]["title"] = "changed"
+    out["2"]["inputs"]["new"] = 1
+    assert wf == {"1": {"class_type": "A", "inputs": {"x": ["2", 0], "n": 3, "opts": {"deep": [1, 2]}},
+                        "_meta": {"title": "t"}}, "2": {"class_type": "B", "inputs": {}}}

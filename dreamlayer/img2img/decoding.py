@@ -2,9 +2,8 @@
 tiled VAE encode / decode, and face restoration. Pure workflow edits (dict in, new dict out)."""
 from __future__ import annotations
 
-import copy
 
-from dreamlayer.img2img.graph import add_node, consumers, is_link, nodes_of, relink
+from dreamlayer.img2img.graph import add_node, consumers, copy_workflow, is_link, nodes_of, relink
 
 #: ComfyUI's defaults for the video-only inputs of the tiled VAE nodes (ignored by image VAEs).
 TEMPORAL = {"temporal_size": 64, "temporal_overlap": 8}
@@ -14,7 +13,7 @@ FACE_DETECTOR = "retinaface_resnet50"
 
 def apply_vae_override(workflow: dict, vae_name: str) -> dict:
     """One VAELoader feeding every encode and decode that used a checkpoint's own VAE."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     loader = add_node(wf, "VAELoader", {"vae_name": vae_name})
     for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
         relink(wf, [ckpt, 2], [loader, 0])
@@ -26,7 +25,7 @@ def apply_tiled_vae(workflow: dict, *, tile_size: int, overlap: int) -> tuple:
 
     Returns (workflow, untiled): ComfyUI has no tiled VAEEncodeForInpaint, so inpainting's "fill"
     encode stays as it is; ``untiled`` lists those node ids so the caller can say so."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     for nid in nodes_of(wf, "VAEEncode"):
         wf[nid] = {"class_type": "VAEEncodeTiled",
                    "inputs": {**wf[nid]["inputs"], "tile_size": tile_size, "overlap": overlap, **TEMPORAL}}
@@ -40,7 +39,7 @@ def apply_face_restore(workflow: dict, *, model_name: str, fidelity: float, blen
     """Restore faces in every decoded image before anything else uses it (facerestore_cf's
     FaceRestoreModelLoader + FaceRestoreCFWithModel). ``blend`` (GFPGAN's visibility in A1111)
     mixes the restored image over the decoded one with ImageBlend; None = the restored image."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     loader = None
     for did in nodes_of(wf, "VAEDecode", "VAEDecodeTiled"):
         users = consumers(wf, did, 0)

@@ -5,10 +5,9 @@ they come after LoRAs and ControlNets are chained in (and see the same model and
 """
 from __future__ import annotations
 
-import copy
 import math
 
-from dreamlayer.img2img.graph import add_node, is_link, nodes_of, relink
+from dreamlayer.img2img.graph import add_node, copy_workflow, is_link, nodes_of, relink
 
 #: KSamplerAdvanced's end_at_step for "to the end" (ComfyUI's own default).
 TO_THE_END = 10000
@@ -34,7 +33,7 @@ def apply_refiner(workflow: dict, *, refiner_model: str, switch_at: float, promp
     with its own checkpoint and the prompts encoded by its own CLIP (A1111's refiner). LoRAs and
     ControlNets stay on the base model: they are made for it, not for the refiner.
     """
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     refiner = None
     for sid in nodes_of(wf, "KSampler"):
         s = wf[sid]["inputs"]
@@ -106,7 +105,7 @@ def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denois
     KSampler uses the first pass's model, conditioning, sampler, scheduler and cfg, ``steps`` and
     ``denoise``; an inpainting mask limits it to the masked area as in the first pass.
     """
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     masks = [wf[n]["inputs"]["mask"] for n in nodes_of(wf, "SetLatentNoiseMask", "VAEEncodeForInpaint")]
     width, height = size
     for did in nodes_of(wf, "VAEDecode", "VAEDecodeTiled"):

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from dreamlayer import PROJECT_ROOT
 from dreamlayer.img2img import decoding, passes
-from dreamlayer.img2img.graph import (add_node, consumers, is_link, linked, nodes_of,  # noqa: F401
+from dreamlayer.img2img.graph import (add_node, consumers, copy_workflow, is_link, linked, nodes_of,  # noqa: F401
                                      relink, upstream)
 
 TEMPLATE_DIR = PROJECT_ROOT / "workflows" / "img2img"
@@ -47,7 +47,7 @@ def transform_to_img2img_workflow(params, *, image_name: str, filename_prefix: s
 
     ``params`` is a resolved GenerationParams (model, sampler and scheduler already checked).
     """
-    wf = copy.deepcopy(template) if template is not None else load_template()
+    wf = copy_workflow(template) if template is not None else load_template()
     samplers = nodes_of(wf, *SAMPLER_CLASSES)
     if not samplers:
         raise WorkflowError("the workflow has no KSampler")
@@ -101,7 +101,7 @@ def text_encoder_for(workflow: dict, link, role: str, _depth: int = 0):
 
 def set_batch_size(workflow: dict, batch_size: int) -> dict:
     """Set RepeatLatentBatch amounts, or insert one after the input image's encode when needed."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     repeats = nodes_of(wf, "RepeatLatentBatch")
     for nid in repeats:
         wf[nid]["inputs"]["amount"] = batch_size
@@ -125,7 +125,7 @@ def input_image_loaders(workflow: dict) -> list:
 
 def apply_clip_skip(workflow: dict, clip_skip: int) -> dict:
     """Insert CLIPSetLastLayer after each checkpoint's CLIP output (AUTOMATIC1111's clip skip)."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
         users = consumers(wf, ckpt, 1)
         if not users:
@@ -148,7 +148,7 @@ def inject_mask_into_workflow(workflow: dict, mask_name: str, *, grow_mask_by: i
     """
     if mode not in ("fill", "original"):
         raise WorkflowError(f"unknown inpaint mode {mode!r}")
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     encoders = [eid for eid in nodes_of(wf, "VAEEncode")
                 if upstream(wf, linked(wf, eid, "pixels") or "", ("LoadImage",))]
     if not encoders:
@@ -231,7 +231,7 @@ def apply_inpaint_conditioning(workflow: dict) -> dict:
 
     Left as it is (documented): a tiled encode (InpaintModelConditioning encodes untiled) and
     samplers fed by one latent with different conditioning."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     for sid in nodes_of(wf, "SetLatentNoiseMask"):
         if sid not in wf:
             continue
@@ -261,7 +261,7 @@ def apply_differential_diffusion(workflow: dict) -> dict:
     """Soft inpainting: every sampler's model goes through DifferentialDiffusion, which turns the
     noise mask's grey levels into per-pixel strengths (ComfyUI's answer to A1111's soft
     inpainting). One node per distinct model link."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     patched: dict = {}
     for sid in nodes_of(wf, *SAMPLER_CLASSES):
         model = wf[sid]["inputs"].get("model")
@@ -302,7 +302,7 @@ def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | Non
 def resize_latent(workflow: dict, size: tuple) -> dict:
     """Resize mode 3, "Just resize (latent upscale)": every sampler's input latent is stretched to
     ``size`` (LatentUpscale, bilinear; an inpainting noise mask goes along)."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     for sid in nodes_of(wf, *SAMPLER_CLASSES):
         latent = wf[sid]["inputs"]["latent_image"]
         wf[sid]["inputs"]["latent_image"] = [add_node(wf, "LatentUpscale", {
@@ -328,7 +328,7 @@ def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | N
     ((w, h), crop) scale the input and the weights the way the workflow scaled the generation
     (resize mode 3, hires fix) before they are pasted.
     """
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     mask = None
     for sid in nodes_of(wf, "SaveImage"):
         images = wf[sid]["inputs"].get("images")
@@ -356,7 +356,7 @@ def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | N
 def apply_loras(workflow: dict, loras) -> dict:
     """Chain a LoraLoader per entry between each checkpoint and every consumer of its MODEL and
     CLIP. ``loras``: dicts with lora_name, strength_model, strength_clip."""
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     if not loras:
         return wf
     for ckpt in nodes_of(wf, "CheckpointLoaderSimple"):
@@ -391,7 +391,7 @@ def apply_controlnets(workflow: dict, units, *, input_loader: str) -> dict:
     preprocessor ("none" | "canny"), low/high thresholds, union_type (or None), strength,
     start, end.
     """
-    wf = copy.deepcopy(workflow)
+    wf = copy_workflow(workflow)
     if not units:
         return wf
     samplers = nodes_of(wf, *SAMPLER_CLASSES)
