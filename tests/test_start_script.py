@@ -404,3 +404,12 @@ def test_an_answering_comfyui_is_used_not_started(script_runner, fake_comfy, com
     assert not (comfy_install / "started.json").exists()
     assert s.interrupt() == 0
     assert requests.get(f"{fake_comfy.url}/system_stats", timeout=5).status_code == 200
+
+
+def test_supervisor_takes_a_list_of_backends_and_watches_the_first():
+    """COMFY_API_URL with several backends (docs/scaling.md) is handed on unchanged; the launcher
+    probes and (with COMFYUI_DIR) starts only the first."""
+    from dreamlayer.launcher import Plan
+    plan = Plan.from_env(False, {"COMFY_API_URL": "http://127.0.0.1:9991,http://127.0.0.1:9992"})
+    assert plan.dl.comfy_api_url == "http://127.0.0.1:9991"
+    assert plan.img2img.comfy_api_urls == ("http://127.0.0.1:9991", "http://127.0.0.1:9992")
