@@ -179,3 +179,14 @@ def test_one_backend_keeps_comfyuis_own_queue(client, fake_comfy):
         assert first.result(timeout=30).status_code == 409
         assert second.result(timeout=30).status_code == 200
     assert "backends" not in client.get("/health").get_json()
+
+
+def test_health_with_several_backends_matches_the_openapi_document(two):
+    import yaml
+    from pathlib import Path
+    from openapi_schema_validator import validate
+    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml").read_text())
+    schema = {**doc["components"]["schemas"]["Health"], "components": doc["components"]}
+    body = two.test_client().get("/health").get_json()
+    assert [b["shared_disk"] for b in body["backends"]] == [True, False]
+    validate(body, schema)
