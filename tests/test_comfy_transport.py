@@ -141,3 +141,18 @@ def test_a_download_that_breaks_off(answer, reason):
             c.view(OutputImage("9", "out.png", "", "output"))
         c.close()
     assert info.value.reason.startswith(reason), info.value.reason
+
+
+def test_proxy_settings_come_from_the_environment_once(monkeypatch):
+    """HTTP_PROXY / NO_PROXY are honoured as requests would, but read when the client is made,
+    not scanned again on every call."""
+    from dreamlayer.comfyui.http import ComfyHttp
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    far = ComfyHttp("http://comfy.example:8188", connect_timeout=1, read_timeout=1, pool_size=1)
+    assert far._session.proxies.get("http") == "http://proxy.example:3128" and far._session.trust_env is False
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    near = ComfyHttp("http://127.0.0.1:8188", connect_timeout=1, read_timeout=1, pool_size=1)
+    assert "http" not in near._session.proxies
+    monkeypatch.setenv("HTTP_PROXY", "http://other.example:1")  # read once: a later change is not seen
+    assert far._session.proxies.get("http") == "http://proxy.example:3128"

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
@@ -109,13 +110,20 @@ class ServedImages:
         return real
 
 
+@lru_cache(maxsize=64)
+def _real_dir(path: Path) -> Path:
+    """The configured folder, resolved once (an lstat per path component); the file inside it
+    is still resolved on every call."""
+    return path.resolve()
+
+
 def output_file(output_dir: Path, subfolder: str, filename: str) -> Path | None:
     """ComfyUI's output file named by an `executed` / history entry, inside ``output_dir``, or
     None: the names come from ComfyUI, but nothing outside its output folder is ever read (no
     absolute paths, no ``..``, no symlinks leading out)."""
     if not isinstance(filename, str) or not isinstance(subfolder, str) or not filename or "\0" in filename + subfolder:
         return None
-    root = Path(output_dir).resolve()
+    root = _real_dir(Path(output_dir))
     try:
         real = (root / subfolder / filename).resolve(strict=True)
     except (OSError, RuntimeError, ValueError):
