@@ -7,9 +7,9 @@ Prints one JSON line: {"what", "seconds": [...], "peak_bytes", "decoded_bytes", 
 - ``service``: what Img2ImgService.generate() does to the uploads before it hands them to
   ComfyUI, with the service's own functions and a default request's parameters:
   uploads.decode_image, uploads.decode_mask, inpainting.plan, inpainting.prepare,
-  uploads.png_bytes (the image), inpainting.paste_weight and uploads.comfy_mask_png (the mask).
+  png_writer.png_bytes (the image), inpainting.paste_weight and png_writer.comfy_mask_png (the mask).
 - ``pillow``: the floor: Pillow's bare Image.open().load() of both files and a PNG encode of each
-  at the service's compression level (uploads.PNG_COMPRESS_LEVEL), nothing else.
+  at the service's compression level (png_writer.PNG_COMPRESS_LEVEL), nothing else.
 - ``base64``: the extra step of the JSON (frontend) form: uploads.decode_base64_image of both
   data URLs, before the ``service`` step.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 from dreamlayer.img2img import inpainting  # noqa: E402
-from dreamlayer.img2img import uploads  # noqa: E402
+from dreamlayer.img2img import png_writer, uploads  # noqa: E402
 from dreamlayer.config.img2img import Config  # noqa: E402
 from dreamlayer.img2img.params import parse_params  # noqa: E402
 
@@ -65,10 +65,10 @@ def service(image: bytes, mask: bytes) -> tuple:
                            width=params.width, height=params.height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
     gen_image, gen_keep = inpainting.prepare(decoded.image, keep, plan)
-    image_png = len(uploads.png_bytes(gen_image))  # generate() hands each to the stager and drops it
+    image_png = len(png_writer.png_bytes(gen_image))  # generate() hands each to the stager and drops it
     # the whole-image paste-back is done by ComfyUI: the mask file carries its weights too
     weight = inpainting.paste_weight(keep, plan) if plan.paste_back and plan.whole else None
-    mask_png = len(uploads.comfy_mask_png(gen_keep, weight))
+    mask_png = len(png_writer.comfy_mask_png(gen_keep, weight))
     return image_png, mask_png
 
 
@@ -78,7 +78,7 @@ def pillow(image: bytes, mask: bytes) -> tuple:
         im = Image.open(io.BytesIO(data))
         im.load()
         buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=uploads.PNG_COMPRESS_LEVEL)
+        im.save(buf, format="PNG", compress_level=png_writer.PNG_COMPRESS_LEVEL)
         sizes.append(len(buf.getvalue()))
         del im, buf
     return tuple(sizes)
