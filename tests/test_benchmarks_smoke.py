@@ -1,0 +1,32 @@
+"""The benchmarks are not run by the suite (they measure), but they must keep working: a moved
+function once broke P3 unnoticed. These run their cheap parts on tiny inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def test_every_benchmark_module_imports():
+    code = "import run, backends, floor_client, workload, upload_cost, service, fake_server"
+    out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("what", ["service", "pillow", "base64"])
+def test_upload_cost_runs(tmp_path, what):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from workload import write_inputs
+    finally:
+        sys.path.remove(str(BENCH))
+    image, mask = write_inputs(tmp_path, 64)
+    out = subprocess.run([sys.executable, str(BENCH / "upload_cost.py"), "--what", what, "--repeat", "1",
+                          str(image), str(mask)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["what"] == what and len(result["seconds"]) == 1
