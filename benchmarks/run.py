@@ -390,6 +390,8 @@ def print_report(r: dict) -> None:
           + ("results downloaded with GET /view" if r["config"]["view"] else "results read from its output folder"))
     print("added = client-observed request time - the fake's execution time of that prompt (execution_start ->")
     print("        execution_success in its /history), so it includes the fake's own HTTP handling too.")
+    if r.get("burners"):
+        print(f"BUSY: {r['burners']} CPU-burning process(es) ran during P1, P2 and the polling comparison")
     print("NOTE: a noisy 2-core machine shared with other work: the ratios and the differences between rows")
     print("      are what count, not the absolute times.")
     print()
@@ -478,6 +480,8 @@ def main(argv=None) -> int:
     parser.add_argument("--p3-repeat", type=int, default=3)
     parser.add_argument("--skip-p3", action="store_true")
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not figures")
+    parser.add_argument("--burners", type=int, default=0,
+                        help="CPU-burning processes running during the whole benchmark (issue 17's busy tail)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, images)")
     parser.add_argument("--view", action="store_true",
@@ -496,6 +500,8 @@ def main(argv=None) -> int:
     report: dict = {"machine": machine()}
 
     print(f"benchmark: work folder {work} (removed at the end unless --keep)", file=sys.stderr)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)]
+    report["burners"] = args.burners
     fake = Fake(work / "comfyui", args.step_delay, args.history_delay)
     report["config"] = {"steps": args.steps, "step_delay": fake.step_delay, "history_delay": fake.history_delay,
                         "clients": args.clients, "view": args.view}
@@ -536,6 +542,9 @@ def main(argv=None) -> int:
                              "exec_max": max(s.exec_seconds for s in ws + poll)}
     finally:
         fake.stop()
+        for burner in burners:
+            burner.kill()
+            burner.wait()
 
     if not args.skip_p3:
         print("P3 ...", file=sys.stderr)
