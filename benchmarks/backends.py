@@ -26,13 +26,13 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import SERVICE_SCRIPT, Fake, free_port, reap  # noqa: E402
+from run import SERVICE_SCRIPT, Fake, Service, free_port  # noqa: E402
 from workload import JsonBodies, write_inputs  # noqa: E402
 
 TARGETS = {2: 1.9, 4: 3.6}
 
 
-class MultiService:
+class MultiService(Service):
     """The real service with COMFY_API_URL listing every fake; the first shares its disk."""
 
     def __init__(self, fakes: list, work: Path):
@@ -46,21 +46,7 @@ class MultiService:
         self.log = open(work / f"service-{len(fakes)}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, str(SERVICE_SCRIPT)], stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the service did not start; see {self.log.name}")
-            time.sleep(0.05)
-
-    def stop(self):
-        self.proc.terminate()
-        reap(self.proc)
-        self.log.close()
+        self.wait_healthy()
 
 
 def throughput(url: str, bodies: list, clients: int) -> tuple:

@@ -117,11 +117,15 @@ class Service:
         self.log = open(work / f"service-{wait}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, str(SERVICE_SCRIPT), "--wait", wait],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
+        self.wait_healthy()
+
+    def wait_healthy(self, seconds: float = 30) -> None:
+        """Until /health answers 200; exits if the process dies or does not answer in time."""
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
+                    return
             except requests.RequestException:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
