@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
+from dreamlayer.config.saved_paths import write_json_atomic
 from dreamlayer.errors import BadRequest, InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -79,20 +78,4 @@ class ApiKeyStore:
         log.info("API key for %s saved in %s", alias, self.path)
 
     def _write(self, data: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".api_keys-", suffix=".tmp")  # mode 0600
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_json_atomic(self.path, data, prefix=".api_keys-", mode=0o600)

@@ -92,14 +92,21 @@ def load_settings(path: Path) -> dict:
 
 
 def save_settings(path: Path, settings: dict) -> None:
-    """Write atomically (temporary file in the same folder, then rename): a crash mid-write
-    leaves the previous file intact, and readers never see half a file."""
-    path = Path(path)
+    """Write the settings atomically (see write_json_atomic)."""
+    write_json_atomic(Path(path), settings, prefix=".settings-")
+
+
+def write_json_atomic(path: Path, data: dict, *, prefix: str, mode: int | None = None) -> None:
+    """Write atomically (temporary file in the same folder, flushed to disk, then renamed): a
+    crash mid-write leaves the previous file intact, and readers never see half a file.
+    ``mode``: the file's permissions, set before anything is written into it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
+        if mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
