@@ -29,6 +29,7 @@ from werkzeug.formparser import parse_form_data
 
 from dreamlayer.backend.models import derived_display_name
 from dreamlayer.errors import ApiError, BadRequest, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from dreamlayer.img2img.staging import remove_file
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,6 @@ def safe_model_name(upload_name) -> str:
     return stem + ext
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path, exc)
-
-
 def write_error(exc: OSError, where: Path) -> ApiError:
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return DiskFull(f"No space left in {where}: free some space (or choose another modelsDirectory)")
@@ -156,7 +148,7 @@ class _Upload:
         for stream, _ in self.streams.values():
             stream.close()
         while self.temps:
-            _remove(self.temps.pop())
+            remove_file(self.temps.pop())
 
 
 def _place(tmp: Path, target: Path) -> None:

@@ -31,12 +31,13 @@ def write_atomic(directory: Path, name: str, data: bytes) -> Path:
             f.write(data)
         os.replace(tmp, directory / name)
     except BaseException:
-        _remove(Path(tmp))
+        remove_file(Path(tmp))
         raise
     return directory / name
 
 
-def _remove(path: Path) -> None:
+def remove_file(path: Path) -> None:
+    """Remove a file the service wrote; a missing one is fine, another failure is logged."""
     try:
         path.unlink()
     except FileNotFoundError:
@@ -69,7 +70,7 @@ class InputStager:
 
     def cleanup(self) -> None:
         while self._written:
-            _remove(self._written.pop())
+            remove_file(self._written.pop())
 
     def __enter__(self):
         return self
@@ -92,7 +93,7 @@ class ServedImages:
 
     def remove(self, name: str) -> None:
         if SAFE_NAME.match(name):
-            _remove(self.directory / name)
+            remove_file(self.directory / name)
 
     def resolve(self, name: str) -> Path | None:
         """The file for a served name, or None: no traversal, no absolute paths, no symlinks
