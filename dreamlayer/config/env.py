@@ -103,6 +103,26 @@ def _urls_parse(text):
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def _redis_url_parse(text):
+    if not text:
+        return ""  # unset: the embedded, single-process default
+    parts = urlsplit(text)
+    if parts.scheme in ("redis", "rediss") and parts.hostname or parts.scheme == "unix" and parts.path:
+        parts.port  # noqa: B018
+        return text
+    raise ValueError()
+
+
+def _role_parse(text):
+    if text.lower() not in ROLES:
+        raise ValueError()
+    return text.lower()
+
+
+#: What one img2img process does with REDIS_URL set: serve the API, run queue workers, or both.
+ROLES = ("both", "api", "worker")
+
+
 def _bool_parse(text):
     if text.lower() in _TRUE:
         return True
@@ -137,6 +157,9 @@ SECONDS = Kind("a number of seconds > 0", _seconds_parse)
 PATH = Kind("a path (~ allowed)", _path_parse)
 TEXT = Kind("any text", str)
 URL = Kind("an http:// or https:// URL with a host", _url_parse)
+REDIS_URL = Kind("empty, or redis://[:password@]host[:port][/db], rediss://... or unix:///path/to/socket",
+                  _redis_url_parse)
+ROLE = Kind("both, api or worker", _role_parse)
 URLS = Kind("one or more comma-separated http:// or https:// URLs with a host", _urls_parse)
 ORIGINS = Kind("comma-separated origins (scheme://host[:port]) or *", _origins_parse)
 ORIGIN = Kind("an origin (scheme://host[:port]) or *", _origin_check)
@@ -186,6 +209,11 @@ VARIABLES = (
     V("IMG2IMG_JOB_TTL_S", SECONDS, "3600", (IMG2IMG,)),
     V("IMG2IMG_JOBS_KEPT", WHOLE, "500", (IMG2IMG,)),
     V("PUBLIC_BASE_URL", URL, None, (IMG2IMG,)),
+    # scaling out (docs/scaling.md): jobs in Redis, run by RQ workers of any replica
+    V("REDIS_URL", REDIS_URL, "", (IMG2IMG,), secret=True),
+    V("IMG2IMG_ROLE", ROLE, "both", (IMG2IMG,)),
+    V("IMG2IMG_QUEUE_WORKERS", WHOLE, None, (IMG2IMG,)),
+    V("IMG2IMG_JOB_LEASE_S", SECONDS, "15", (IMG2IMG,)),
     V("SERVED_IMAGES_DIR", PATH, "served_images", SERVICES),
     V("MAX_CONTENT_LENGTH", WHOLE, "67108864", (IMG2IMG,)),
     V("MAX_MASK_BYTES", WHOLE, "10485760", (IMG2IMG,)),

@@ -64,6 +64,16 @@ class Config:
     job_workers: int = E.default("IMG2IMG_JOB_WORKERS")
     job_ttl_s: float = E.default("IMG2IMG_JOB_TTL_S")
     jobs_kept: int = E.default("IMG2IMG_JOBS_KEPT")
+    #: Redis for jobs shared by every replica (docs/scaling.md); "" = in this process only.
+    redis_url: str = E.default("REDIS_URL")
+    #: With redis_url: "both" (API and queue workers), "api" or "worker".
+    role: str = E.default("IMG2IMG_ROLE")
+    #: With redis_url: queue worker threads of this process; None = one per backend slot
+    #: (COMFY_PROMPTS_PER_BACKEND x backends), 4 when the backends have no slot limit.
+    queue_workers: Optional[int] = None
+    #: With redis_url: a job whose worker stops renewing its lease this long (killed replica)
+    #: is run again by another worker, once.
+    job_lease_s: float = E.default("IMG2IMG_JOB_LEASE_S")
     api_key: str = E.default("IMG2IMG_API_KEY")
     log_level: str = E.default("LOG_LEVEL")
     #: start_dream_layer.sh --demo: the "ComfyUI" is the project's fake; /health says so.
@@ -118,6 +128,10 @@ class Config:
             job_workers=env.get("IMG2IMG_JOB_WORKERS"),
             job_ttl_s=env.get("IMG2IMG_JOB_TTL_S"),
             jobs_kept=env.get("IMG2IMG_JOBS_KEPT"),
+            redis_url=env.get("REDIS_URL"),
+            role=env.get("IMG2IMG_ROLE"),
+            queue_workers=env.get("IMG2IMG_QUEUE_WORKERS"),
+            job_lease_s=env.get("IMG2IMG_JOB_LEASE_S"),
             api_key=env.get("IMG2IMG_API_KEY"),
             log_level=env.get("LOG_LEVEL"),
             demo=env.get("DREAMLAYER_DEMO"),

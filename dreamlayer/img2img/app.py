@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import gc
 import hmac
+import io
+import signal
+import threading
 import logging
 import sys
 from functools import lru_cache
@@ -53,6 +56,8 @@ def _wants_async(req) -> bool:
 def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
     if not _wants_async(req):
+        if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
+            return jsonify(jobs().run(service().prepare(req)))
         return jsonify(service().generate(req))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
@@ -97,12 +102,14 @@ def served_image(filename):
     """/images/ answers as a download (Content-Disposition: attachment), so that the page's cross-origin
     "Download PNG" link saves the file instead of opening a tab; an <img> shows it all the same.
     /api/images/ answers inline."""
-    path = service().served.resolve(filename)
-    if path is None:
+    found = service().served.lookup(filename)
+    if found is None:
         raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
-    if request.path.startswith("/images/"):
-        return send_file(path, mimetype="image/png", max_age=3600, as_attachment=True, download_name=path.name)
-    return send_file(path, mimetype="image/png", max_age=3600)
+    if isinstance(found, bytes):  # REDIS_URL: the image is kept in Redis
+        found = io.BytesIO(found)
+    attachment = request.path.startswith("/images/")
+    return send_file(found, mimetype="image/png", max_age=3600, as_attachment=attachment,
+                     download_name=filename.rsplit("/", 1)[-1])
 
 
 @bp.get("/health")
@@ -116,6 +123,8 @@ def health():
     body = {"status": "ok", "service": "img2img", "active_generations": len(svc.active), "comfyui": comfyui}
     if len(svc.pool) > 1:
         body["backends"] = svc.pool.health()
+    if getattr(jobs(), "distributed", False):
+        body["queue"] = jobs().health()
     return jsonify(body)
 
 
@@ -157,7 +166,50 @@ def backend_pool(config: Config, primary) -> BackendPool:
     backends = [Backend(config.comfy_api_url, primary, config.comfyui_input_dir, config.comfyui_output_dir)]
     backends += [Backend(url, comfy_client.ComfyClient(url)) for url in config.comfy_api_urls[1:]]
     slots = config.prompts_per_backend or (1 if len(backends) > 1 else None)
+    if config.redis_url:  # the slots are shared with every replica (jobs/slots.py)
+        from dreamlayer.jobs.slots import SharedBackendPool
+
+        return SharedBackendPool(backends, slots=slots).start()
     return BackendPool(backends, slots=slots).start()
+
+
+def _job_store(config: Config, service: Img2ImgService):
+    """In this process (the default), or in Redis for every replica (REDIS_URL)."""
+    if not config.redis_url:
+        return JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s, max_kept=config.jobs_kept)
+    from dreamlayer.jobs.redis_store import RedisJobStore
+
+    return RedisJobStore(service, url=config.redis_url, ttl_s=config.job_ttl_s, lease_s=config.job_lease_s,
+                         comfy_timeout_s=config.comfy_timeout_s)
+
+
+def _served_images(config: Config):
+    if not config.redis_url:
+        return ServedImages(config.served_images_dir)
+    from dreamlayer.jobs.images import RedisImages
+    from dreamlayer.jobs.records import connect
+
+    return RedisImages(connect(config.redis_url), config.redis_url, config.job_ttl_s)
+
+
+def _queue_workers(config: Config, service: Img2ImgService):
+    """The queue workers of this replica (REDIS_URL with IMG2IMG_ROLE both or worker), or None."""
+    if not config.redis_url or config.role == "api":
+        return None
+    from dreamlayer.jobs.worker import QueueWorkers
+
+    pool = service.pool
+    count = config.queue_workers or (len(pool) * pool.slots if pool.slots else 4)
+    return QueueWorkers(service, config, count=count).start()
+
+
+def shutdown(app: Flask) -> None:
+    """Stop what create_app started: queue workers, the backend prober, the job store."""
+    workers = app.extensions.get("img2img_workers")
+    if workers is not None:
+        workers.stop()
+    app.extensions["img2img"].pool.close()
+    app.extensions["img2img_jobs"].shutdown()
 
 
 def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient | None = None) -> Flask:
@@ -173,10 +225,10 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
                       MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
-    service = Img2ImgService(config, client, ServedImages(config.served_images_dir), backend_pool(config, client))
+    service = Img2ImgService(config, client, _served_images(config), backend_pool(config, client))
     app.extensions["img2img"] = service
-    app.extensions["img2img_jobs"] = JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s,
-                                              max_kept=config.jobs_kept)
+    app.extensions["img2img_jobs"] = _job_store(config, service)
+    app.extensions["img2img_workers"] = _queue_workers(config, service)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
     if config.api_key:
@@ -197,6 +249,8 @@ def main(argv=None) -> int:
     from waitress import serve
 
     app = create_app(config)
+    if config.redis_url and config.role == "worker":
+        return _work_until_stopped(app, config)
     client = app.extensions["img2img"].client
     mode = (f"copying uploads into {config.comfyui_input_dir}" if config.comfyui_input_dir
             else "uploading inputs over HTTP (no shared disk)")
@@ -210,7 +264,30 @@ def main(argv=None) -> int:
           # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
           # 1.3 ms instead of 2.3 ms (waitress's defaults: 8 KiB reads, spooled over 512 KiB)
           recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
+    shutdown(app)
     return 0
+
+
+def _work_until_stopped(app: Flask, config: Config) -> int:
+    """IMG2IMG_ROLE=worker: no HTTP server, only the queue workers, until SIGTERM or Ctrl-C (a
+    running job finishes first; a killed worker's job is run again by another)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    workers = app.extensions["img2img_workers"]
+    log.info("img2img queue worker: %d worker threads on %s, ComfyUI at %s", workers.count,
+             describe_redis(config.redis_url), ", ".join(config.comfy_api_urls))
+    gc.freeze()
+    stop.wait()
+    log.info("stopping the queue workers (running jobs finish first)")
+    shutdown(app)
+    return 0
+
+
+def describe_redis(url: str) -> str:
+    from dreamlayer.jobs.records import describe
+
+    return describe(url)
 
 
 if __name__ == "__main__":

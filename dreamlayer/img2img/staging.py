@@ -95,6 +95,10 @@ class ServedImages:
         if SAFE_NAME.match(name):
             remove_file(self.directory / name)
 
+    def lookup(self, name: str) -> Path | None:
+        """What /images/<name> sends: the file (see resolve)."""
+        return self.resolve(name)
+
     def resolve(self, name: str) -> Path | None:
         """The file for a served name, or None: no traversal, no absolute paths, no symlinks
         leading out of the folder, no hidden or temporary files."""

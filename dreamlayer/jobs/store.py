@@ -111,6 +111,9 @@ class Job(Listener):
                     "queue_position": self.queue_position, "progress": dict(self.step),
                     "result": self.result, "error": self.error}
 
+    def close(self) -> None:
+        """Nothing to release for a job in memory (a Redis job closes its subscription)."""
+
     def wait_finished(self, timeout: float) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: self.status in TERMINAL, timeout)
@@ -122,6 +125,39 @@ class Job(Listener):
             if len(self.events) <= last_id and self.status not in TERMINAL:
                 self.changed.wait(timeout)
             return self.events[last_id:], self.status in TERMINAL
+
+
+def run_job(service: Img2ImgService, job: Job, prepared: Prepared, cancel_requested) -> None:
+    """Run one job to its end on this thread: every outcome (result, error, cancel) becomes the
+    job's final state. ``cancel_requested()`` tells an interrupt asked for by the job's owner
+    from one that came from elsewhere (then the job failed)."""
+    try:
+        result = service.execute(prepared, run_id=job.id, listener=job)
+    except ComfyInterrupted as exc:
+        if cancel_requested():
+            job.finish("cancelled")
+        else:
+            job.finish("failed", error=error_object(exc))
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error
+        job.finish("failed", error=error_object(exc))
+    else:
+        job.finish("succeeded", result=result)
+
+
+def queue_position(service: Img2ImgService, prompt_id: str):
+    """0 = running, n = n-th pending in its backend's ComfyUI queue, None = not in it."""
+    client = service.active.prompt_of(prompt_id) or service.client  # the job's backend
+    try:
+        queue = client.get_queue()
+    except ComfyError:
+        return None
+    if any(item[1] == prompt_id for item in queue.get("queue_running") or []):
+        return 0
+    pending = sorted(queue.get("queue_pending") or [], key=lambda item: item[0])
+    for position, item in enumerate(pending, start=1):
+        if item[1] == prompt_id:
+            return position
+    return None
 
 
 #: How many ids of forgotten jobs still answer 404 job_expired (older ones: job_not_found). An id
@@ -155,16 +191,7 @@ class JobStore:
 
     def _run(self, job: Job, prepared: Prepared) -> None:
         try:
-            result = self.service.execute(prepared, run_id=job.id, listener=job)
-        except ComfyInterrupted as exc:
-            if job.cancel_requested:
-                job.finish("cancelled")
-            else:
-                job.finish("failed", error=error_object(exc))
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes the job's error
-            job.finish("failed", error=error_object(exc))
-        else:
-            job.finish("succeeded", result=result)
+            run_job(self.service, job, prepared, lambda: job.cancel_requested)
         finally:
             self.service.active.finish(job.id)
 
@@ -202,19 +229,7 @@ class JobStore:
         return [self.cancel(job.id, wait=False) for job in live]
 
     def _queue_position(self, prompt_id: str):
-        """0 = running, n = n-th pending in ComfyUI's queue, None = not in it."""
-        client = self.service.active.prompt_of(prompt_id) or self.service.client  # the job's backend
-        try:
-            queue = client.get_queue()
-        except ComfyError:
-            return None
-        if any(item[1] == prompt_id for item in queue.get("queue_running") or []):
-            return 0
-        pending = sorted(queue.get("queue_pending") or [], key=lambda item: item[0])
-        for position, item in enumerate(pending, start=1):
-            if item[1] == prompt_id:
-                return position
-        return None
+        return queue_position(self.service, prompt_id)
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -233,15 +248,18 @@ class JobStore:
 def sse(job: Job, *, last_event_id: int = 0, heartbeat_s: float = 15.0):
     """The job's events as Server-Sent Events: past ones first, then live ones, until it ends."""
     last = last_event_id
-    while True:
-        events, finished = job.events_after(last, heartbeat_s)
-        if not events and not finished:
-            yield ": keep-alive\n\n"
-            continue
-        for event_id, kind, data in events:
-            last = event_id
-            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
-            if kind in FINAL_EVENT.values():
+    try:
+        while True:
+            events, finished = job.events_after(last, heartbeat_s)
+            if not events and not finished:
+                yield ": keep-alive\n\n"
+                continue
+            for event_id, kind, data in events:
+                last = event_id
+                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind in FINAL_EVENT.values():
+                    return
+            if finished and not events:
                 return
-        if finished and not events:
-            return
+    finally:
+        job.close()

@@ -1,0 +1,172 @@
+"""A job as a record in Redis, so that every replica answers for every job.
+
+One hash per job holds its status snapshot (each field JSON), one list its events in order (an
+event's id is its position, 1-based, as the SSE ``id:`` field), and every change is announced on a
+channel named after the job, so waiting readers wake at once. A finished job's keys expire after
+the job TTL; a small marker remembers for a week that the id existed (404 ``job_expired`` instead
+of ``job_not_found``). Unfinished jobs are listed in one set, for /api/img2img/interrupt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import redis
+
+from dreamlayer.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dreamlayer:img2img:"
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: How long an expired job's id is remembered (404 job_expired rather than job_not_found).
+EXPIRED_MARKER_S = 7 * 24 * 3600
+#: An unfinished record outlives anything that could still finish it (a lost record expires).
+UNFINISHED_TTL_S = 7 * 24 * 3600
+#: The fields of a snapshot, in the order the status answer lists them.
+FIELDS = ("status", "prompt_id", "queue_position", "progress", "result", "error")
+
+
+def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
+    """A client that fails fast when Redis is down (connection refused at once, an unreachable
+    host after 1 s) instead of hanging a request."""
+    return redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=socket_timeout,
+                                health_check_interval=30)
+
+
+def describe(url: str) -> str:
+    """The Redis address without its password, for messages and /health."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
+
+
+class QueueUnavailable(ApiError):
+    status = 503
+    code = "queue_unavailable"
+
+
+@contextmanager
+def queue_errors(url: str):
+    """Redis connection failures become 503 queue_unavailable (the client may retry)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise QueueUnavailable(f"The job queue (Redis at {describe(url)}) is not reachable: {exc}; "
+                               "retry in a moment") from None
+
+
+class Records:
+    def __init__(self, client: redis.Redis, ttl_s: float, prefix: str = PREFIX):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.live_key = f"{prefix}live"
+        self.control_channel = f"{prefix}control"
+
+    def key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:events"
+
+    def channel(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def _expired_key(self, job_id: str) -> str:
+        return f"{self.prefix}expired:{job_id}"
+
+    # -- writing -------------------------------------------------------------------------------
+    def create(self, job_id: str, pipe) -> None:
+        """A new queued job, as the embedded store starts one (its first event: queued)."""
+        snapshot = {"status": "queued", "prompt_id": None, "queue_position": None,
+                    "progress": {"value": None, "max": None, "node": None}, "result": None, "error": None}
+        pipe.hset(self.key(job_id), mapping={k: json.dumps(v) for k, v in snapshot.items()})
+        pipe.rpush(self.events_key(job_id), json.dumps(["queued", {"type": "queued", "position": None,
+                                                                   "prompt_id": None}]))
+        pipe.expire(self.key(job_id), UNFINISHED_TTL_S)
+        pipe.expire(self.events_key(job_id), UNFINISHED_TTL_S)
+        pipe.sadd(self.live_key, job_id)
+
+    def write(self, job_id: str, fields: dict, events: list, *, finished: bool = False) -> bool:
+        """Update the snapshot and append events in one transaction; a finished record gets its
+        TTL. Never changes a record that already finished (returns False then)."""
+        key = self.key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    status = pipe.hget(key, "status")
+                    if status is None or json.loads(status) in TERMINAL:
+                        pipe.reset()
+                        return False
+                    pipe.multi()
+                    if fields:
+                        pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+                    for kind, data in events:
+                        pipe.rpush(self.events_key(job_id), json.dumps([kind, data]))
+                    if finished:
+                        ttl = max(1, int(round(self.ttl_s)))
+                        pipe.expire(key, ttl)
+                        pipe.expire(self.events_key(job_id), ttl)
+                        pipe.set(self._expired_key(job_id), 1, ex=ttl + EXPIRED_MARKER_S)
+                        pipe.srem(self.live_key, job_id)
+                    pipe.publish(self.channel(job_id), "1")
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Mark the job cancelled by its owner; False if it had finished or was marked before."""
+        key = self.key(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hget(key, "status")
+            pipe.hsetnx(key, "cancel_requested", "true")
+            status, fresh = pipe.execute()
+        if status is None or json.loads(status) in TERMINAL:
+            return False
+        return bool(fresh)
+
+    def announce(self, message: dict) -> None:
+        """Tell every worker (cancel one job, or interrupt all)."""
+        self.redis.publish(self.control_channel, json.dumps(message))
+
+    # -- reading -------------------------------------------------------------------------------
+    def load(self, job_id: str) -> dict | None:
+        """Every field of the record (decoded), or None when there is no such record."""
+        raw = self.redis.hgetall(self.key(job_id))
+        if not raw:
+            return None
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def snapshot(self, job_id: str, record: dict | None = None) -> dict | None:
+        record = record if record is not None else self.load(job_id)
+        if record is None:
+            return None
+        return {"job_id": job_id, **{name: record.get(name) for name in FIELDS}}
+
+    def existed(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self._expired_key(job_id)))
+
+    def events(self, job_id: str, after: int) -> list:
+        """Events with an id above ``after``, as (id, kind, data)."""
+        raw = self.redis.lrange(self.events_key(job_id), after, -1)
+        out = []
+        for offset, item in enumerate(raw, start=after + 1):
+            kind, data = json.loads(item)
+            out.append((offset, kind, data))
+        return out
+
+    def status(self, job_id: str) -> str | None:
+        raw = self.redis.hget(self.key(job_id), "status")
+        return None if raw is None else json.loads(raw)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hexists(self.key(job_id), "cancel_requested")
+
+    def live(self) -> list:
+        return sorted(m.decode() for m in self.redis.smembers(self.live_key))

@@ -1,0 +1,201 @@
+"""The job store of a replica when REDIS_URL is set: jobs are RQ jobs on one Redis queue, their
+state a Redis record (records.py) that any replica reads; the queue workers (worker.py) of any
+replica run them. Same interface as the in-memory JobStore, so the routes do not care which.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from rq import Queue, Retry
+
+from dreamlayer.comfyui.errors import ComfyInterrupted, ComfyTimeout
+from dreamlayer.errors import ApiError
+from dreamlayer.jobs.records import TERMINAL, Records, connect, describe, queue_errors
+from dreamlayer.jobs.store import error_object
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "dreamlayer-img2img"
+#: The function a worker runs for each job (by name: RQ stores it as text).
+PERFORM = "dreamlayer.jobs.worker.perform"
+
+
+class RedisJob:
+    """A handle on one job's record, on any replica. Waiting uses the job's channel, so a
+    status change elsewhere wakes the reader at once."""
+
+    def __init__(self, store: "RedisJobStore", job_id: str):
+        self.store = store
+        self.id = job_id
+        self._pubsub = None
+
+    @property
+    def records(self) -> Records:
+        return self.store.records
+
+    def snapshot(self) -> dict:
+        with queue_errors(self.store.url):
+            snapshot = self.records.snapshot(self.id)
+        if snapshot is None:  # expired between get() and now
+            raise self.store.not_found(self.id)
+        return snapshot
+
+    def _subscribe(self):
+        if self._pubsub is None:
+            self._pubsub = self.records.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.records.channel(self.id))
+        return self._pubsub
+
+    def _wait_change(self, deadline: float) -> None:
+        """Until the job's channel says something changed, or ``deadline``."""
+        pubsub = self._subscribe()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if pubsub.get_message(timeout=left) is not None:
+                return
+
+    def wait_finished(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with queue_errors(self.store.url):
+            self._subscribe()  # before reading: a change in between still wakes us
+            while True:
+                if self.records.status(self.id) in TERMINAL:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                self._wait_change(deadline)
+
+    def events_after(self, last_id: int, timeout: float):
+        with queue_errors(self.store.url):
+            self._subscribe()
+            events = self.records.events(self.id, last_id)
+            status = self.records.status(self.id)
+            if not events and status not in TERMINAL and status is not None:
+                self._wait_change(time.monotonic() + timeout)
+                events = self.records.events(self.id, last_id)
+                status = self.records.status(self.id)
+        return events, status in TERMINAL or status is None
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._pubsub = None
+
+
+class RedisJobStore:
+    """Submits jobs to the queue and answers for them from Redis."""
+
+    #: Synchronous requests also run as jobs of the queue (app.py asks this).
+    distributed = True
+
+    def __init__(self, service, *, url: str, ttl_s: float, lease_s: float, comfy_timeout_s: float):
+        self.service = service
+        self.url = url
+        self.ttl_s = ttl_s
+        self.lease_s = lease_s
+        self.comfy_timeout_s = comfy_timeout_s
+        self.cancel_wait_s = 2.0
+        self.redis = connect(url)
+        self.records = Records(self.redis, ttl_s)
+        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+
+    def not_found(self, job_id: str) -> ApiError:
+        if self.records.existed(job_id):
+            return ApiError(f"Job {job_id} finished and has expired (finished jobs are kept {self.ttl_s:g} s)",
+                            code="job_expired", status=404)
+        return ApiError(f"No job {job_id!r}", code="job_not_found", status=404)
+
+    def submit(self, prepared) -> RedisJob:
+        """Record the job and queue it, in one round trip. Its inputs (the validated request)
+        travel with it, pickled by RQ, so that any worker can run it."""
+        job_id = uuid.uuid4().hex
+        with queue_errors(self.url):
+            with self.redis.pipeline() as pipe:  # one MULTI: no worker sees the job before its record
+                self.queue.enqueue_call(PERFORM, args=(job_id, prepared), job_id=job_id, timeout=-1,
+                                        result_ttl=0, failure_ttl=max(1, int(self.ttl_s)), retry=Retry(max=1),
+                                        meta={"ttl_s": self.ttl_s}, pipeline=pipe)
+                self.records.create(job_id, pipe)
+                pipe.execute()
+        return RedisJob(self, job_id)
+
+    def get(self, job_id: str) -> RedisJob:
+        with queue_errors(self.url):
+            if not self.redis.exists(self.records.key(job_id)):
+                raise self.not_found(job_id)
+        return RedisJob(self, job_id)
+
+    def cancel(self, job_id: str, *, wait: bool = True) -> RedisJob:
+        """As JobStore.cancel, from any replica: a job still in the queue is taken out of it and
+        cancelled here; a running one is cancelled by the worker that runs it."""
+        job = self.get(job_id)
+        with queue_errors(self.url):
+            if not self.records.request_cancel(job_id):
+                return job
+            if self.queue.remove(job_id):  # still queued: no worker has it (LREM is atomic)
+                self.records.write(job_id, {"status": "cancelled"},
+                                   [("cancelled", {"type": "cancelled", "job_id": job_id})], finished=True)
+                log.info("job %s cancel: removed from the queue", job_id)
+            else:
+                self.records.announce({"cancel": job_id})
+        if wait:
+            try:
+                job.wait_finished(self.cancel_wait_s)
+            finally:
+                job.close()
+        return job
+
+    def cancel_all(self) -> list:
+        with queue_errors(self.url):
+            live = self.records.live()
+            jobs = [self.cancel(job_id, wait=False) for job_id in live if self.redis.exists(self.records.key(job_id))]
+            self.records.announce({"interrupt": True})
+        return jobs
+
+    def run(self, prepared) -> dict:
+        """A synchronous request: run it as a job and answer as the in-process path would (the
+        same result, or the same error object with its status)."""
+        job = self.submit(prepared)
+        # waiting for a backend (COMFY_TIMEOUT_S, as in-process), then each batch's run, and
+        # time for a re-queue should its worker die
+        budget = self.comfy_timeout_s * (1 + len(prepared.params.seeds())) + 3 * self.lease_s
+        try:
+            if not job.wait_finished(budget):
+                self.cancel(job.id, wait=False)
+                raise ComfyTimeout(budget, f"The job did not finish within {budget:g}s (no queue worker took it, "
+                                           "or its runs took too long; see COMFY_TIMEOUT_S)")
+            snapshot = job.snapshot()
+        finally:
+            job.close()
+        if snapshot["status"] == "succeeded":
+            return snapshot["result"]
+        error = snapshot["error"] or error_object(ComfyInterrupted(message="The generation was interrupted"))
+        body = dict(error)
+        status = body.pop("http_status", 500)
+        body.pop("status", None)
+        code, message = body.pop("code"), body.pop("message")
+        raise ApiError(message, code=code, status=status, **body)
+
+    def health(self) -> dict:
+        """The queue as /health shows it."""
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.llen(self.queue.key)
+                pipe.scard(self.records.live_key)
+                queued, live = pipe.execute()
+            from rq import Worker
+
+            workers = Worker.count(queue=self.queue)
+            return {"redis": describe(self.url), "reachable": True, "queued": queued, "unfinished": live,
+                    "workers": workers}
+        except Exception as exc:  # noqa: BLE001 - health answers, whatever Redis does
+            return {"redis": describe(self.url), "reachable": False, "error": str(exc)}
+
+    def shutdown(self) -> None:
+        self.redis.close()

@@ -1,0 +1,144 @@
+"""Backend slots shared by every replica: the one-in-flight-per-backend rule across processes.
+
+A slot is a Redis lock (redis-py's Lock: SET NX with a lease, renewed while held) named after the
+backend and a slot number, COMFY_PROMPTS_PER_BACKEND of them per backend. A queue worker takes a
+free slot *before* it takes a job (pull-based: a backend takes the next job when it is free), so
+no job waits in one replica while a backend is free for another. A replica that dies holding a
+slot frees it when the lease runs out.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from redis.exceptions import LockError
+
+from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
+from dreamlayer.jobs.records import PREFIX
+
+log = logging.getLogger(__name__)
+
+#: The slot a queue worker holds for the job it runs now (thread-local, set by worker.py).
+held = threading.local()
+
+
+@dataclass(eq=False)
+class Slot:
+    backend: Backend
+    lock: object  # redis.lock.Lock
+
+    def renew(self) -> bool:
+        try:
+            self.lock.reacquire()
+            return True
+        except LockError:
+            log.warning("lost the slot of %s (its lease ran out)", self.backend.url)
+            return False
+
+    def release(self) -> None:
+        try:
+            self.lock.release()
+        except LockError:
+            pass  # expired already: someone else may hold it now
+
+
+class RedisSlots:
+    def __init__(self, client, pool: BackendPool, lease_s: float, prefix: str = PREFIX):
+        self.redis = client
+        self.pool = pool
+        self.lease_s = lease_s
+        self.prefix = prefix
+        self._held: set = set()
+        self._lock = threading.Lock()
+
+    @property
+    def per_backend(self):
+        return self.pool.slots
+
+    def _name(self, backend: Backend, index: int) -> str:
+        return f"{self.prefix}slot:{backend.url}:{index}"
+
+    def try_acquire(self, exclude=()) -> Slot | None:
+        """A free slot of a backend in rotation (the least recently used first), or None.
+        Raises NoBackendLeft when ``exclude`` leaves no backend."""
+        candidates = [b for b in self.pool.backends if b not in exclude]
+        if not candidates:
+            raise NoBackendLeft()
+        up = [b for b in candidates if b.reachable]
+        if not up:
+            if len(candidates) < len(self.pool.backends):
+                raise NoBackendLeft()
+            up = candidates  # none answers: try them all (one that came back is used at once)
+        for backend in sorted(up, key=lambda b: (b.busy, b._last_used)):
+            for index in range(self.per_backend):
+                lock = self.redis.lock(self._name(backend, index), timeout=self.lease_s, thread_local=False)
+                if lock.acquire(blocking=False):
+                    slot = Slot(backend, lock)
+                    with self._lock:
+                        self._held.add(slot)
+                    return slot
+        return None
+
+    def acquire(self, *, timeout: float, exclude=()) -> Slot:
+        """Wait (polling) for a free slot; TimeoutError after ``timeout``. Used for a retry on
+        another backend; the first slot of a job comes from its worker."""
+        deadline = time.monotonic() + timeout
+        while True:
+            slot = self.try_acquire(exclude)
+            if slot is not None:
+                return slot
+            if time.monotonic() >= deadline:
+                raise TimeoutError("no ComfyUI backend slot became free in time")
+            time.sleep(0.05)
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            self._held.discard(slot)
+        slot.release()
+
+    def renew_all(self) -> None:
+        """Extend the lease of every slot this process holds (the lease keeper calls it)."""
+        with self._lock:
+            slots = list(self._held)
+        for slot in slots:
+            slot.renew()
+
+
+class SharedBackendPool(BackendPool):
+    """A BackendPool whose slots are shared by every replica through Redis. A job's first lease
+    is the slot its worker took before taking the job; a retry takes another one. With no slot
+    limit (one backend, COMFY_PROMPTS_PER_BACKEND unset) it is the plain pool."""
+
+    def __init__(self, backends: list, *, slots=None, probe_interval_s: float = 2.0):
+        super().__init__(backends, slots=slots, probe_interval_s=probe_interval_s)
+        self.shared = None  # RedisSlots, set by the worker runtime
+
+    @contextmanager
+    def lease(self, *, timeout=None, exclude=()):
+        if self.slots is None or self.shared is None:
+            with super().lease(timeout=timeout, exclude=exclude) as backend:
+                yield backend
+            return
+        slot = getattr(held, "slot", None)
+        own = slot is None or slot.backend in exclude
+        if own:
+            slot = self.shared.acquire(timeout=timeout if timeout is not None else 3600, exclude=exclude)
+        backend = slot.backend
+        with self._cond:
+            backend.busy += 1
+            backend._last_used = next(self._uses)
+        ok = False
+        try:
+            yield backend
+            ok = True
+        finally:
+            with self._cond:
+                backend.busy -= 1
+                backend.done += ok
+                backend.failed += not ok
+                self._cond.notify_all()
+            if own:
+                self.shared.release(slot)
