@@ -1,1 +1,1 @@
-pytest_plugins = ["fake_fixtures", "service_fixtures"]
+pytest_plugins = ["fake_fixtures", "service_fixtures", "redis_fixtures"]

@@ -15,7 +15,7 @@ from waitress import wasyncore
 from waitress.server import create_server
 
 from dreamlayer.config.img2img import Config
-from dreamlayer.img2img.app import create_app
+from dreamlayer.img2img.app import create_app, shutdown
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -78,7 +78,9 @@ def service_config(fake_comfy, tmp_path, server_socket):
 
 @pytest.fixture
 def app(service_config):
-    return create_app(service_config)
+    app = create_app(service_config)
+    yield app
+    shutdown(app)
 
 
 @pytest.fixture

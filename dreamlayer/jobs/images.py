@@ -20,7 +20,7 @@ class RedisImages:
         return f"{self.prefix}image:{name}"
 
     def save(self, name: str, data: bytes) -> str:
-        self.redis.set(self._key(name), data, ex=max(1, int(round(self.ttl_s))))
+        self.redis.set(self._key(name), data, px=max(1, int(self.ttl_s * 1000)))
         return name
 
     def remove(self, name: str) -> None:

@@ -109,10 +109,10 @@ class Records:
                     for kind, data in events:
                         pipe.rpush(self.events_key(job_id), json.dumps([kind, data]))
                     if finished:
-                        ttl = max(1, int(round(self.ttl_s)))
-                        pipe.expire(key, ttl)
-                        pipe.expire(self.events_key(job_id), ttl)
-                        pipe.set(self._expired_key(job_id), 1, ex=ttl + EXPIRED_MARKER_S)
+                        ttl_ms = max(1, int(self.ttl_s * 1000))
+                        pipe.pexpire(key, ttl_ms)
+                        pipe.pexpire(self.events_key(job_id), ttl_ms)
+                        pipe.set(self._expired_key(job_id), 1, px=ttl_ms + EXPIRED_MARKER_S * 1000)
                         pipe.srem(self.live_key, job_id)
                     pipe.publish(self.channel(job_id), "1")
                     pipe.execute()
