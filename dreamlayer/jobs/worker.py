@@ -88,7 +88,11 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
     records = Records(job.connection, ttl)
     if job.retries_left:
         log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
-        records.write(job.id, {"status": "queued", "prompt_id": None, "queue_position": None},
+        fields = {"status": "queued", "prompt_id": None, "queue_position": None}
+        lost_prompt = (records.load(job.id) or {}).get("prompt_id")
+        if lost_prompt:  # the lost run's prompt may still be on its backend: the next run cancels it
+            fields["lost_prompt_id"] = lost_prompt
+        records.write(job.id, fields,
                       [("queued", {"type": "queued", "position": None, "prompt_id": None, "requeued": True})])
     else:
         lost = issubclass(exc_type, AbandonedJobError)
@@ -281,7 +285,7 @@ class QueueWorkers:
     def _forget_stale_prompt(self, record: dict) -> None:
         """A job run again after its worker died: the prompt that worker queued may still be
         on its backend; cancel it (only it) so the GPU does not run it for nobody."""
-        prompt_id, url = record.get("prompt_id"), record.get("backend")
+        prompt_id, url = record.get("lost_prompt_id") or record.get("prompt_id"), record.get("backend")
         if not prompt_id or not url:
             return
         for backend in self.service.pool.backends:
