@@ -17,6 +17,7 @@ import uuid
 import redis
 from rq import Queue
 from rq.exceptions import AbandonedJobError, StopRequested
+from rq.executions import Execution, ExecutionRegistry
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -86,6 +87,8 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
     cleanup) goes back to the queue once — say so in its record — or fails for good."""
     ttl = (job.meta or {}).get("ttl_s", 3600)
     records = Records(job.connection, ttl)
+    if issubclass(exc_type, AbandonedJobError):
+        _forget_executions(job)
     if job.retries_left:
         log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
         fields = {"status": "queued", "prompt_id": None, "queue_position": None}
@@ -102,6 +105,19 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
         records.write(job.id, {"status": "failed", "error": error}, [("error", {"type": "error", **error})],
                       finished=True)
     return True
+
+
+def _forget_executions(job) -> None:
+    """Drop the executions of an abandoned job. RQ keeps an execution in its job's registry 60 s
+    longer than the execution itself (which expires with the lease): a job run again after its
+    worker died would otherwise fail RQ's bookkeeping when it succeeds (ValueError: Execution ...
+    not found in Redis, an error in the log) and end in RQ's failed registry."""
+    registry = ExecutionRegistry(job.id, connection=job.connection)
+    with job.connection.pipeline() as pipe:
+        for execution_id in registry.get_execution_ids():
+            pipe.delete(Execution(execution_id, job.id, job.connection).key)
+        pipe.delete(registry.key)
+        pipe.execute()
 
 
 class QueueWorker(SimpleWorker):
