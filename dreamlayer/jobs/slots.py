@@ -21,6 +21,9 @@ from dreamlayer.jobs.records import PREFIX
 
 log = logging.getLogger(__name__)
 
+#: How long a backend stays marked wanted after the last poll of the job waiting for it.
+WANTED_MS = 500
+
 #: The slot a queue worker holds for the job it runs now (thread-local, set by worker.py).
 held = threading.local()
 
@@ -61,9 +64,10 @@ class RedisSlots:
     def _name(self, backend: Backend, index: int) -> str:
         return f"{self.prefix}slot:{backend.url}:{index}"
 
-    def try_acquire(self, exclude=()) -> Slot | None:
-        """A free slot of a backend in rotation (the least recently used first), or None.
-        Raises NoBackendLeft when ``exclude`` leaves no backend."""
+    def _wanted(self, backend: Backend) -> str:
+        return f"{self.prefix}slot-wanted:{backend.url}"
+
+    def _candidates(self, exclude) -> list:
         candidates = [b for b in self.pool.backends if b not in exclude]
         if not candidates:
             raise NoBackendLeft()
@@ -72,6 +76,16 @@ class RedisSlots:
             if len(candidates) < len(self.pool.backends):
                 raise NoBackendLeft()
             up = candidates  # none answers: try them all (one that came back is used at once)
+        return up
+
+    def try_acquire(self, exclude=(), *, waiting: bool = False) -> Slot | None:
+        """A free slot of a backend in rotation (the least recently used first), or None.
+        Raises NoBackendLeft when ``exclude`` leaves no backend. An idle queue worker
+        (``waiting`` False) leaves alone the backends a running job waits for (see acquire)."""
+        up = self._candidates(exclude)
+        if not waiting:
+            wanted = self.redis.mget([self._wanted(b) for b in up])
+            up = [b for b, w in zip(up, wanted) if w is None]
         for backend in sorted(up, key=lambda b: (b.busy, b._last_used)):
             for index in range(self.per_backend):
                 lock = self.redis.lock(self._name(backend, index), timeout=self.lease_s, thread_local=False)
@@ -84,15 +98,27 @@ class RedisSlots:
 
     def acquire(self, *, timeout: float, exclude=()) -> Slot:
         """Wait (polling) for a free slot; TimeoutError after ``timeout``. Used for a retry on
-        another backend; the first slot of a job comes from its worker."""
+        another backend; the first slot of a job comes from its worker. While it waits, the
+        backends it may use are marked wanted, so that idle queue workers (which take a free slot
+        again at once after each empty wait for a job) leave the next free slot to this job."""
         deadline = time.monotonic() + timeout
-        while True:
-            slot = self.try_acquire(exclude)
-            if slot is not None:
-                return slot
-            if time.monotonic() >= deadline:
-                raise TimeoutError("no ComfyUI backend slot became free in time")
-            time.sleep(0.05)
+        marked: list = []
+        try:
+            while True:
+                slot = self.try_acquire(exclude, waiting=True)
+                if slot is not None:
+                    return slot
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("no ComfyUI backend slot became free in time")
+                marked = self._candidates(exclude)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for backend in marked:
+                        pipe.set(self._wanted(backend), 1, px=WANTED_MS)
+                    pipe.execute()
+                time.sleep(0.05)
+        finally:
+            if marked:
+                self.redis.delete(*[self._wanted(b) for b in marked])
 
     def release(self, slot: Slot) -> None:
         with self._lock:
