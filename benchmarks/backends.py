@@ -1,6 +1,7 @@
-"""Throughput with 1, 2 and 4 ComfyUI backends behind one img2img service (docs/scaling.md).
+"""Throughput with 1, 2 and 4 ComfyUI backends behind one img2img service, and the latency the
+Redis job queue (REDIS_URL) adds over the in-process path (docs/scaling.md).
 
-    python benchmarks/backends.py            # about a minute
+    python benchmarks/backends.py            # about three minutes
     python benchmarks/backends.py --quick    # fewer requests (figures not reportable)
 
 Each backend is a fake ComfyUI in its own process whose prompts take a fixed time (sampler steps
@@ -8,12 +9,18 @@ Each backend is a fake ComfyUI in its own process whose prompts take a fixed tim
 (img2img_server.main() in its own process, COMFY_API_URL listing the backends). Clients send the
 same requests with more clients than backends, so work always waits; throughput = requests per
 second over the whole run. Targets: ≥ 1.9× the single-backend throughput with 2 backends, ≥ 3.6×
-with 4.
+with 4. Both in this process (the default) and with REDIS_URL (the same service as one replica
+with its queue workers, on a redis-server this benchmark starts).
+
+Latency: two services side by side on one fake ComfyUI with no execution time — one in-process,
+one with REDIS_URL — answer the same requests alternately, one at a time; the Redis path's cost is
+the difference of the client times. Target: ≤ 3 ms at p50.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,24 +33,49 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import SERVICE_SCRIPT, Fake, Service, free_port  # noqa: E402
+from run import SERVICE_SCRIPT, Fake, Service, free_port, percentile  # noqa: E402
 from workload import JsonBodies, write_inputs  # noqa: E402
 
 TARGETS = {2: 1.9, 4: 3.6}
+#: The most the Redis path may add to a request, at p50 (milliseconds).
+REDIS_TARGET_MS = 3.0
+
+
+class RedisServer:
+    """A redis-server of this benchmark, on a Unix socket in its work folder."""
+
+    def __init__(self, work: Path):
+        self.socket = work / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(self.socket), "--save", "",
+                                      "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
 
 
 class MultiService(Service):
-    """The real service with COMFY_API_URL listing every fake; the first shares its disk."""
+    """The real service with COMFY_API_URL listing every fake; the first shares its disk. With
+    ``redis_url``, jobs go through Redis and the service's own queue workers."""
 
-    def __init__(self, fakes: list, work: Path):
+    def __init__(self, fakes: list, work: Path, redis_url: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMG2IMG_", "COMFY"))}
+        tag = f"{len(fakes)}{'-redis' if redis_url else ''}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMG2IMG_", "COMFY", "REDIS_"))}
         env.update(COMFY_API_URL=",".join(f.url for f in fakes), COMFYUI_INPUT_DIR=fakes[0].input_dir,
                    COMFYUI_OUTPUT_DIR=fakes[0].output_dir, IMG2IMG_HOST="127.0.0.1", IMG2IMG_PORT=str(self.port),
-                   PUBLIC_BASE_URL=self.url, SERVED_IMAGES_DIR=str(work / f"served-{len(fakes)}"),
+                   PUBLIC_BASE_URL=self.url, SERVED_IMAGES_DIR=str(work / f"served-{tag}"),
                    COMFY_TIMEOUT_S="300", LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
-        self.log = open(work / f"service-{len(fakes)}.log", "wb")
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        self.log = open(work / f"service-{tag}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, str(SERVICE_SCRIPT)], stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.wait_healthy()
@@ -81,6 +113,90 @@ def throughput(url: str, bodies: list, clients: int) -> tuple:
     return len(bodies) / seconds, seconds
 
 
+def measure_throughput(work: Path, bodies_of, per_backend: int, step_delay: float, redis_url=None) -> list:
+    rows = []
+    for count in (1, 2, 4):
+        fakes = [Fake(Path(tempfile.mkdtemp(dir=work)) / "comfy", step_delay, None) for _ in range(count)]
+        service = None
+        try:
+            service = MultiService(fakes, work, redis_url)
+            bodies = [bodies_of.body(seed) for seed in range(1, per_backend * 4 + 1)]
+            throughput(service.url, bodies[:count], count)  # warm-up: every backend's object_info etc.
+            rate, seconds = throughput(service.url, bodies, clients=8)
+            rows.append((count, len(bodies), seconds, rate))
+        finally:
+            if service is not None:
+                service.stop()
+            for fake in fakes:
+                fake.stop()
+    return rows
+
+
+def print_throughput(title: str, rows: list) -> bool:
+    base = rows[0][3]
+    print(f"\n{title}\n")
+    print(f"{'backends':>8} {'requests':>8} {'seconds':>8} {'req/s':>7} {'speed-up':>8} {'target':>7}")
+    ok = True
+    for count, n, seconds, rate in rows:
+        target = TARGETS.get(count)
+        speed = rate / base
+        met = target is None or speed >= target
+        ok &= met
+        print(f"{count:>8} {n:>8} {seconds:>8.2f} {rate:>7.2f} {speed:>7.2f}× "
+              f"{'' if target is None else ('≥ %.1f× ' % target) + ('met' if met else 'MISSED'):>7}")
+    return ok
+
+
+def measure_redis_latency(work: Path, redis_url: str, requests_each: int) -> list:
+    """Per workload: (name, in-process ms list, Redis ms list), alternating request by request."""
+    fake = Fake(Path(tempfile.mkdtemp(dir=work)) / "comfy", 0.0, None)
+    local = queued = None
+    rows = []
+    try:
+        local = MultiService([fake], work)
+        queued = MultiService([fake], work, redis_url)
+        for size, with_mask in ((64, False), (64, True), (512, True)):
+            image_path, mask_path = write_inputs(work / "inputs", size)
+            bodies_of = JsonBodies(image_path.read_bytes(), mask_path.read_bytes() if with_mask else None, 2)
+            times = {local.url: [], queued.url: []}
+            sessions = {local.url: requests.Session(), queued.url: requests.Session()}
+            for seed in range(1, requests_each + 6):
+                order = (local, queued) if seed % 2 else (queued, local)
+                for service in order:
+                    body = bodies_of.body(seed * 2 + (service is queued))
+                    started = time.perf_counter()
+                    resp = sessions[service.url].post(service.url + "/api/img2img", data=body,
+                                                      headers={"Content-Type": "application/json"}, timeout=60)
+                    seconds = time.perf_counter() - started
+                    if resp.status_code != 200:
+                        raise SystemExit(f"a request failed: {resp.status_code} {resp.text[:300]}")
+                    if seed > 5:  # the first ones warm up both services
+                        times[service.url].append(seconds * 1000)
+            rows.append((f"{size}²{' mask' if with_mask else ''}", times[local.url], times[queued.url]))
+    finally:
+        for service in (local, queued):
+            if service is not None:
+                service.stop()
+        fake.stop()
+    return rows
+
+
+def print_latency(rows: list) -> bool:
+    print("\nThe Redis path's cost: client time with REDIS_URL minus in-process, same fake ComfyUI "
+          "(no execution time), alternating, one request at a time\n")
+    print(f"{'workload':>10} {'n':>4} {'in-process p50':>15} {'Redis p50':>10} {'added p50':>10} "
+          f"{'added p95':>10} {'target':>12}")
+    ok = True
+    for name, local, queued in rows:
+        added50 = percentile(queued, 50) - percentile(local, 50)
+        added95 = percentile(queued, 95) - percentile(local, 95)
+        met = added50 <= REDIS_TARGET_MS
+        ok &= met
+        print(f"{name:>10} {len(local):>4} {percentile(local, 50):>12.1f} ms {percentile(queued, 50):>7.1f} ms "
+              f"{added50:>7.2f} ms {added95:>7.2f} ms {'≤ %.0f ms ' % REDIS_TARGET_MS + ('met' if met else 'MISSED'):>12}")
+    return ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -91,33 +207,19 @@ def main(argv=None) -> int:
         work = Path(tmp)
         image_path, _ = write_inputs(work / "inputs", 64)
         bodies_of = JsonBodies(image_path.read_bytes(), None, steps)
-        rows = []
-        for count in (1, 2, 4):
-            fakes = [Fake(Path(tempfile.mkdtemp(dir=work)) / "comfy", step_delay, None) for _ in range(count)]
-            service = None
-            try:
-                service = MultiService(fakes, work)
-                bodies = [bodies_of.body(seed) for seed in range(1, per_backend * 4 + 1)]
-                throughput(service.url, bodies[:count], count)  # warm-up: every backend's object_info etc.
-                rate, seconds = throughput(service.url, bodies, clients=8)
-                rows.append((count, len(bodies), seconds, rate))
-            finally:
-                if service is not None:
-                    service.stop()
-                for fake in fakes:
-                    fake.stop()
-        base = rows[0][3]
-        print(f"\nThroughput with N fake ComfyUI backends ({steps} steps × {step_delay * 1000:.0f} ms = "
-              f"{steps * step_delay:.1f} s per prompt, 8 clients)\n")
-        print(f"{'backends':>8} {'requests':>8} {'seconds':>8} {'req/s':>7} {'speed-up':>8} {'target':>7}")
-        ok = True
-        for count, n, seconds, rate in rows:
-            target = TARGETS.get(count)
-            speed = rate / base
-            met = target is None or speed >= target
-            ok &= met
-            print(f"{count:>8} {n:>8} {seconds:>8.2f} {rate:>7.2f} {speed:>7.2f}× "
-                  f"{'' if target is None else ('≥ %.1f× ' % target) + ('met' if met else 'MISSED'):>7}")
+        title = (f"Throughput with N fake ComfyUI backends ({steps} steps × {step_delay * 1000:.0f} ms = "
+                 f"{steps * step_delay:.1f} s per prompt, 8 clients)")
+        ok = print_throughput(title + ", in this process", measure_throughput(work, bodies_of, per_backend, step_delay))
+        if shutil.which("redis-server") is None:
+            print("\nredis-server is not installed: the REDIS_URL figures are skipped")
+            return 0 if ok else 1
+        redis = RedisServer(work)
+        try:
+            ok &= print_throughput(title + ", REDIS_URL (one replica, its queue workers)",
+                                   measure_throughput(work, bodies_of, per_backend, step_delay, redis.url))
+            ok &= print_latency(measure_redis_latency(work, redis.url, 10 if args.quick else 40))
+        finally:
+            redis.stop()
         print(f"\nideal: {1 / (steps * step_delay):.2f} req/s per backend")
         return 0 if ok else 1
 

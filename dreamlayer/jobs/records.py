@@ -59,9 +59,36 @@ def queue_errors(url: str):
                                "retry in a moment") from None
 
 
+#: Records.write: KEYS = hash, events, expired marker, live set, channel, inputs; ARGV = finished, ttl (ms),
+#: marker ttl (ms), job id, number of fields, field/value pairs, then the events.
+_WRITE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == '"succeeded"' or status == '"failed"' or status == '"cancelled"' then
+  return 0
+end
+local n = tonumber(ARGV[5])
+for j = 0, n - 1 do
+  redis.call('HSET', KEYS[1], ARGV[6 + 2 * j], ARGV[7 + 2 * j])
+end
+for j = 6 + 2 * n, #ARGV do
+  redis.call('RPUSH', KEYS[2], ARGV[j])
+end
+if ARGV[1] == '1' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  redis.call('SREM', KEYS[4], ARGV[4])
+  redis.call('DEL', KEYS[6])
+end
+redis.call('PUBLISH', KEYS[5], '1')
+return 1
+"""
+
+
 class Records:
     def __init__(self, client: redis.Redis, ttl_s: float, prefix: str = PREFIX):
         self.redis = client
+        self._write = client.register_script(_WRITE)
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.live_key = f"{prefix}live"
@@ -80,8 +107,13 @@ class Records:
         return f"{self.prefix}expired:{job_id}"
 
     # -- writing -------------------------------------------------------------------------------
-    def create(self, job_id: str, pipe) -> None:
-        """A new queued job, as the embedded store starts one (its first event: queued)."""
+    def inputs_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:inputs"
+
+    def create(self, job_id: str, pipe, inputs: bytes) -> None:
+        """A new queued job, as the embedded store starts one (its first event: queued), and its
+        inputs (kept until it finishes, so that a job run again still has them)."""
+        pipe.set(self.inputs_key(job_id), inputs, px=UNFINISHED_TTL_S * 1000)
         snapshot = {"status": "queued", "prompt_id": None, "queue_position": None,
                     "progress": {"value": None, "max": None, "node": None}, "result": None, "error": None}
         pipe.hset(self.key(job_id), mapping={k: json.dumps(v) for k, v in snapshot.items()})
@@ -92,33 +124,17 @@ class Records:
         pipe.sadd(self.live_key, job_id)
 
     def write(self, job_id: str, fields: dict, events: list, *, finished: bool = False) -> bool:
-        """Update the snapshot and append events in one transaction; a finished record gets its
-        TTL. Never changes a record that already finished (returns False then)."""
-        key = self.key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    status = pipe.hget(key, "status")
-                    if status is None or json.loads(status) in TERMINAL:
-                        pipe.reset()
-                        return False
-                    pipe.multi()
-                    if fields:
-                        pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
-                    for kind, data in events:
-                        pipe.rpush(self.events_key(job_id), json.dumps([kind, data]))
-                    if finished:
-                        ttl_ms = max(1, int(self.ttl_s * 1000))
-                        pipe.pexpire(key, ttl_ms)
-                        pipe.pexpire(self.events_key(job_id), ttl_ms)
-                        pipe.set(self._expired_key(job_id), 1, px=ttl_ms + EXPIRED_MARKER_S * 1000)
-                        pipe.srem(self.live_key, job_id)
-                    pipe.publish(self.channel(job_id), "1")
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        """Update the snapshot and append events atomically, in one round trip (a Lua script); a
+        finished record gets its TTL. Never changes a record that already finished, or that has
+        expired (returns False then)."""
+        args = [1 if finished else 0, max(1, int(self.ttl_s * 1000)), int((self.ttl_s + EXPIRED_MARKER_S) * 1000),
+                job_id, len(fields)]
+        for name, value in fields.items():
+            args += [name, json.dumps(value)]
+        args += [json.dumps([kind, data]) for kind, data in events]
+        keys = [self.key(job_id), self.events_key(job_id), self._expired_key(job_id), self.live_key,
+                self.channel(job_id), self.inputs_key(job_id)]
+        return bool(self._write(keys=keys, args=args))
 
     def request_cancel(self, job_id: str) -> bool:
         """Mark the job cancelled by its owner; False if it had finished or was marked before."""
@@ -138,7 +154,10 @@ class Records:
     # -- reading -------------------------------------------------------------------------------
     def load(self, job_id: str) -> dict | None:
         """Every field of the record (decoded), or None when there is no such record."""
-        raw = self.redis.hgetall(self.key(job_id))
+        return self.decode(self.redis.hgetall(self.key(job_id)))
+
+    @staticmethod
+    def decode(raw: dict) -> dict | None:
         if not raw:
             return None
         return {k.decode(): json.loads(v) for k, v in raw.items()}

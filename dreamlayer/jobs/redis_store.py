@@ -5,6 +5,7 @@ replica run them. Same interface as the in-memory JobStore, so the routes do not
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 import uuid
 
@@ -12,6 +13,7 @@ from rq import Queue, Retry
 
 from dreamlayer.comfyui.errors import ComfyInterrupted, ComfyTimeout
 from dreamlayer.errors import ApiError
+from dreamlayer.jobs.changes import Changes
 from dreamlayer.jobs.records import TERMINAL, Records, connect, describe, queue_errors
 from dreamlayer.jobs.store import error_object
 
@@ -23,13 +25,12 @@ PERFORM = "dreamlayer.jobs.worker.perform"
 
 
 class RedisJob:
-    """A handle on one job's record, on any replica. Waiting uses the job's channel, so a
-    status change elsewhere wakes the reader at once."""
+    """A handle on one job's record, on any replica. Waiting is woken by the process's one
+    subscription to job changes (changes.py), so a change made elsewhere wakes the reader at once."""
 
     def __init__(self, store: "RedisJobStore", job_id: str):
         self.store = store
         self.id = job_id
-        self._pubsub = None
 
     @property
     def records(self) -> Records:
@@ -42,51 +43,37 @@ class RedisJob:
             raise self.store.not_found(self.id)
         return snapshot
 
-    def _subscribe(self):
-        if self._pubsub is None:
-            self._pubsub = self.records.redis.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.records.channel(self.id))
-        return self._pubsub
-
-    def _wait_change(self, deadline: float) -> None:
-        """Until the job's channel says something changed, or ``deadline``."""
-        pubsub = self._subscribe()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if pubsub.get_message(timeout=left) is not None:
-                return
+    def wait_record(self, timeout: float) -> dict | None:
+        """The record once the job has finished, or as it is after ``timeout``; None if gone."""
+        deadline = time.monotonic() + timeout
+        changes, channel = self.store.changes, self.records.channel(self.id)
+        with queue_errors(self.store.url), changes.watch(channel):
+            while True:
+                seen = changes.seq(channel)  # before reading: a change in between still wakes us
+                record = self.records.load(self.id)
+                if record is None or record.get("status") in TERMINAL or time.monotonic() >= deadline:
+                    return record
+                changes.wait(channel, seen, deadline)
 
     def wait_finished(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with queue_errors(self.store.url):
-            self._subscribe()  # before reading: a change in between still wakes us
-            while True:
-                if self.records.status(self.id) in TERMINAL:
-                    return True
-                if time.monotonic() >= deadline:
-                    return False
-                self._wait_change(deadline)
+        record = self.wait_record(timeout)
+        return record is None or record.get("status") in TERMINAL
 
     def events_after(self, last_id: int, timeout: float):
-        with queue_errors(self.store.url):
-            self._subscribe()
-            events = self.records.events(self.id, last_id)
-            status = self.records.status(self.id)
-            if not events and status not in TERMINAL and status is not None:
-                self._wait_change(time.monotonic() + timeout)
+        changes, channel = self.store.changes, self.records.channel(self.id)
+        deadline = time.monotonic() + timeout
+        with queue_errors(self.store.url), changes.watch(channel):
+            while True:
+                seen = changes.seq(channel)
                 events = self.records.events(self.id, last_id)
                 status = self.records.status(self.id)
-        return events, status in TERMINAL or status is None
+                finished = status is None or status in TERMINAL
+                if events or finished or time.monotonic() >= deadline:
+                    return events, finished
+                changes.wait(channel, seen, deadline)
 
     def close(self) -> None:
-        if self._pubsub is not None:
-            try:
-                self._pubsub.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
-            self._pubsub = None
+        """Nothing to release: waiting holds no connection of its own."""
 
 
 class RedisJobStore:
@@ -104,6 +91,7 @@ class RedisJobStore:
         self.cancel_wait_s = 2.0
         self.redis = connect(url)
         self.records = Records(self.redis, ttl_s)
+        self.changes = Changes(self.redis, self.records.channel("*"))
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
 
     def not_found(self, job_id: str) -> ApiError:
@@ -112,16 +100,20 @@ class RedisJobStore:
                             code="job_expired", status=404)
         return ApiError(f"No job {job_id!r}", code="job_not_found", status=404)
 
-    def submit(self, prepared) -> RedisJob:
+    def submit(self, prepared, *, quiet: bool = False) -> RedisJob:
         """Record the job and queue it, in one round trip. Its inputs (the validated request)
-        travel with it, pickled by RQ, so that any worker can run it."""
+        travel with it, so that any worker can run it: pickled into a key of their own beside the
+        record rather than into RQ's job, which would zlib-compress them (10 ms for a 512² image).
+        ``quiet``: no progress events (a synchronous request)."""
         job_id = uuid.uuid4().hex
+        inputs = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
         with queue_errors(self.url):
             with self.redis.pipeline() as pipe:  # one MULTI: no worker sees the job before its record
-                self.queue.enqueue_call(PERFORM, args=(job_id, prepared), job_id=job_id, timeout=-1,
+                self.queue.enqueue_call(PERFORM, args=(job_id, quiet), job_id=job_id, timeout=-1,
+                                        description="img2img",  # not the default: a repr of the inputs
                                         result_ttl=0, failure_ttl=max(1, int(self.ttl_s)), retry=Retry(max=1),
                                         meta={"ttl_s": self.ttl_s}, pipeline=pipe)
-                self.records.create(job_id, pipe)
+                self.records.create(job_id, pipe, inputs)
                 pipe.execute()
         return RedisJob(self, job_id)
 
@@ -145,10 +137,7 @@ class RedisJobStore:
             else:
                 self.records.announce({"cancel": job_id})
         if wait:
-            try:
-                job.wait_finished(self.cancel_wait_s)
-            finally:
-                job.close()
+            job.wait_finished(self.cancel_wait_s)
         return job
 
     def cancel_all(self) -> list:
@@ -161,21 +150,20 @@ class RedisJobStore:
     def run(self, prepared) -> dict:
         """A synchronous request: run it as a job and answer as the in-process path would (the
         same result, or the same error object with its status)."""
-        job = self.submit(prepared)
+        job = self.submit(prepared, quiet=True)
         # waiting for a backend (COMFY_TIMEOUT_S, as in-process), then each batch's run, and
         # time for a re-queue should its worker die
         budget = self.comfy_timeout_s * (1 + len(prepared.params.seeds())) + 3 * self.lease_s
-        try:
-            if not job.wait_finished(budget):
-                self.cancel(job.id, wait=False)
-                raise ComfyTimeout(budget, f"The job did not finish within {budget:g}s (no queue worker took it, "
-                                           "or its runs took too long; see COMFY_TIMEOUT_S)")
-            snapshot = job.snapshot()
-        finally:
-            job.close()
-        if snapshot["status"] == "succeeded":
-            return snapshot["result"]
-        error = snapshot["error"] or error_object(ComfyInterrupted(message="The generation was interrupted"))
+        record = job.wait_record(budget)
+        if record is None:
+            raise self.not_found(job.id)
+        if record.get("status") not in TERMINAL:
+            self.cancel(job.id, wait=False)
+            raise ComfyTimeout(budget, f"The job did not finish within {budget:g}s (no queue worker took it, "
+                                       "or its runs took too long; see COMFY_TIMEOUT_S)")
+        if record["status"] == "succeeded":
+            return record["result"]
+        error = record.get("error") or error_object(ComfyInterrupted(message="The generation was interrupted"))
         body = dict(error)
         status = body.pop("http_status", 500)
         body.pop("status", None)
@@ -198,4 +186,5 @@ class RedisJobStore:
             return {"redis": describe(self.url), "reachable": False, "error": str(exc)}
 
     def shutdown(self) -> None:
+        self.changes.close()
         self.redis.close()

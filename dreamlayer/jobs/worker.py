@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import threading
 import uuid
 
@@ -42,12 +43,14 @@ class MirroredJob(Job):
     """The in-memory job state machine (store.Job) of the worker running it, written through to
     the job's Redis record after every change."""
 
-    def __init__(self, job_id: str, records: Records, service):
+    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False):
         super().__init__(job_id)
         self.records = records
         self.service = service
+        self.quiet = quiet
         self._written = len(self.events)
-        self.position_of = lambda prompt_id: queue_position(service, prompt_id)
+        if not quiet:
+            self.position_of = lambda prompt_id: queue_position(service, prompt_id)
 
     def _fields(self) -> dict:
         snapshot = self.snapshot()
@@ -61,6 +64,8 @@ class MirroredJob(Job):
         with self.changed:
             events = [(kind, data) for _, kind, data in self.events[self._written:]]
             self._written = len(self.events)
+        if self.quiet and not finished:
+            events = []  # a synchronous request: its caller waits for the end, nobody for events
         self.records.write(self.id, self._fields(), events, finished=finished)
 
     def queued(self, prompt_id, index) -> None:
@@ -69,17 +74,19 @@ class MirroredJob(Job):
 
     def progress(self, event) -> None:
         super().progress(event)
-        self._flush()
+        if not self.quiet:
+            self._flush()
 
     def finish(self, status, *, result=None, error=None) -> None:
         super().finish(status, result=result, error=error)
         self._flush(finished=True)
 
 
-def perform(job_id: str, prepared) -> None:
+def perform(job_id: str, quiet: bool = False) -> None:
     """The RQ job: run one img2img job on this worker's service. Never raises for a failed
-    generation (that is the job's result); only a lost Redis connection escapes."""
-    _current.runtime.run(job_id, prepared)
+    generation (that is the job's result); only a lost Redis connection escapes. ``quiet``: a
+    synchronous request, whose record gets its prompt and its end but no progress events."""
+    _current.runtime.run(job_id, quiet)
 
 
 def on_failure(job, exc_type, exc_value, traceback) -> bool:
@@ -282,19 +289,23 @@ class QueueWorkers:
             self.service.interrupt()
 
     # -- one job -------------------------------------------------------------------------------
-    def run(self, job_id: str, prepared) -> None:
-        record = self.records.load(job_id)
-        if record is None or record.get("status") in TERMINAL:
-            return  # expired meanwhile, or cancelled while queued
-        self._forget_stale_prompt(record)
+    def run(self, job_id: str, quiet: bool = False) -> None:
         service = self.service
-        service.active.start(job_id)  # before the check below: a cancel from now on finds the run
+        service.active.start(job_id)  # before reading the record: a cancel from now on finds the run
         try:
-            job = MirroredJob(job_id, self.records, service)
-            if self.records.cancel_requested(job_id):
+            with self.records.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.records.key(job_id))
+                pipe.get(self.records.inputs_key(job_id))
+                raw, inputs = pipe.execute()
+            record = self.records.decode(raw)
+            if record is None or record.get("status") in TERMINAL or inputs is None:
+                return  # expired meanwhile, or cancelled while queued
+            self._forget_stale_prompt(record)
+            job = MirroredJob(job_id, self.records, service, quiet=quiet)
+            if record.get("cancel_requested"):
                 job.finish("cancelled")
                 return
-            run_job(service, job, prepared, lambda: self.records.cancel_requested(job_id))
+            run_job(service, job, pickle.loads(inputs), lambda: self.records.cancel_requested(job_id))
         finally:
             service.active.finish(job_id)
 
