@@ -2,7 +2,7 @@
 rem Start DreamLayer's backend on Windows: ComfyUI (when COMFYUI_DIR is set and none answers),
 rem dream_layer.py (:5002) and img2img_server.py (:5004). Ctrl-C stops everything it started.
 rem
-rem   start_dream_layer.bat               use the ComfyUI at COMFY_API_URL (or start COMFYUI_DIR's)
+rem   start_dream_layer.bat               use the ComfyUI at COMFY_API_URL (several: comma-separated, one per GPU; or start COMFYUI_DIR's)
 rem   start_dream_layer.bat --demo        use the project's fake ComfyUI (no GPU, no model)
 rem   start_dream_layer.bat --no-install  do not run pip (same as DREAMLAYER_SKIP_INSTALL=1)
 rem

@@ -2,7 +2,7 @@
 # Start DreamLayer's backend on Linux / macOS: ComfyUI (when COMFYUI_DIR is set and none answers),
 # dream_layer.py (:5002) and img2img_server.py (:5004). Ctrl-C stops everything it started.
 #
-#   ./start_dream_layer.sh            use the ComfyUI at COMFY_API_URL (or start COMFYUI_DIR's)
+#   ./start_dream_layer.sh            use the ComfyUI at COMFY_API_URL (several: comma-separated, one per GPU; or start COMFYUI_DIR's)
 #   ./start_dream_layer.sh --demo     use the project's fake ComfyUI (no GPU, no model)
 #   ./start_dream_layer.sh --no-install   do not run pip (same as DREAMLAYER_SKIP_INSTALL=1)
 #
