@@ -57,7 +57,7 @@ def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
     if not _wants_async(req):
         if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
-            return jsonify(jobs().run(service().prepare(req)))
+            return jsonify(jobs().generate(service().prepare(req)))
         return jsonify(service().generate(req))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"

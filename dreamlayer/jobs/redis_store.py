@@ -147,7 +147,7 @@ class RedisJobStore:
             self.records.announce({"interrupt": True})
         return jobs
 
-    def run(self, prepared) -> dict:
+    def generate(self, prepared) -> dict:
         """A synchronous request: run it as a job and answer as the in-process path would (the
         same result, or the same error object with its status)."""
         job = self.submit(prepared, quiet=True)
