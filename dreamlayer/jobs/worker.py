@@ -139,6 +139,13 @@ class QueueWorker(SimpleWorker):
     def _install_signal_handlers(self):
         """Not the main thread: the process keeps its own handlers (waitress, Ctrl-C)."""
 
+    def heartbeat(self, *args, **kwargs):
+        """Also where a stop request ends a wait: RQ's own dequeue loop retries a lost Redis
+        forever and calls this first in every round."""
+        if self._stop_requested:
+            raise StopRequested()
+        return super().heartbeat(*args, **kwargs)
+
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, int(round(self.runtime.lease_s)))
 
