@@ -10,6 +10,7 @@ import time
 import uuid
 
 from rq import Queue, Retry
+from rq.job import Job
 
 from dreamlayer.comfyui.errors import ComfyInterrupted, ComfyTimeout
 from dreamlayer.errors import ApiError
@@ -133,6 +134,7 @@ class RedisJobStore:
             if self.queue.remove(job_id):  # still queued: no worker has it (LREM is atomic)
                 self.records.write(job_id, {"status": "cancelled"},
                                    [("cancelled", {"type": "cancelled", "job_id": job_id})], finished=True)
+                self.redis.delete(Job.key_for(job_id))  # RQ's own record of it, which nothing will run
                 log.info("job %s cancel: removed from the queue", job_id)
             else:
                 self.records.announce({"cancel": job_id})

@@ -1,0 +1,99 @@
+"""The Redis job store's own guarantees, with a real redis-server: what a cancel of a queued job
+leaves behind, a synchronous request no worker takes, Redis going away and coming back, and
+that the records expire. (Behaviour shared with the in-process store is tested on both stores in
+test_jobs.py and test_stores_sync.py; several replicas in test_scaleout.py.)"""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from dreamlayer.img2img.app import create_app, shutdown
+from images import gradient, png
+from waiting import wait_until
+
+PARAMS = {"prompt": "a cabin", "steps": 2, "seed": 3}
+
+
+@pytest.fixture
+def api_only(service_config, redis_server):
+    """A replica that serves the API and runs no queue worker: jobs stay queued."""
+    app = create_app(service_config.replace(redis_url=redis_server.url, role="api", comfy_timeout_s=0.5,
+                                            job_lease_s=0.2))
+    yield app
+    shutdown(app)
+
+
+def post(client, params):
+    return client.post("/api/img2img", data={"params": json.dumps(params),
+                                              "image": (io.BytesIO(png(gradient(32, 32))), "i.png")},
+                       content_type="multipart/form-data")
+
+
+def keys(redis_server) -> list:
+    return sorted(k.decode() for k in redis_server.client().keys("*"))
+
+
+def test_cancelling_a_queued_job_leaves_only_its_finished_record(api_only, redis_server, fake_comfy):
+    client = api_only.test_client()
+    accepted = post(client, {**PARAMS, "async": True})
+    assert accepted.status_code == 202
+    job_id = accepted.get_json()["job_id"]
+    assert client.get(f"/api/img2img/jobs/{job_id}").get_json()["status"] == "queued"
+    assert f"dreamlayer:img2img:job:{job_id}:inputs" in keys(redis_server)
+    answer = client.post(f"/api/img2img/jobs/{job_id}/cancel").get_json()
+    assert answer["status"] == "cancelled"
+    left = keys(redis_server)
+    assert f"rq:job:{job_id}" not in left and f"dreamlayer:img2img:job:{job_id}:inputs" not in left
+    assert redis_server.client().llen("rq:queue:dreamlayer-img2img") == 0
+    assert redis_server.client().smembers("dreamlayer:img2img:live") == set()
+    ttl = redis_server.client().pttl(f"dreamlayer:img2img:job:{job_id}")
+    assert 0 < ttl <= 3600 * 1000  # kept for the job TTL, then gone
+    events = client.get(f"/api/img2img/jobs/{job_id}/events").data.decode()
+    assert events.count("event: ") == 2 and "event: cancelled" in events
+    assert fake_comfy.prompts == []
+
+
+def test_a_synchronous_request_no_worker_takes_times_out_and_is_cancelled(api_only, redis_server, fake_comfy):
+    resp = post(api_only.test_client(), PARAMS)
+    body = resp.get_json()
+    assert resp.status_code == 504 and body["code"] == "comfyui_timeout", body
+    assert redis_server.client().llen("rq:queue:dreamlayer-img2img") == 0  # taken out of the queue
+    assert redis_server.client().smembers("dreamlayer:img2img:live") == set()
+
+
+def test_redis_down_is_a_quick_503_and_the_service_recovers(service_config, redis_server, fake_comfy):
+    app = create_app(service_config.replace(redis_url=redis_server.url, job_lease_s=1))
+    try:
+        client = app.test_client()
+        assert post(client, PARAMS).status_code == 200
+        done = post(client, {**PARAMS, "seed": 4, "async": True}).get_json()["job_id"]
+        wait_until(lambda: client.get(f"/api/img2img/jobs/{done}").get_json()["status"] == "succeeded",
+                   what="the job to finish")
+        redis_server.stop()
+        for resp in (post(client, PARAMS), post(client, {**PARAMS, "async": True}),
+                     client.get(f"/api/img2img/jobs/{done}")):
+            assert resp.status_code == 503 and resp.get_json()["code"] == "queue_unavailable", resp.get_json()
+        assert client.get("/health").get_json()["queue"]["reachable"] is False
+        redis_server.start()
+        wait_until(lambda: post(client, {**PARAMS, "seed": 5}).status_code == 200,
+                   what="requests to succeed again once Redis is back")
+        assert client.get(f"/api/img2img/jobs/{done}").get_json()["status"] == "succeeded"  # kept (AOF)
+    finally:
+        shutdown(app)
+
+
+def test_finished_records_and_images_expire_with_the_job_ttl(service_config, redis_server, fake_comfy):
+    app = create_app(service_config.replace(redis_url=redis_server.url, job_ttl_s=0.5))
+    try:
+        client = app.test_client()
+        body = post(client, PARAMS).get_json()
+        name = body["comfy_response"]["generated_images"][0]["filename"]
+        assert client.get(f"/images/{name}").status_code == 200
+        wait_until(lambda: client.get(f"/images/{name}").status_code == 404, what="the image to expire")
+        resp = client.get(f"/api/img2img/jobs/{body['run_id']}")
+        assert resp.status_code == 404 and resp.get_json()["code"] == "job_expired"
+        assert [k for k in keys(redis_server) if k.startswith("dreamlayer:img2img:") and "expired" not in k] == []
+    finally:
+        shutdown(app)
