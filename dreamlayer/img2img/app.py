@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     # Everything loaded so far lives as long as the process: keep the cyclic garbage collector
     # from walking it again in every full collection (a pause of milliseconds, mid-request).
     gc.freeze()
+    if config.redis_url:
+        _stop_on_sigterm()
     serve(app, host=config.host, port=config.port, threads=config.threads, ident="dreamlayer-img2img",
           max_request_body_size=config.max_content_length + 1024 * 1024,
           # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
@@ -266,6 +268,16 @@ def main(argv=None) -> int:
           recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
     shutdown(app)
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """REDIS_URL: SIGTERM stops the server as Ctrl-C does (waitress ends on KeyboardInterrupt),
+    so that shutdown() lets the queue workers finish their running jobs before the process exits,
+    instead of the jobs being lost and run again after the lease. A second SIGTERM ends it at once."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _work_until_stopped(app: Flask, config: Config) -> int:
