@@ -658,3 +658,22 @@ def test_finished_jobs_outlive_every_replica(replicas, backends):
     for replica in new:
         resp = submit(replica, sync=True, seed=30)
         assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("role", ["both", "worker"])
+def test_sigterm_lets_the_running_job_finish_before_the_replica_exits(replicas, backends, redis_server, role):
+    """docs/scaling.md: a replica stopped with SIGTERM finishes its running jobs first, then
+    exits; the job is neither lost nor run again."""
+    a, b = backends
+    a.step_delay = b.step_delay = 0.1
+    api = replicas.start("api")
+    runs = replicas.start(role)
+    job = accepted(submit(api, {"steps": 20}))
+    wait_runner(redis_server.url, job, [runs], "the replica to run the job")
+    wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 2, "the job to make progress")
+    runs.stop()
+    assert runs.proc.returncode == 0, runs.log()[-3000:]
+    snap = status(api, job)
+    assert snap["status"] == "succeeded", snap
+    assert snap["progress"]["value"] == 20
+    assert not [d for _, k, d in events(api, job) if k == "queued" and d.get("requeued")]
