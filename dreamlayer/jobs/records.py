@@ -60,17 +60,21 @@ def queue_errors(url: str):
 
 
 #: Records.write: KEYS = hash, events, expired marker, live set, channel, inputs; ARGV = finished, ttl (ms),
-#: marker ttl (ms), job id, number of fields, field/value pairs, then the events.
+#: marker ttl (ms), job id, the attempt the writer must be ('' = any), number of fields, field/value
+#: pairs, then the events.
 _WRITE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == '"succeeded"' or status == '"failed"' or status == '"cancelled"' then
   return 0
 end
-local n = tonumber(ARGV[5])
-for j = 0, n - 1 do
-  redis.call('HSET', KEYS[1], ARGV[6 + 2 * j], ARGV[7 + 2 * j])
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[5] then
+  return 0
 end
-for j = 6 + 2 * n, #ARGV do
+local n = tonumber(ARGV[6])
+for j = 0, n - 1 do
+  redis.call('HSET', KEYS[1], ARGV[7 + 2 * j], ARGV[8 + 2 * j])
+end
+for j = 7 + 2 * n, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[j])
 end
 if ARGV[1] == '1' then
@@ -123,12 +127,13 @@ class Records:
         pipe.expire(self.events_key(job_id), UNFINISHED_TTL_S)
         pipe.sadd(self.live_key, job_id)
 
-    def write(self, job_id: str, fields: dict, events: list, *, finished: bool = False) -> bool:
+    def write(self, job_id: str, fields: dict, events: list, *, finished: bool = False,
+              attempt: str | None = None) -> bool:
         """Update the snapshot and append events atomically, in one round trip (a Lua script); a
         finished record gets its TTL. Never changes a record that already finished, or that has
-        expired (returns False then)."""
+        expired, or (``attempt``) whose "attempt" field names another run (returns False then)."""
         args = [1 if finished else 0, max(1, int(self.ttl_s * 1000)), int((self.ttl_s + EXPIRED_MARKER_S) * 1000),
-                job_id, len(fields)]
+                job_id, json.dumps(attempt) if attempt else "", len(fields)]
         for name, value in fields.items():
             args += [name, json.dumps(value)]
         args += [json.dumps([kind, data]) for kind, data in events]

@@ -43,11 +43,12 @@ class MirroredJob(Job):
     """The in-memory job state machine (store.Job) of the worker running it, written through to
     the job's Redis record after every change."""
 
-    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False):
+    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False, attempt: str | None = None):
         super().__init__(job_id)
         self.records = records
         self.service = service
         self.quiet = quiet
+        self.attempt = attempt  # this run's claim on the record (QueueWorkers.run)
         self._written = len(self.events)
         if not quiet:
             self.position_of = lambda prompt_id: queue_position(service, prompt_id)
@@ -66,7 +67,7 @@ class MirroredJob(Job):
             self._written = len(self.events)
         if self.quiet and not finished:
             events = []  # a synchronous request: its caller waits for the end, nobody for events
-        self.records.write(self.id, self._fields(), events, finished=finished)
+        self.records.write(self.id, self._fields(), events, finished=finished, attempt=self.attempt)
 
     def queued(self, prompt_id, index) -> None:
         super().queued(prompt_id, index)
@@ -98,7 +99,8 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
         _forget_executions(job)
     if job.retries_left:
         log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
-        fields = {"status": "queued", "prompt_id": None, "queue_position": None}
+        # attempt None: the lost run, should it still be alive (a paused process), writes nothing more
+        fields = {"status": "queued", "prompt_id": None, "queue_position": None, "attempt": None}
         lost_prompt = (records.load(job.id) or {}).get("prompt_id")
         if lost_prompt:  # the lost run's prompt may still be on its backend: the next run cancels it
             fields["lost_prompt_id"] = lost_prompt
@@ -307,8 +309,13 @@ class QueueWorkers:
             record = self.records.decode(raw)
             if record is None or record.get("status") in TERMINAL or inputs is None:
                 return  # expired meanwhile, or cancelled while queued
+            # this run's claim: from now on only it writes the record (a run that lost its lease but
+            # still runs, its process paused or Redis away too long, cannot spoil the next run's end)
+            attempt = uuid.uuid4().hex
+            if not self.records.write(job_id, {"attempt": attempt}, []):
+                return  # finished meanwhile
             self._forget_stale_prompt(record)
-            job = MirroredJob(job_id, self.records, service, quiet=quiet)
+            job = MirroredJob(job_id, self.records, service, quiet=quiet, attempt=attempt)
             if record.get("cancel_requested"):
                 job.finish("cancelled")
                 return
