@@ -677,3 +677,31 @@ def test_sigterm_lets_the_running_job_finish_before_the_replica_exits(replicas, 
     assert snap["status"] == "succeeded", snap
     assert snap["progress"]["value"] == 20
     assert not [d for _, k, d in events(api, job) if k == "queued" and d.get("requeued")]
+
+
+def test_a_paused_replica_whose_job_moved_on_does_not_spoil_its_end(replicas, backends, redis_server):
+    """A replica paused (SIGSTOP: a frozen VM, a stalled process) longer than the lease loses its
+    job to the other replica, which cancels the lost run's prompt and runs the job again. When the
+    paused replica wakes up, its run (now interrupted) must not write the job's end: the job
+    succeeds, with the result of the second run."""
+    a, b = backends
+    a.step_delay = b.step_delay = 0.2
+    r1, r2 = replicas.start(), replicas.start()
+    job = accepted(submit(r1, {"steps": 50}))
+    paused = wait_runner(redis_server.url, job, [r1, r2], "a replica to run the job")
+    other = r2 if paused is r1 else r1
+    first = wait_status(other, job, lambda s: (s["progress"]["value"] or 0) >= 2, "the job to make progress")
+    paused.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_runner(redis_server.url, job, [other], "the other replica to run the job again")
+        wait_status(other, job, lambda s: s["status"] == "running" and (s["progress"]["value"] or 0) >= 1
+                    and s["prompt_id"] != first["prompt_id"], "the second run to make progress")
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    # the paused replica's run now learns that its prompt was interrupted: it must write nothing
+    wait_until(lambda: paused.health()["active_generations"] == 0, what="the woken run to end")
+    a.step_delay = b.step_delay = 0.0
+    snap = finished(other, job)
+    assert snap["status"] == "succeeded", snap
+    assert snap["prompt_id"] != first["prompt_id"]
+    assert status(paused, job) == snap
