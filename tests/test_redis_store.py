@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
+import requests
 
 from dreamlayer.img2img.app import create_app, shutdown
 from images import gradient, png
@@ -97,3 +99,41 @@ def test_finished_records_and_images_expire_with_the_job_ttl(service_config, red
         assert [k for k in keys(redis_server) if k.startswith("dreamlayer:img2img:") and "expired" not in k] == []
     finally:
         shutdown(app)
+
+
+def test_after_redis_was_away_longer_than_a_lease_one_prompt_per_backend_still_holds(
+        service_config, redis_server, fake_comfy, tmp_path):
+    """Idle workers hold backend slots while they wait for a job; when Redis is away longer than a
+    slot's lease the slots expire, and a worker must not go on as if it still held one."""
+    from dreamlayer.comfyui.fake import FakeComfyUI
+
+    second = FakeComfyUI(tmp_path / "comfy-b").start()
+    lease = 2.0
+    config = service_config.replace(redis_url=redis_server.url, comfy_api_urls=(fake_comfy.url, second.url),
+                                    job_lease_s=lease, queue_workers=3)
+    apps = [create_app(config), create_app(config)]  # two replicas, six workers, two slots
+    try:
+        client = apps[0].test_client()
+        assert post(client, PARAMS).status_code == 200
+        redis_server.stop()
+        outage_end = time.monotonic() + 2 * lease
+        wait_until(lambda: time.monotonic() > outage_end, what="an outage longer than the lease")  # the lease is time
+        for fake in (fake_comfy, second):
+            fake.step_delay = 0.3
+        redis_server.start()  # and at once queue work, before the idle workers' Redis retries wake up
+        jobs = [post(client, {**PARAMS, "seed": 10 + i, "async": True}).get_json()["job_id"] for i in range(6)]
+        most = {fake_comfy.url: 0, second.url: 0}
+
+        def finished():
+            for fake in (fake_comfy, second):
+                queue = requests.get(f"{fake.url}/queue", timeout=5).json()
+                most[fake.url] = max(most[fake.url], len(queue["queue_running"]) + len(queue["queue_pending"]))
+            return all(client.get(f"/api/img2img/jobs/{j}").get_json()["status"] in ("succeeded", "failed")
+                       for j in jobs)
+        wait_until(finished, what="every job to finish")
+        assert [client.get(f"/api/img2img/jobs/{j}").get_json()["status"] for j in jobs] == ["succeeded"] * 6
+        assert most == {fake_comfy.url: 1, second.url: 1}, most
+    finally:
+        for app in apps:
+            shutdown(app)
+        second.stop()

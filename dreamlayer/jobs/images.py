@@ -6,7 +6,7 @@ as long as its job is. Same interface as img2img.staging.ServedImages.
 from __future__ import annotations
 
 from dreamlayer.img2img.staging import SAFE_NAME
-from dreamlayer.jobs.records import PREFIX, queue_errors
+from dreamlayer.jobs.records import PREFIX, patiently, queue_errors
 
 
 class RedisImages:
@@ -20,7 +20,9 @@ class RedisImages:
         return f"{self.prefix}image:{name}"
 
     def save(self, name: str, data: bytes) -> str:
-        self.redis.set(self._key(name), data, px=max(1, int(self.ttl_s * 1000)))
+        """Written by a queue worker; waits out a short Redis outage rather than lose the image."""
+        patiently(lambda: self.redis.set(self._key(name), data, px=max(1, int(self.ttl_s * 1000))),
+                  what=f"image {name}")
         return name
 
     def remove(self, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -44,6 +45,31 @@ def describe(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
 
 
+#: What a lost or unreachable Redis raises.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: How long a worker keeps trying to write what cannot be redone cheaply (a finished job's end, its
+#: images) while Redis is away, before giving up (the job is then run again once Redis is back).
+PATIENCE_S = 60.0
+
+
+def patiently(write, *, what: str, patience_s: float | None = None):
+    """Run ``write`` until Redis takes it, for up to PATIENCE_S: a finished generation is not
+    thrown away for a Redis restart of a few seconds."""
+    deadline = time.monotonic() + (PATIENCE_S if patience_s is None else patience_s)
+    delay, warned = 0.1, False
+    while True:
+        try:
+            return write()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                warned = True
+                log.warning("Redis is away (%s); retrying %s", exc, what)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 class QueueUnavailable(ApiError):
     status = 503
     code = "queue_unavailable"
@@ -54,7 +80,7 @@ def queue_errors(url: str):
     """Redis connection failures become 503 queue_unavailable (the client may retry)."""
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except REDIS_DOWN as exc:
         raise QueueUnavailable(f"The job queue (Redis at {describe(url)}) is not reachable: {exc}; "
                                "retry in a moment") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from datetime import datetime, timedelta, timezone
 import time
 import uuid
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 QUEUE_NAME = "dreamlayer-img2img"
 #: The function a worker runs for each job (by name: RQ stores it as text).
 PERFORM = "dreamlayer.jobs.worker.perform"
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class RedisJob:
@@ -181,7 +186,10 @@ class RedisJobStore:
                 queued, live = pipe.execute()
             from rq import Worker
 
-            workers = Worker.count(queue=self.queue)
+            # alive = heard from within a lease (a killed replica's workers stay registered ~90 s)
+            recent = datetime.now(timezone.utc) - timedelta(seconds=max(5.0, self.lease_s))
+            workers = sum(1 for w in Worker.all(queue=self.queue)
+                          if w.last_heartbeat is not None and _aware(w.last_heartbeat) >= recent)
             return {"redis": describe(self.url), "reachable": True, "queued": queued, "unfinished": live,
                     "workers": workers}
         except Exception as exc:  # noqa: BLE001 - health answers, whatever Redis does

@@ -34,11 +34,16 @@ class Slot:
     lock: object  # redis.lock.Lock
 
     def renew(self) -> bool:
+        """Extend the lease; if it ran out (Redis was away longer than the lease), take the slot
+        again when nobody else has. False: someone else holds it now."""
         try:
             self.lock.reacquire()
             return True
         except LockError:
-            log.warning("lost the slot of %s (its lease ran out)", self.backend.url)
+            if self.lock.acquire(blocking=False):
+                log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
+                return True
+            log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
             return False
 
     def release(self) -> None:

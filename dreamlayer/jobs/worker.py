@@ -15,7 +15,6 @@ import pickle
 import threading
 import uuid
 
-import redis
 from rq import Queue
 from rq.exceptions import AbandonedJobError, StopRequested
 from rq.executions import Execution, ExecutionRegistry
@@ -24,7 +23,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.records import TERMINAL, Records, connect
+from dreamlayer.jobs.records import REDIS_DOWN, TERMINAL, Records, connect, patiently
 from dreamlayer.jobs.redis_store import QUEUE_NAME
 from dreamlayer.jobs.store import Job, run_job, queue_position
 
@@ -32,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: How long one wait for a job lasts before the worker looks at its slot, Redis and stop again.
 DEQUEUE_SLICE_S = 1
+
+#: Leases (a running job's, a held slot's) are renewed this many times per lease: a renewal may be
+#: late (a busy machine) several times over before a live job is taken for a lost one.
+RENEWALS_PER_LEASE = 5
 
 #: RQ's own worker log (a line per job and per second of listening) only from this level.
 RQ_LOG_LEVEL = "WARNING"
@@ -49,6 +52,7 @@ class MirroredJob(Job):
         self.service = service
         self.quiet = quiet
         self.attempt = attempt  # this run's claim on the record (QueueWorkers.run)
+        self._warned = False
         self._written = len(self.events)
         if not quiet:
             self.position_of = lambda prompt_id: queue_position(service, prompt_id)
@@ -69,18 +73,28 @@ class MirroredJob(Job):
             events = []  # a synchronous request: its caller waits for the end, nobody for events
         self.records.write(self.id, self._fields(), events, finished=finished, attempt=self.attempt)
 
+    def _flush_progress(self) -> None:
+        """A progress write Redis cannot take is dropped (the status catches up with the next
+        one); the run goes on."""
+        try:
+            self._flush()
+        except REDIS_DOWN as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("job %s: progress not recorded, Redis is away (%s)", self.id, exc)
+
     def queued(self, prompt_id, index) -> None:
         super().queued(prompt_id, index)
-        self._flush()
+        self._flush_progress()
 
     def progress(self, event) -> None:
         super().progress(event)
         if not self.quiet:
-            self._flush()
+            self._flush_progress()
 
     def finish(self, status, *, result=None, error=None) -> None:
         super().finish(status, result=result, error=error)
-        self._flush(finished=True)
+        patiently(lambda: self._flush(finished=True), what=f"the end of job {self.id}")
 
 
 def perform(job_id: str, quiet: bool = False) -> None:
@@ -155,15 +169,27 @@ class QueueWorker(SimpleWorker):
         shared = self.runtime.slots
         while not self._stop_requested:
             if shared is not None:
-                self.slot = shared.try_acquire()
+                try:
+                    self.slot = shared.try_acquire()
+                except REDIS_DOWN:
+                    self.runtime.stopping.wait(1.0)  # Redis away: RQ's own dequeue below logs it
+                    self.slot = None
                 if self.slot is None:  # every backend busy: wait a little, keep our registration fresh
-                    self.heartbeat()
-                    if self.should_run_maintenance_tasks:
-                        self.run_maintenance_tasks()
+                    try:
+                        self.heartbeat()
+                        if self.should_run_maintenance_tasks:
+                            self.run_maintenance_tasks()
+                    except REDIS_DOWN:
+                        self.runtime.stopping.wait(1.0)
                     self.runtime.stopping.wait(0.05)
                     continue
             result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
             if result is not None:
+                if self.slot is not None and not self.slot.renew():
+                    # the wait outlived the slot's lease (Redis was away) and another worker has
+                    # it now: the job takes whichever slot frees first (SharedBackendPool.lease)
+                    shared.release(self.slot)
+                    self.slot = None
                 return result
             if self.slot is not None:
                 shared.release(self.slot)
@@ -259,8 +285,9 @@ class QueueWorkers:
             backoff = min(backoff * 2, 5.0)
 
     def _keep(self) -> None:
-        """Renew the leases of running jobs and of held slots, a third of the lease apart."""
-        while not self.stopping.wait(self.lease_s / 3):
+        """Renew the leases of running jobs and of held slots, RENEWALS_PER_LEASE times a lease."""
+        failing = False
+        while not self.stopping.wait(self.lease_s / RENEWALS_PER_LEASE):
             try:
                 with self._lock:
                     workers = list(self.workers)
@@ -268,22 +295,31 @@ class QueueWorkers:
                     worker.keep_lease()
                 if self.slots is not None:
                     self.slots.renew_all()
+                failing = False
             except Exception as exc:  # noqa: BLE001 - Redis down: the next round tries again
-                log.warning("could not renew job leases: %s", exc)
+                if not failing:  # once per outage, not every round
+                    log.warning("could not renew job leases: %s", exc)
+                failing = True
 
     def _listen(self) -> None:
         """Cancel announcements: this replica cancels only the runs it has."""
+        lost = False
         while not self.stopping.is_set():
             pubsub = None
             try:
                 pubsub = self.records.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.records.control_channel)
+                if lost:
+                    log.info("queue control channel back")
+                lost = False
                 while not self.stopping.is_set():
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None:
                         self._control(json.loads(message["data"]))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("queue control channel lost (%s); listening again", exc)
+            except REDIS_DOWN as exc:
+                if not lost:  # once per outage
+                    log.warning("queue control channel lost (%s); listening again when Redis is back", exc)
+                lost = True
                 self.stopping.wait(0.5)
             finally:
                 if pubsub is not None:
