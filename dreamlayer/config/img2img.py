@@ -68,7 +68,7 @@ class Config:
     redis_url: str = E.default("REDIS_URL")
     #: With redis_url: "both" (API and queue workers), "api" or "worker".
     role: str = E.default("IMG2IMG_ROLE")
-    #: With redis_url: queue worker threads of this process; None = one per backend slot
+    #: With redis_url: queue worker threads of this process; None = one per backend slot, plus a spare
     #: (COMFY_PROMPTS_PER_BACKEND x backends), 4 when the backends have no slot limit.
     queue_workers: Optional[int] = None
     #: With redis_url: a job whose worker stops renewing its lease this long (killed replica)

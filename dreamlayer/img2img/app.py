@@ -199,7 +199,9 @@ def _queue_workers(config: Config, service: Img2ImgService):
     from dreamlayer.jobs.worker import QueueWorkers
 
     pool = service.pool
-    count = config.queue_workers or (len(pool) * pool.slots if pool.slots else 4)
+    # one per backend slot, plus a spare that takes a slot the moment a job ends (while the
+    # finishing worker does RQ's bookkeeping of it)
+    count = config.queue_workers or (len(pool) * pool.slots + 1 if pool.slots else 4)
     return QueueWorkers(service, config, count=count).start()
 
 

@@ -61,6 +61,7 @@ class RedisSlots:
         self.prefix = prefix
         self._held: set = set()
         self._lock = threading.Lock()
+        self._freed = threading.Condition()
 
     @property
     def per_backend(self):
@@ -129,6 +130,14 @@ class RedisSlots:
         with self._lock:
             self._held.discard(slot)
         slot.release()
+        with self._freed:
+            self._freed.notify_all()
+
+    def wait_freed(self, timeout: float) -> None:
+        """Until this process frees a slot, or ``timeout`` (slots freed by other replicas are
+        found by polling): a spare worker takes a slot the moment a job here ends."""
+        with self._freed:
+            self._freed.wait(timeout)
 
     def renew_all(self) -> None:
         """Extend the lease of every slot this process holds (the lease keeper calls it)."""

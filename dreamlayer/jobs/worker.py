@@ -101,7 +101,10 @@ def perform(job_id: str, quiet: bool = False) -> None:
     """The RQ job: run one img2img job on this worker's service. Never raises for a failed
     generation (that is the job's result); only a lost Redis connection escapes. ``quiet``: a
     synchronous request, whose record gets its prompt and its end but no progress events."""
-    _current.runtime.run(job_id, quiet)
+    try:
+        _current.runtime.run(job_id, quiet)
+    finally:
+        _current.worker.release_slot()
 
 
 def on_failure(job, exc_type, exc_value, traceback) -> bool:
@@ -181,7 +184,7 @@ class QueueWorker(SimpleWorker):
                             self.run_maintenance_tasks()
                     except REDIS_DOWN:
                         self.runtime.stopping.wait(1.0)
-                    self.runtime.stopping.wait(0.05)
+                    shared.wait_freed(0.05)
                     continue
             result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
             if result is not None:
@@ -197,7 +200,7 @@ class QueueWorker(SimpleWorker):
         raise StopRequested()
 
     def execute_job(self, job, queue):
-        _current.runtime, slot_mod.held.slot = self.runtime, self.slot
+        _current.runtime, _current.worker, slot_mod.held.slot = self.runtime, self, self.slot
         try:
             execution = self.prepare_execution(job)
             self.running = (job, execution)
@@ -205,10 +208,15 @@ class QueueWorker(SimpleWorker):
             self.set_state(WorkerStatus.IDLE)
         finally:
             self.running = None
-            _current.runtime = slot_mod.held.slot = None
-            if self.slot is not None:
-                self.runtime.slots.release(self.slot)
-                self.slot = None
+            _current.runtime = _current.worker = slot_mod.held.slot = None
+            self.release_slot()
+
+    def release_slot(self) -> None:
+        """Free the backend slot as soon as the job's own work is done (before RQ's bookkeeping
+        of the job): a spare worker takes it and the next job at once."""
+        if self.slot is not None:
+            self.runtime.slots.release(self.slot)
+            self.slot = slot_mod.held.slot = None
 
     def keep_lease(self) -> None:
         """Called by the keeper thread: renew the running job's lease in RQ's registry."""
