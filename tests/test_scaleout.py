@@ -177,8 +177,9 @@ class Replicas:
         replica = Replica(name, folder, env, port if role != "worker" else None, role, self.redis_url)
         self.started.append(replica)
         replica.start()
-        # one queue worker per backend slot: COMFY_PROMPTS_PER_BACKEND (1) x backends
-        return replica.wait_ready(workers=int(extra.get("IMG2IMG_QUEUE_WORKERS", len(urls))))
+        # the default: one queue worker per backend slot (COMFY_PROMPTS_PER_BACKEND (1) x backends)
+        # plus a spare
+        return replica.wait_ready(workers=int(extra.get("IMG2IMG_QUEUE_WORKERS", len(urls) + 1)))
 
     def stop_all(self) -> None:
         errors = []
@@ -537,7 +538,7 @@ def test_a_job_whose_worker_is_killed_twice_fails_with_worker_lost(replicas, bac
     assert got[-1][1] == "error" and got[-1][2]["code"] == "worker_lost"
     # the third worker runs new work (the killed workers' slots were given back by their leases)
     assert finished(api, accepted(submit(api, seed=5)))["status"] == "succeeded"
-    assert w3.queue_workers() == 2
+    assert w3.queue_workers() == len(backends) + 1
 
 
 # --- 4. Redis goes away and comes back ----------------------------------------------------------
