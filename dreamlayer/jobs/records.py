@@ -202,9 +202,17 @@ class Records:
     def existed(self, job_id: str) -> bool:
         return bool(self.redis.exists(self._expired_key(job_id)))
 
-    def events(self, job_id: str, after: int) -> list:
-        """Events with an id above ``after``, as (id, kind, data)."""
-        raw = self.redis.lrange(self.events_key(job_id), after, -1)
+    def events_and_status(self, job_id: str, after: int) -> tuple:
+        """(events with an id above ``after``, status), read at one instant (MULTI): a job that
+        finishes in between cannot look finished without its final event."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.events_key(job_id), after, -1)
+            pipe.hget(self.key(job_id), "status")
+            raw, status = pipe.execute()
+        return self._events(raw, after), None if status is None else json.loads(status)
+
+    @staticmethod
+    def _events(raw: list, after: int) -> list:
         out = []
         for offset, item in enumerate(raw, start=after + 1):
             kind, data = json.loads(item)

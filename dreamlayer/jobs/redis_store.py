@@ -71,8 +71,7 @@ class RedisJob:
         with queue_errors(self.store.url), changes.watch(channel):
             while True:
                 seen = changes.seq(channel)
-                events = self.records.events(self.id, last_id)
-                status = self.records.status(self.id)
+                events, status = self.records.events_and_status(self.id, last_id)
                 finished = status is None or status in TERMINAL
                 if events or finished or time.monotonic() >= deadline:
                     return events, finished
