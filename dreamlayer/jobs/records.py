@@ -87,7 +87,7 @@ def queue_errors(url: str):
 
 #: Records.write: KEYS = hash, events, expired marker, live set, channel, inputs; ARGV = finished, ttl (ms),
 #: marker ttl (ms), job id, the attempt the writer must be ('' = any), number of fields, field/value
-#: pairs, then the events.
+#: pairs, then the events. Readers are woken (PUBLISH) only by new events or the end.
 _WRITE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == '"succeeded"' or status == '"failed"' or status == '"cancelled"' then
@@ -110,7 +110,9 @@ if ARGV[1] == '1' then
   redis.call('SREM', KEYS[4], ARGV[4])
   redis.call('DEL', KEYS[6])
 end
-redis.call('PUBLISH', KEYS[5], '1')
+if ARGV[1] == '1' or #ARGV >= 7 + 2 * n then
+  redis.call('PUBLISH', KEYS[5], '1')  -- readers wait for events or the end, nothing else
+end
 return 1
 """
 

@@ -163,7 +163,11 @@ class QueueWorker(SimpleWorker):
         forever and calls this first in every round."""
         if self._stop_requested:
             raise StopRequested()
-        return super().heartbeat(*args, **kwargs)
+        if kwargs.get("pipeline") is not None or len(args) > 1:
+            return super().heartbeat(*args, **kwargs)
+        with self.connection.pipeline() as pipe:  # RQ sends its three commands one by one
+            super().heartbeat(*args, pipeline=pipe, **kwargs)
+            pipe.execute()
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, int(round(self.runtime.lease_s)))
