@@ -1,12 +1,25 @@
-"""pytest fixture: a started FakeComfyUI per test (loaded via pytest_plugins in tests/conftest.py)."""
+"""pytest fixtures: started FakeComfyUI servers per test (loaded via pytest_plugins in tests/conftest.py)."""
 import pytest
 
 from dreamlayer.comfyui.fake import FakeComfyUI
 
 
+def _started(folder):
+    fake = FakeComfyUI(folder)
+    fake.start()
+    return fake
+
+
 @pytest.fixture
 def fake_comfy(tmp_path):
-    fake = FakeComfyUI(tmp_path / "comfy")
-    fake.start()
+    fake = _started(tmp_path / "comfy")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def second_comfy(tmp_path):
+    """A second backend, for the tests of several ComfyUI servers (COMFY_API_URL lists both)."""
+    fake = _started(tmp_path / "comfy-b")
     yield fake
     fake.stop()

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from dreamlayer.comfyui.fake import FakeComfyUI
 from dreamlayer.img2img.app import create_app
 from images import box_mask, gradient, png
 from service_fixtures import LiveServer
@@ -17,11 +16,8 @@ PARAMS = {"prompt": "a red cube", "steps": 2, "seed": 5, "denoising_strength": 0
 
 
 @pytest.fixture
-def second(tmp_path):
-    fake = FakeComfyUI(tmp_path / "comfy-b")
-    fake.start()
-    yield fake
-    fake.stop()
+def second(second_comfy):
+    return second_comfy
 
 
 @pytest.fixture

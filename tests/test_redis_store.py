@@ -102,12 +102,10 @@ def test_finished_records_and_images_expire_with_the_job_ttl(service_config, red
 
 
 def test_after_redis_was_away_longer_than_a_lease_one_prompt_per_backend_still_holds(
-        service_config, redis_server, fake_comfy, tmp_path):
+        service_config, redis_server, fake_comfy, second_comfy):
     """Idle workers hold backend slots while they wait for a job; when Redis is away longer than a
     slot's lease the slots expire, and a worker must not go on as if it still held one."""
-    from dreamlayer.comfyui.fake import FakeComfyUI
-
-    second = FakeComfyUI(tmp_path / "comfy-b").start()
+    second = second_comfy
     lease = 2.0
     config = service_config.replace(redis_url=redis_server.url, comfy_api_urls=(fake_comfy.url, second.url),
                                     job_lease_s=lease, queue_workers=3)
@@ -136,4 +134,3 @@ def test_after_redis_was_away_longer_than_a_lease_one_prompt_per_backend_still_h
     finally:
         for app in apps:
             shutdown(app)
-        second.stop()

@@ -38,11 +38,8 @@ LEASE_S = 2
 # --- the backends -----------------------------------------------------------------------------
 
 @pytest.fixture
-def backend_b(tmp_path):
-    fake = FakeComfyUI(tmp_path / "comfy-b")
-    fake.start()
-    yield fake
-    fake.stop()
+def backend_b(second_comfy):
+    return second_comfy
 
 
 @pytest.fixture

@@ -120,6 +120,13 @@ class BackendPool:
             finally:
                 self._line.remove(ticket)
                 self._cond.notify_all()
+        with self._counted(backend):
+            yield backend
+
+    @contextmanager
+    def _counted(self, backend: Backend):
+        """A run on ``backend`` (already counted busy): done or failed when it ends, and the
+        waiting leases told that it is free."""
         ok = False
         try:
             yield backend

@@ -170,15 +170,9 @@ class SharedBackendPool(BackendPool):
         with self._cond:
             backend.busy += 1
             backend._last_used = next(self._uses)
-        ok = False
         try:
-            yield backend
-            ok = True
+            with self._counted(backend):
+                yield backend
         finally:
-            with self._cond:
-                backend.busy -= 1
-                backend.done += ok
-                backend.failed += not ok
-                self._cond.notify_all()
             if own:
                 self.shared.release(slot)

@@ -23,7 +23,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.records import REDIS_DOWN, TERMINAL, Records, connect, patiently
+from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, TERMINAL, Records, connect, patiently
 from dreamlayer.jobs.redis_store import QUEUE_NAME
 from dreamlayer.jobs.store import Job, run_job, queue_position
 
@@ -59,7 +59,7 @@ class MirroredJob(Job):
 
     def _fields(self) -> dict:
         snapshot = self.snapshot()
-        fields = {k: snapshot[k] for k in ("status", "prompt_id", "queue_position", "progress", "result", "error")}
+        fields = {k: snapshot[k] for k in FIELDS}
         client = self.service.active.prompt_of(self.prompt_id) if self.prompt_id else None
         if client is not None:
             fields["backend"] = client.base_url
