@@ -70,6 +70,8 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(service_config, redi
     try:
         client = app.test_client()
         assert post(client, PARAMS).status_code == 200
+        # /health counts the live queue workers: 4 (one backend, no slot limit)
+        wait_until(lambda: client.get("/health").get_json()["queue"]["workers"] == 4, what="4 live workers")
         done = post(client, {**PARAMS, "seed": 4, "async": True}).get_json()["job_id"]
         wait_until(lambda: client.get(f"/api/img2img/jobs/{done}").get_json()["status"] == "succeeded",
                    what="the job to finish")
