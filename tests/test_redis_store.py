@@ -136,3 +136,15 @@ def test_after_redis_was_away_longer_than_a_lease_one_prompt_per_backend_still_h
     finally:
         for app in apps:
             shutdown(app)
+
+
+def test_the_registry_cleaning_lock_lasts_a_lease_not_fifteen_minutes(redis_server):
+    """A replica killed while it holds RQ's cleaning lock must not stop the others from re-running
+    abandoned jobs for RQ's 899 s: our queue workers take it for one lease."""
+    from dreamlayer.jobs.redis_store import QUEUE_NAME
+    from dreamlayer.jobs.worker import WorkerQueue
+
+    queue = WorkerQueue(QUEUE_NAME, connection=redis_server.client())
+    queue.lock_s = 2.0
+    assert queue.acquire_maintenance_lock() and not queue.acquire_maintenance_lock()
+    assert 0 < redis_server.client().pttl(queue.registry_cleaning_key) <= 2000
