@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -148,3 +149,76 @@ def test_the_registry_cleaning_lock_lasts_a_lease_not_fifteen_minutes(redis_serv
     queue.lock_s = 2.0
     assert queue.acquire_maintenance_lock() and not queue.acquire_maintenance_lock()
     assert 0 < redis_server.client().pttl(queue.registry_cleaning_key) <= 2000
+
+
+# --- a synchronous request run at once (QueueWorkers.run_here) --------------------------------------
+
+def seeds(fake) -> list:
+    """The seeds of the prompts the fake received, in order."""
+    return [next(n["inputs"]["seed"] for n in prompt.values() if n["class_type"] == "KSampler")
+            for _, prompt, _ in fake.prompts]
+
+
+def in_background(fn):
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_a_synchronous_request_on_an_idle_replica_runs_at_once_as_an_rq_job_started_here(
+        service_config, redis_server, fake_comfy):
+    """No trip through the queue when nothing waits and a backend is free: the request's own thread
+    runs it, as an RQ job started in RQ's registry with a lease (so a replica killed meanwhile has
+    it run again, test_scaleout.py); once answered, the job reads as finished and RQ's bookkeeping
+    of it is cleared."""
+    app = create_app(service_config.replace(redis_url=redis_server.url))
+    redis = redis_server.client()
+    try:
+        fake_comfy.step_delay = 0.2  # 50 steps: long enough to look at it while it runs
+        answer = in_background(lambda: post(app.test_client(), {**PARAMS, "steps": 50}))
+        [job_id] = wait_until(lambda: sorted(m.decode() for m in redis.smembers("dreamlayer:img2img:live")),
+                              what="the job's record")
+        rq_job = wait_until(lambda: redis.hgetall(f"rq:job:{job_id}").get(b"status") == b"started"
+                            and redis.hgetall(f"rq:job:{job_id}"), what="RQ's record of it, started")
+        assert rq_job[b"worker_name"].decode().endswith("-at-once")  # not a queue worker's
+        assert redis.llen("rq:queue:dreamlayer-img2img") == 0  # never queued
+        [entry] = redis.zrange("rq:wip:dreamlayer-img2img", 0, -1)  # RQ's started registry: a lease
+        assert entry.decode().startswith(f"{job_id}:")
+        fake_comfy.step_delay = 0.0
+        resp = answer.result(timeout=60)
+        body = resp.get_json()
+        assert resp.status_code == 200 and body["run_id"] == job_id, body
+        # read-your-writes: the answer's job is finished when the answer arrives
+        assert app.test_client().get(f"/api/img2img/jobs/{job_id}").get_json()["status"] == "succeeded"
+        wait_until(lambda: not redis.exists(f"rq:job:{job_id}") and redis.zcard("rq:wip:dreamlayer-img2img") == 0,
+                   what="RQ's bookkeeping of the job to be cleared")
+        assert redis.smembers("dreamlayer:img2img:live") == set()
+        assert not redis.exists(f"dreamlayer:img2img:job:{job_id}:inputs")
+    finally:
+        fake_comfy.step_delay = 0.0
+        shutdown(app)
+
+
+def test_a_synchronous_request_does_not_overtake_a_queued_job(service_config, redis_server, fake_comfy):
+    """With a job waiting in the queue, a synchronous request waits its turn behind it (it is not
+    run at once), even on a backend without a slot limit."""
+    app = create_app(service_config.replace(redis_url=redis_server.url, queue_workers=1))
+    redis = redis_server.client()
+    client = app.test_client()
+    try:
+        fake_comfy.step_delay = 0.2
+        first = post(client, {**PARAMS, "seed": 1, "steps": 50, "async": True}).get_json()["job_id"]
+        wait_until(lambda: client.get(f"/api/img2img/jobs/{first}").get_json()["prompt_id"],
+                   what="the only queue worker to run the first job")
+        assert post(client, {**PARAMS, "seed": 2, "async": True}).status_code == 202
+        assert redis.llen("rq:queue:dreamlayer-img2img") == 1
+        answer = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 3}))
+        wait_until(lambda: redis.llen("rq:queue:dreamlayer-img2img") == 2, what="the request to be queued behind it")
+        fake_comfy.step_delay = 0.0
+        resp = answer.result(timeout=60)
+        assert resp.status_code == 200, resp.get_json()
+        assert seeds(fake_comfy) == [1, 2, 3]
+    finally:
+        fake_comfy.step_delay = 0.0
+        shutdown(app)

@@ -505,6 +505,40 @@ def test_a_job_whose_replica_is_killed_is_finished_by_the_other(replicas, backen
         assert cancel(survivor, job_id)["status"] == "cancelled"
 
 
+def test_a_synchronous_request_run_at_once_whose_replica_is_killed_is_finished_by_the_other(
+        replicas, backends, redis_server):
+    """A synchronous request that an idle replica runs at once (in the request's own thread, not
+    through the queue) is an RQ job all the same: SIGKILL of that replica leaves it in RQ's started
+    registry, and after the lease the other replica runs it again to its end (its client lost its
+    connection with the replica; the result is readable from the survivor by its run_id)."""
+    from redis import Redis
+
+    a, b = backends
+    a.step_delay = b.step_delay = 0.2
+    r1, r2 = replicas.start(), replicas.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(submit, r1, {"steps": 50}, sync=True)
+        with Redis.from_url(redis_server.url, socket_timeout=5) as redis:
+            [job] = wait_until(lambda: [m.decode() for m in redis.smembers("dreamlayer:img2img:live")],
+                               what="the request's job record")
+            worker_name = wait_until(lambda: redis.hget(f"rq:job:{job}", "worker_name"),
+                                     what="RQ's record of the job, started").decode()
+        assert worker_name.endswith(f"-{r1.pid}-at-once"), worker_name  # run by r1 itself, not queued
+        first = wait_status(r2, job, lambda s: s["prompt_id"] is not None, "the job to queue its prompt")
+        first_backend = running_on(backends, first)
+        r1.kill()
+        with pytest.raises(requests.ConnectionError):
+            answer.result(timeout=60)
+    wait_runner(redis_server.url, job, [r2], "the survivor to run the job again")
+    wait_until(lambda: first_backend.running_prompt_id() != first["prompt_id"],
+               what="the first run's prompt to be cancelled")
+    a.step_delay = b.step_delay = 0.0
+    snap = finished(r2, job)
+    assert snap["status"] == "succeeded" and snap["prompt_id"] != first["prompt_id"], snap
+    [name] = image_names(snap["result"])
+    image(r2, name)
+
+
 def test_a_job_whose_worker_is_killed_twice_fails_with_worker_lost(replicas, backends, redis_server):
     """IMG2IMG_ROLE=api answers, IMG2IMG_ROLE=worker replicas run. The job is run again once
     after its worker is killed; killed again, it fails with worker_lost (503) rather than being

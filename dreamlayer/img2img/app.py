@@ -57,7 +57,7 @@ def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
     if not _wants_async(req):
         if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
-            return jsonify(jobs().generate(service().prepare(req)))
+            return jsonify(jobs().generate(service().prepare(req), request=req))
         return jsonify(service().generate(req))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
@@ -229,8 +229,10 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
     service = Img2ImgService(config, client, _served_images(config), backend_pool(config, client))
     app.extensions["img2img"] = service
-    app.extensions["img2img_jobs"] = _job_store(config, service)
-    app.extensions["img2img_workers"] = _queue_workers(config, service)
+    app.extensions["img2img_jobs"] = store = _job_store(config, service)
+    app.extensions["img2img_workers"] = workers = _queue_workers(config, service)
+    if workers is not None:
+        store.local = workers  # a synchronous request may run here at once (RedisJobStore.generate)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
     if config.api_key:

@@ -142,12 +142,15 @@ class Records:
     def inputs_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:inputs"
 
-    def create(self, job_id: str, pipe, inputs: bytes) -> None:
+    def create(self, job_id: str, pipe, inputs: bytes, *, attempt: str | None = None) -> None:
         """A new queued job, as the embedded store starts one (its first event: queued), and its
-        inputs (kept until it finishes, so that a job run again still has them)."""
+        inputs (kept until it finishes, so that a job run again still has them). ``attempt``: the
+        run that claims it from the start (a job started at once, QueueWorkers.run_here)."""
         pipe.set(self.inputs_key(job_id), inputs, px=UNFINISHED_TTL_S * 1000)
         snapshot = {"status": "queued", "prompt_id": None, "queue_position": None,
                     "progress": {"value": None, "max": None, "node": None}, "result": None, "error": None}
+        if attempt is not None:
+            snapshot["attempt"] = attempt
         pipe.hset(self.key(job_id), mapping={k: json.dumps(v) for k, v in snapshot.items()})
         pipe.rpush(self.events_key(job_id), json.dumps(["queued", {"type": "queued", "position": None,
                                                                    "prompt_id": None}]))
@@ -160,6 +163,21 @@ class Records:
         """Update the snapshot and append events atomically, in one round trip (a Lua script); a
         finished record gets its TTL. Never changes a record that already finished, or that has
         expired, or (``attempt``) whose "attempt" field names another run (returns False then)."""
+        return bool(self._write(**self._write_call(job_id, fields, events, finished, attempt)))
+
+    def queue_write(self, pipe, job_id: str, fields: dict, events: list, *, finished: bool = False,
+                    attempt: str | None = None) -> None:
+        """write() queued on ``pipe``, with other commands in the same round trip (its result is
+        the pipeline's, truthy when written). By the script's hash alone (a Script on a pipeline
+        costs a round trip of its own, SCRIPT EXISTS, every time): a Redis that lost its scripts
+        (restarted) fails the pipeline with NoScriptError, after load_script() it goes through."""
+        call = self._write_call(job_id, fields, events, finished, attempt)
+        pipe.evalsha(self._write.sha, len(call["keys"]), *call["keys"], *call["args"])
+
+    def load_script(self) -> None:
+        self.redis.script_load(_WRITE)
+
+    def _write_call(self, job_id, fields, events, finished, attempt) -> dict:
         args = [1 if finished else 0, max(1, int(self.ttl_s * 1000)), int((self.ttl_s + EXPIRED_MARKER_S) * 1000),
                 job_id, json.dumps(attempt) if attempt else "", len(fields)]
         for name, value in fields.items():
@@ -167,7 +185,7 @@ class Records:
         args += [json.dumps([kind, data]) for kind, data in events]
         keys = [self.key(job_id), self.events_key(job_id), self._expired_key(job_id), self.live_key,
                 self.channel(job_id), self.inputs_key(job_id)]
-        return bool(self._write(keys=keys, args=args))
+        return {"keys": keys, "args": args}
 
     def request_cancel(self, job_id: str) -> bool:
         """Mark the job cancelled by its owner; False if it had finished or was marked before."""

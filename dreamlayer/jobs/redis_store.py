@@ -26,6 +26,13 @@ QUEUE_NAME = "dreamlayer-img2img"
 PERFORM = "dreamlayer.jobs.worker.perform"
 
 
+def job_options(job_id: str, quiet: bool, ttl_s: float) -> dict:
+    """RQ's options for one of our jobs, queued (submit) or started at once (QueueWorkers.run_here)."""
+    return {"args": (job_id, quiet), "job_id": job_id, "timeout": -1,
+            "description": "img2img",  # not the default: a repr of the inputs
+            "result_ttl": 0, "failure_ttl": max(1, int(ttl_s)), "retry": Retry(max=1), "meta": {"ttl_s": ttl_s}}
+
+
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
@@ -98,6 +105,7 @@ class RedisJobStore:
         self.records = Records(self.redis, ttl_s)
         self.changes = Changes(self.redis, self.records.channel("*"))
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.local = None  # this replica's queue workers (QueueWorkers), when it runs any
 
     def not_found(self, job_id: str) -> ApiError:
         if self.records.existed(job_id):
@@ -114,10 +122,7 @@ class RedisJobStore:
         inputs = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
         with queue_errors(self.url):
             with self.redis.pipeline() as pipe:  # one MULTI: no worker sees the job before its record
-                self.queue.enqueue_call(PERFORM, args=(job_id, quiet), job_id=job_id, timeout=-1,
-                                        description="img2img",  # not the default: a repr of the inputs
-                                        result_ttl=0, failure_ttl=max(1, int(self.ttl_s)), retry=Retry(max=1),
-                                        meta={"ttl_s": self.ttl_s}, pipeline=pipe)
+                self.queue.enqueue_call(PERFORM, pipeline=pipe, **job_options(job_id, quiet, self.ttl_s))
                 self.records.create(job_id, pipe, inputs)
                 pipe.execute()
         return RedisJob(self, job_id)
@@ -153,9 +158,17 @@ class RedisJobStore:
             self.records.announce({"interrupt": True})
         return jobs
 
-    def generate(self, prepared) -> dict:
+    def generate(self, prepared, request=None) -> dict:
         """A synchronous request: run it as a job and answer as the in-process path would (the
-        same result, or the same error object with its status)."""
+        same result, or the same error object with its status). When this replica runs queue
+        workers and the job would be the next one anyway (nothing queued, a backend free), it
+        runs here at once (QueueWorkers.run_here); otherwise it waits its turn in the queue.
+        ``request``: what ``prepared`` was made of, if known (run_here keeps it, smaller)."""
+        if self.local is not None:
+            with queue_errors(self.url):
+                ran = self.local.run_here(uuid.uuid4().hex, prepared, request)
+            if ran is not None:
+                return self._answer(ran.snapshot())
         job = self.submit(prepared, quiet=True)
         # waiting for a backend (COMFY_TIMEOUT_S, as in-process), then each batch's run, and
         # time for a re-queue should its worker die
@@ -167,6 +180,11 @@ class RedisJobStore:
             self.cancel(job.id, wait=False)
             raise ComfyTimeout(budget, f"The job did not finish within {budget:g}s (no queue worker took it, "
                                        "or its runs took too long; see COMFY_TIMEOUT_S)")
+        return self._answer(record)
+
+    @staticmethod
+    def _answer(record: dict) -> dict:
+        """A finished job's record as the synchronous answer: its result, or its error raised."""
         if record["status"] == "succeeded":
             return record["result"]
         error = record.get("error") or error_object(ComfyInterrupted(message="The generation was interrupted"))

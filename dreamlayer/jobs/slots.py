@@ -84,13 +84,21 @@ class RedisSlots:
             up = candidates  # none answers: try them all (one that came back is used at once)
         return up
 
-    def try_acquire(self, exclude=(), *, waiting: bool = False) -> Slot | None:
+    def try_acquire(self, exclude=(), *, waiting: bool = False, unless_queued: str | None = None) -> Slot | None:
         """A free slot of a backend in rotation (the least recently used first), or None.
         Raises NoBackendLeft when ``exclude`` leaves no backend. An idle queue worker
-        (``waiting`` False) leaves alone the backends a running job waits for (see acquire)."""
+        (``waiting`` False) leaves alone the backends a running job waits for (see acquire).
+        ``unless_queued``: a queue's key; None while a job waits in it (a job started at once
+        must not overtake them)."""
         up = self._candidates(exclude)
         if not waiting:
-            wanted = self.redis.mget([self._wanted(b) for b in up])
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.mget([self._wanted(b) for b in up])
+                if unless_queued:
+                    pipe.llen(unless_queued)
+                wanted, *queued = pipe.execute()
+            if any(queued):
+                return None
             up = [b for b, w in zip(up, wanted) if w is None]
         for backend in sorted(up, key=lambda b: (b.busy, b._last_used)):
             for index in range(self.per_backend):

@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import queue as queue_mod
+import socket
 import threading
 import uuid
 
+from redis.exceptions import NoScriptError
 from rq import Queue
 from rq.exceptions import AbandonedJobError, StopRequested
 from rq.executions import Execution, ExecutionRegistry
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.jobs import slots as slot_mod
 from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, TERMINAL, Records, connect, patiently
-from dreamlayer.jobs.redis_store import QUEUE_NAME
-from dreamlayer.jobs.store import Job, run_job, queue_position
+from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
+from dreamlayer.img2img.service import Img2ImgRequest
+from dreamlayer.jobs.store import Job, error_object, run_job, queue_position
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +50,20 @@ _current = threading.local()  # the runtime of the worker thread running a job
 
 class MirroredJob(Job):
     """The in-memory job state machine (store.Job) of the worker running it, written through to
-    the job's Redis record after every change."""
+    the job's Redis record after every change: at once, or (``later``, a job run at once for a
+    synchronous request) by a writer thread, in order, so that its run does not wait for them;
+    its end always at once (when the caller has its answer, the job reads as finished)."""
 
-    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False, attempt: str | None = None):
+    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False, attempt: str | None = None,
+                 later=None):
         super().__init__(job_id)
         self.records = records
         self.service = service
         self.quiet = quiet
+        self.later = later  # None, or a callable that runs a write later (QueueWorkers._write_later)
         self.attempt = attempt  # this run's claim on the record (QueueWorkers.run)
+        self.end_written = False
+        self.images = None  # (RedisImages, the images it holds for the end's write), see QueueWorkers.held_images
         self._warned = False
         self._written = len(self.events)
         if not quiet:
@@ -66,35 +78,62 @@ class MirroredJob(Job):
         return fields
 
     def _flush(self, finished: bool = False) -> None:
+        """Write what changed since the last flush (read now, written now or later)."""
         with self.changed:
             events = [(kind, data) for _, kind, data in self.events[self._written:]]
             self._written = len(self.events)
         if self.quiet and not finished:
             events = []  # a synchronous request: its caller waits for the end, nobody for events
-        self.records.write(self.id, self._fields(), events, finished=finished, attempt=self.attempt)
+        fields = self._fields()
 
-    def _flush_progress(self) -> None:
-        """A progress write Redis cannot take is dropped (the status catches up with the next
-        one); the run goes on."""
-        try:
-            self._flush()
-        except REDIS_DOWN as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("job %s: progress not recorded, Redis is away (%s)", self.id, exc)
+        def write():
+            if finished:
+                # False: another run has the job now (this one lost its lease), or it ended already
+                self.end_written = patiently(lambda: self._write_end(fields, events), what=f"the end of job {self.id}")
+                return
+            try:  # a progress write Redis cannot take is dropped: the status catches up with the next one
+                self.records.write(self.id, fields, events, attempt=self.attempt)
+            except REDIS_DOWN as exc:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("job %s: progress not recorded, Redis is away (%s)", self.id, exc)
+
+        if self.later is None or finished:  # the end at once: once answered, a job reads as finished
+            write()
+        else:
+            self.later(write)
+
+    def _write_end(self, fields: dict, events: list) -> bool:
+        """The end, and the images the run made (held until now), in one round trip."""
+        images, held = self.images or (None, None)
+        if not held:
+            return self.records.write(self.id, fields, events, finished=True, attempt=self.attempt)
+        for _ in range(2):
+            with self.records.redis.pipeline(transaction=False) as pipe:
+                images.write_held(pipe, held)
+                self.records.queue_write(pipe, self.id, fields, events, finished=True, attempt=self.attempt)
+                try:
+                    written = bool(pipe.execute()[-1])
+                    break
+                except NoScriptError:  # Redis restarted since the script was loaded
+                    self.records.load_script()
+        else:
+            raise RuntimeError("Redis keeps forgetting the record script")
+        held.clear()
+        return written
 
     def queued(self, prompt_id, index) -> None:
         super().queued(prompt_id, index)
-        self._flush_progress()
+        self._flush()
 
     def progress(self, event) -> None:
         super().progress(event)
         if not self.quiet:
-            self._flush_progress()
+            self._flush()
 
     def finish(self, status, *, result=None, error=None) -> None:
         super().finish(status, result=result, error=error)
-        patiently(lambda: self._flush(finished=True), what=f"the end of job {self.id}")
+        self._flush(finished=True)
 
 
 def perform(job_id: str, quiet: bool = False) -> None:
@@ -166,6 +205,10 @@ class QueueWorker(SimpleWorker):
         self.runtime = runtime
         self.slot = None
         self.running = None  # (job, execution)
+        #: True while it waits for a job holding a slot: a request run at once may take the slot
+        #: (QueueWorkers.borrow_idle_slot); a job it then gets waits for a slot in the pool's lease()
+        self.lendable = False
+        self.slot_lock = threading.Lock()
 
     def _install_signal_handlers(self):
         """Not the main thread: the process keeps its own handlers (waitress, Ctrl-C)."""
@@ -202,7 +245,13 @@ class QueueWorker(SimpleWorker):
                         self.runtime.stopping.wait(1.0)
                     shared.wait_freed(0.05)
                     continue
-            result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
+            with self.slot_lock:
+                self.lendable = self.slot is not None
+            try:
+                result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
+            finally:
+                with self.slot_lock:
+                    self.lendable = False
             if result is not None:
                 if self.slot is not None and not self.slot.renew():
                     # the wait outlived the slot's lease (Redis was away) and another worker has
@@ -256,9 +305,14 @@ class QueueWorkers:
         if isinstance(pool, slot_mod.SharedBackendPool) and pool.slots is not None:
             self.slots = slot_mod.RedisSlots(connect(self.url), pool, self.lease_s)
             pool.shared = self.slots
+        self.queue = WorkerQueue(QUEUE_NAME, connection=self.records.redis)
+        #: RQ's worker name on the jobs this replica starts at once (run_here)
+        self.name = f"img2img-{socket.gethostname()}-{os.getpid()}-at-once"
         self.stopping = threading.Event()
         self.workers: list = []
         self.threads: list = []
+        self._started: dict = {}  # job id -> (RQ job, execution) of the runs started at once
+        self._later: queue_mod.SimpleQueue = queue_mod.SimpleQueue()  # their writes, made by _write_later
         self._lock = threading.Lock()
 
     def start(self) -> "QueueWorkers":
@@ -266,7 +320,8 @@ class QueueWorkers:
             thread = threading.Thread(target=self._work, name=f"img2img-queue-worker-{i}", daemon=True)
             thread.start()
             self.threads.append(thread)
-        for target, name in ((self._keep, "img2img-lease-keeper"), (self._listen, "img2img-queue-control")):
+        for target, name in ((self._keep, "img2img-lease-keeper"), (self._listen, "img2img-queue-control"),
+                             (self._write_later, "img2img-job-writer")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -274,6 +329,7 @@ class QueueWorkers:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
+        self._later.put(None)  # after the writes already handed over: they are made first
         with self._lock:
             for worker in self.workers:
                 worker._stop_requested = True
@@ -318,6 +374,7 @@ class QueueWorkers:
                     workers = list(self.workers)
                 for worker in workers:
                     worker.keep_lease()
+                self._keep_started()
                 if self.slots is not None:
                     self.slots.renew_all()
                 failing = False
@@ -325,6 +382,49 @@ class QueueWorkers:
                 if not failing:  # once per outage, not every round
                     log.warning("could not renew job leases: %s", exc)
                 failing = True
+
+    def _write_later(self) -> None:
+        """The progress writes of the jobs run at once (run_here), in order, each job's ending
+        with RQ's bookkeeping of it."""
+        while True:
+            write = self._later.get()
+            if write is None:
+                if self._later.empty():
+                    return
+                continue
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - this thread goes on with the next write
+                log.warning("a job's record write failed: %s", exc)
+
+    def _finished_here(self, job: MirroredJob, rq_job, execution) -> None:
+        """After a job run here has its end written: RQ's bookkeeping of it, as RQ's worker does
+        (result_ttl=0: nothing kept), and its lease is no longer renewed. Its end not written
+        (Redis away for PATIENCE_S, or the run lost its lease), the lease runs out and RQ has the
+        job run again."""
+        try:
+            if job.end_written:
+                with self.records.redis.pipeline() as pipe:
+                    execution.delete(rq_job, pipe)
+                    rq_job.delete(pipeline=pipe, remove_from_queue=False)
+                    pipe.execute()
+            else:
+                log.warning("job %s: its end was not recorded here (lost its lease, or Redis away)", job.id)
+        finally:
+            with self._lock:
+                self._started.pop(job.id, None)
+
+    def _keep_started(self) -> None:
+        with self._lock:
+            started = list(self._started.values())
+        if started:
+            with self.records.redis.pipeline() as pipe:
+                for rq_job, execution in started:
+                    execution.heartbeat(rq_job.started_job_registry, self._lease_ttl(), pipeline=pipe)
+                pipe.execute()
+
+    def _lease_ttl(self) -> int:
+        return max(1, int(round(self.lease_s)))
 
     def _listen(self) -> None:
         """Cancel announcements: this replica cancels only the runs it has."""
@@ -359,6 +459,72 @@ class QueueWorkers:
             self.service.interrupt()
 
     # -- one job -------------------------------------------------------------------------------
+    def borrow_idle_slot(self):
+        """The slot of a queue worker of this replica that waits for a job (so the queue is empty),
+        or None. Idle workers hold the free slots (they take one before they wait for a job)."""
+        with self._lock:
+            workers = list(self.workers)
+        for worker in workers:
+            with worker.slot_lock:
+                if worker.lendable and worker.slot is not None:
+                    slot, worker.slot, worker.lendable = worker.slot, None, False
+                    return slot
+        return None
+
+    def run_here(self, job_id: str, prepared, request=None) -> MirroredJob | None:
+        """Run a synchronous request at once, in the caller's thread, when it would be the next
+        job anyway: nothing waits in the queue and a backend slot is free now (None otherwise:
+        then it is queued). It is an RQ job all the same, started in RQ's registry with a lease
+        this replica renews, so that a replica killed mid-run has it run again by another, like
+        any job. What it saves is the trip through the queue (the enqueue, a worker's wake-up,
+        RQ's dequeue and preparation, the caller's wake-up at the end): most of what REDIS_URL
+        would add to a request (docs/scaling.md, "Cost"). Its inputs are kept in Redis as the
+        ``request`` that was sent, when given (compressed images: half the bytes of the decoded
+        ones, and this copy is only read if the job must be run again)."""
+        if self.stopping.is_set():
+            return None
+        slot = None
+        if self.slots is not None:
+            slot = self.slots.try_acquire(unless_queued=self.queue.key) or self.borrow_idle_slot()
+            if slot is None:
+                return None
+        elif self.records.redis.llen(self.queue.key):
+            return None
+        service, attempt = self.service, uuid.uuid4().hex
+        service.active.start(job_id)  # before the record exists: a cancel from then on finds the run
+        handed_over = False
+        try:
+            rq_job = self.queue.create_job(PERFORM, **job_options(job_id, True, self.records.ttl_s))
+            rq_job.origin, rq_job.enqueued_at = self.queue.name, now()
+            rq_job.redis_server_version = self.queue.get_redis_server_version()
+            inputs = pickle.dumps(request if request is not None else prepared, protocol=pickle.HIGHEST_PROTOCOL)
+            with self.records.redis.pipeline() as pipe:  # the job, started, its lease and its record: one MULTI
+                rq_job.prepare_for_execution(self.name, pipeline=pipe)
+                rq_job.save(pipeline=pipe)
+                execution = Execution.create(rq_job, ttl=self._lease_ttl(), pipeline=pipe)
+                self.records.create(job_id, pipe, inputs, attempt=attempt)
+                pipe.execute()
+            with self._lock:
+                self._started[job_id] = (rq_job, execution)
+            slot_mod.held.slot = slot
+            # its progress is written beside the run, RQ's bookkeeping after the answer
+            job = MirroredJob(job_id, self.records, service, quiet=True, attempt=attempt, later=self._later.put)
+            self._run_job(job, prepared)
+            self._later.put(lambda: self._finished_here(job, rq_job, execution))
+            handed_over = True
+        finally:
+            slot_mod.held.slot = None
+            if not handed_over:
+                with self._lock:
+                    self._started.pop(job_id, None)
+            service.active.finish(job_id)
+            if slot is not None:
+                try:
+                    self.slots.release(slot)
+                except REDIS_DOWN:
+                    pass  # its lease runs out
+        return job
+
     def run(self, job_id: str, quiet: bool = False) -> None:
         service = self.service
         service.active.start(job_id)  # before reading the record: a cancel from now on finds the run
@@ -380,9 +546,25 @@ class QueueWorkers:
             if record.get("cancel_requested"):
                 job.finish("cancelled")
                 return
-            run_job(service, job, pickle.loads(inputs), lambda: self.records.cancel_requested(job_id))
+            prepared = pickle.loads(inputs)
+            if isinstance(prepared, Img2ImgRequest):  # kept as it was sent (run_here): validate it again
+                try:
+                    prepared = service.prepare(prepared)
+                except Exception as exc:  # noqa: BLE001 - e.g. its model is gone: the job's error
+                    job.finish("failed", error=error_object(exc))
+                    return
+            self._run_job(job, prepared)
         finally:
             service.active.finish(job_id)
+
+    def _run_job(self, job: MirroredJob, prepared) -> None:
+        """run_job, the images it serves written with its end (one round trip less)."""
+        served = self.service.served
+        if not hasattr(served, "holding"):
+            return run_job(self.service, job, prepared, lambda: self.records.cancel_requested(job.id))
+        with served.holding() as held:
+            job.images = (served, held)
+            run_job(self.service, job, prepared, lambda: self.records.cancel_requested(job.id))
 
     def _forget_stale_prompt(self, record: dict) -> None:
         """A job run again after its worker died: the prompt that worker queued may still be
