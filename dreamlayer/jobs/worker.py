@@ -16,6 +16,7 @@ import pickle
 import queue as queue_mod
 import socket
 import threading
+import time
 import uuid
 
 from redis.exceptions import NoScriptError
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: How long one wait for a job lasts before the worker looks at its slot, Redis and stop again.
 DEQUEUE_SLICE_S = 1
+
+#: RQ's plain worker heartbeats, at most this often (QueueWorker.heartbeat).
+HEARTBEAT_EVERY_S = 1.0
 
 #: Leases (a running job's, a held slot's) are renewed this many times per lease: a renewal may be
 #: late (a busy machine) several times over before a live job is taken for a lost one.
@@ -206,7 +210,7 @@ class QueueWorker(SimpleWorker):
         self.slot = None
         self.running = None  # (job, execution)
         #: True while it waits for a job holding a slot: a request run at once may take the slot
-        #: (QueueWorkers.borrow_idle_slot); a job it then gets waits for a slot in the pool's lease()
+        #: (QueueWorkers._claim_slot); a job it then gets waits for a slot in the pool's lease()
         self.lendable = False
         self.slot_lock = threading.Lock()
 
@@ -215,14 +219,26 @@ class QueueWorker(SimpleWorker):
 
     def heartbeat(self, *args, **kwargs):
         """Also where a stop request ends a wait: RQ's own dequeue loop retries a lost Redis
-        forever and calls this first in every round."""
+        forever and calls this first in every round. RQ's plain heartbeats (before and after each
+        wait for a job) are sent at most once per HEARTBEAT_EVERY_S: they only keep the worker's
+        registration (worker_ttl, 30 s or more) alive, and each costs a round trip between two jobs."""
         if self._stop_requested:
             raise StopRequested()
+        beat_at, self._beat_at = getattr(self, "_beat_at", None), time.monotonic()
         if kwargs.get("pipeline") is not None or len(args) > 1:
             return super().heartbeat(*args, **kwargs)
+        if not args and not kwargs and beat_at is not None and self._beat_at - beat_at < HEARTBEAT_EVERY_S:
+            self._beat_at = beat_at
+            return None
         with self.connection.pipeline() as pipe:  # RQ sends its three commands one by one
             super().heartbeat(*args, pipeline=pipe, **kwargs)
             pipe.execute()
+
+    def set_state(self, state, pipeline=None):
+        """A state it has already is not written again (RQ sets IDLE before every wait for a job)."""
+        if pipeline is None and state == getattr(self, "_state", None):
+            return
+        super().set_state(state, pipeline)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, int(round(self.runtime.lease_s)))
@@ -459,17 +475,19 @@ class QueueWorkers:
             self.service.interrupt()
 
     # -- one job -------------------------------------------------------------------------------
-    def borrow_idle_slot(self):
-        """The slot of a queue worker of this replica that waits for a job (so the queue is empty),
-        or None. Idle workers hold the free slots (they take one before they wait for a job)."""
+    def _claim_slot(self):
+        """A backend slot for a job run at once, or None when a job waits in the queue (it goes
+        first) or every backend is busy. Idle queue workers hold the free slots (they take one
+        before they wait for a job): the slot of one of this replica's is borrowed first."""
         with self._lock:
-            workers = list(self.workers)
-        for worker in workers:
-            with worker.slot_lock:
-                if worker.lendable and worker.slot is not None:
-                    slot, worker.slot, worker.lendable = worker.slot, None, False
-                    return slot
-        return None
+            lenders = [w for w in self.workers if w.lendable]
+        if lenders and not self.records.redis.llen(self.queue.key):
+            for worker in lenders:
+                with worker.slot_lock:
+                    if worker.lendable and worker.slot is not None:
+                        slot, worker.slot, worker.lendable = worker.slot, None, False
+                        return slot
+        return self.slots.try_acquire(unless_queued=self.queue.key)
 
     def run_here(self, job_id: str, prepared, request=None) -> MirroredJob | None:
         """Run a synchronous request at once, in the caller's thread, when it would be the next
@@ -485,7 +503,7 @@ class QueueWorkers:
             return None
         slot = None
         if self.slots is not None:
-            slot = self.slots.try_acquire(unless_queued=self.queue.key) or self.borrow_idle_slot()
+            slot = self._claim_slot()
             if slot is None:
                 return None
         elif self.records.redis.llen(self.queue.key):
