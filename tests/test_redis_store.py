@@ -222,3 +222,28 @@ def test_a_synchronous_request_does_not_overtake_a_queued_job(service_config, re
     finally:
         fake_comfy.step_delay = 0.0
         shutdown(app)
+
+
+def test_a_finished_job_leaves_nothing_of_rq_behind(service_config, redis_server, fake_comfy):
+    """RQ's records of a job (its hash, executions, registries) go when it succeeds, whether a
+    queue worker ran it (async) or the request's own thread (sync, at once): only the job's own
+    record stays, for the job TTL."""
+    app = create_app(service_config.replace(redis_url=redis_server.url))
+    client = app.test_client()
+    redis = redis_server.client()
+    try:
+        job_id = post(client, {**PARAMS, "async": True}).get_json()["job_id"]
+        wait_until(lambda: client.get(f"/api/img2img/jobs/{job_id}").get_json()["status"] == "succeeded",
+                   what="the job to succeed")
+        run_id = post(client, {**PARAMS, "seed": 4}).get_json()["run_id"]
+
+        def rq_leftovers():
+            return [k for k in keys(redis_server) if k.startswith("rq:") and (job_id in k or run_id in k
+                    or k.startswith(("rq:wip:", "rq:execution:", "rq:finished:", "rq:failed:")))
+                    and redis.type(k) != b"none" and not (redis.type(k) == b"zset" and redis.zcard(k) == 0)]
+        wait_until(lambda: not rq_leftovers(), what="RQ's records of both jobs to go")
+        for done in (job_id, run_id):
+            assert f"dreamlayer:img2img:job:{done}" in keys(redis_server)
+            assert f"dreamlayer:img2img:job:{done}:inputs" not in keys(redis_server)
+    finally:
+        shutdown(app)

@@ -189,6 +189,14 @@ def _forget_executions(job) -> None:
         pipe.execute()
 
 
+def forget_finished(job, execution, pipe) -> None:
+    """Delete RQ's record of a finished job of ours (result_ttl=0: nothing is kept) as Job.delete
+    and cleanup_execution do for a job like ours, with no dependents, no stored result and no rate
+    limit, but without their reads: queued on ``pipe``, no round trip of its own."""
+    execution.delete(job=job, pipeline=pipe)
+    pipe.delete(job.key, job.dependents_key, job.dependencies_key, job.execution_registry.key)
+
+
 class WorkerQueue(Queue):
     """RQ's queue, with a registry-cleaning lock that lasts a lease instead of RQ's 899 s: a replica
     killed while it cleans (it happens: idle workers clean every half lease) would otherwise keep
@@ -233,6 +241,21 @@ class QueueWorker(SimpleWorker):
         with self.connection.pipeline() as pipe:  # RQ sends its three commands one by one
             super().heartbeat(*args, pipeline=pipe, **kwargs)
             pipe.execute()
+
+    def handle_execution_ended(self, job, queue, heartbeat_ttl):
+        """As RQ's, less the heartbeat of a job about to be deleted (a round trip between jobs)."""
+        job.ended_at = now()
+
+    def handle_job_success(self, job, queue, started_job_registry, execution):
+        """As RQ's for jobs like ours (no dependents, no repeats, no result kept): one pipeline
+        instead of a WATCH transaction and three reads, which took about 10 ms of this process's
+        time while the next job on the freed backend was being started."""
+        with self.connection.pipeline() as pipe:
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+            forget_finished(job, execution, pipe)
+            pipe.execute()
+        self.executions.pop(execution.id, None)
 
     def set_state(self, state, pipeline=None):
         """A state it has already is not written again (RQ sets IDLE before every wait for a job)."""
@@ -421,8 +444,7 @@ class QueueWorkers:
         try:
             if job.end_written:
                 with self.records.redis.pipeline() as pipe:
-                    execution.delete(rq_job, pipe)
-                    rq_job.delete(pipeline=pipe, remove_from_queue=False)
+                    forget_finished(rq_job, execution, pipe)
                     pipe.execute()
             else:
                 log.warning("job %s: its end was not recorded here (lost its lease, or Redis away)", job.id)
