@@ -117,10 +117,25 @@ return 1
 """
 
 
+#: Records.claim: KEYS = hash, inputs; ARGV = the attempt (JSON). Returns {record as HGETALL,
+#: inputs, 1 if claimed}: a job not finished, with its inputs, is claimed by this attempt.
+_CLAIM = """
+local record = redis.call('HGETALL', KEYS[1])
+local inputs = redis.call('GET', KEYS[2])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or not inputs or status == '"succeeded"' or status == '"failed"' or status == '"cancelled"' then
+  return {record, '', 0}
+end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1])
+return {record, inputs, 1}
+"""
+
+
 class Records:
     def __init__(self, client: redis.Redis, ttl_s: float, prefix: str = PREFIX):
         self.redis = client
         self._write = client.register_script(_WRITE)
+        self._claim = client.register_script(_CLAIM)
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.live_key = f"{prefix}live"
@@ -186,6 +201,16 @@ class Records:
         keys = [self.key(job_id), self.events_key(job_id), self._expired_key(job_id), self.live_key,
                 self.channel(job_id), self.inputs_key(job_id)]
         return {"keys": keys, "args": args}
+
+    def claim(self, job_id: str, attempt: str) -> tuple:
+        """(record, inputs) of a job to run, read and claimed for ``attempt`` in one round trip
+        (from then on only that run writes the record: a run that lost its lease but still runs,
+        its process paused or Redis away too long, cannot spoil the next run's end); inputs are
+        None, and nothing is claimed, when the job has finished or expired meanwhile."""
+        raw, inputs, claimed = self._claim(keys=[self.key(job_id), self.inputs_key(job_id)],
+                                           args=[json.dumps(attempt)])
+        record = self.decode(dict(zip(raw[::2], raw[1::2])))
+        return record, (inputs if claimed else None)
 
     def request_cancel(self, job_id: str) -> bool:
         """Mark the job cancelled by its owner; False if it had finished or was marked before."""

@@ -29,7 +29,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, TERMINAL, Records, connect, patiently
+from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, Records, connect, patiently
 from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
 from dreamlayer.img2img.service import Img2ImgRequest
 from dreamlayer.jobs.store import Job, error_object, run_job, queue_position
@@ -86,8 +86,8 @@ class MirroredJob(Job):
         with self.changed:
             events = [(kind, data) for _, kind, data in self.events[self._written:]]
             self._written = len(self.events)
-        if self.quiet and not finished:
-            events = []  # a synchronous request: its caller waits for the end, nobody for events
+        if self.quiet:  # a synchronous request: its caller waits for the end, nobody for events
+            events = events[-1:] if finished else []
         fields = self._fields()
 
         def write():
@@ -144,10 +144,7 @@ def perform(job_id: str, quiet: bool = False) -> None:
     """The RQ job: run one img2img job on this worker's service. Never raises for a failed
     generation (that is the job's result); only a lost Redis connection escapes. ``quiet``: a
     synchronous request, whose record gets its prompt and its end but no progress events."""
-    try:
-        _current.runtime.run(job_id, quiet)
-    finally:
-        _current.worker.release_slot()
+    _current.runtime.run(job_id, quiet)
 
 
 def on_failure(job, exc_type, exc_value, traceback) -> bool:
@@ -242,6 +239,29 @@ class QueueWorker(SimpleWorker):
             super().heartbeat(*args, pipeline=pipe, **kwargs)
             pipe.execute()
 
+    def prepare_execution(self, job):
+        """RQ's two writes before a job (its execution, then the job started: prepare_execution
+        and prepare_job_execution) in one round trip."""
+        with self.connection.pipeline() as pipe:
+            ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.heartbeat(ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)
+            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        self._prepared = job.id
+        return execution
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        if getattr(self, "_prepared", None) == job.id:  # done with the execution (prepare_execution)
+            self._prepared = None
+            return
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+
     def handle_execution_ended(self, job, queue, heartbeat_ttl):
         """As RQ's, less the heartbeat of a job about to be deleted (a round trip between jobs)."""
         job.ended_at = now()
@@ -250,12 +270,17 @@ class QueueWorker(SimpleWorker):
         """As RQ's for jobs like ours (no dependents, no repeats, no result kept): one pipeline
         instead of a WATCH transaction and three reads, which took about 10 ms of this process's
         time while the next job on the freed backend was being started."""
+        slots = self.runtime.slots
         with self.connection.pipeline() as pipe:
             self.increment_successful_job_count(pipeline=pipe)
             self.increment_total_working_time(job.ended_at - job.started_at, pipe)
             forget_finished(job, execution, pipe)
-            pipe.execute()
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            if self.slot is not None:  # may it keep its slot for the next job? (execute_job)
+                slots.mark_wanted_query(pipe, self.slot.backend)
+            results = pipe.execute()
         self.executions.pop(execution.id, None)
+        self.slot_wanted = self.slot is not None and bool(results[-1])
 
     def set_state(self, state, pipeline=None):
         """A state it has already is not written again (RQ sets IDLE before every wait for a job)."""
@@ -269,7 +294,7 @@ class QueueWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         shared = self.runtime.slots
         while not self._stop_requested:
-            if shared is not None:
+            if shared is not None and self.slot is None:  # (a slot kept from the last job: execute_job)
                 try:
                     self.slot = shared.try_acquire()
                 except REDIS_DOWN:
@@ -301,23 +326,30 @@ class QueueWorker(SimpleWorker):
             if self.slot is not None:
                 shared.release(self.slot)
                 self.slot = None
+        self.release_slot()  # one kept from its last job
         raise StopRequested()
 
     def execute_job(self, job, queue):
+        """RQ's, keeping the backend slot for the next job when the job succeeded, its backend
+        answers and no job waiting to be retried wants it: the worker takes the next job from the queue
+        at once, with no hand-over of the slot to another worker (a wake-up and two round trips
+        between two prompts on the backend)."""
         _current.runtime, _current.worker, slot_mod.held.slot = self.runtime, self, self.slot
+        keep = False
         try:
             execution = self.prepare_execution(job)
             self.running = (job, execution)
-            self.perform_job(job, queue, execution)
+            self.slot_wanted = True
+            succeeded = self.perform_job(job, queue, execution)
             self.set_state(WorkerStatus.IDLE)
+            keep = succeeded and not self.slot_wanted and self.slot is not None and self.slot.backend.reachable
         finally:
             self.running = None
             _current.runtime = _current.worker = slot_mod.held.slot = None
-            self.release_slot()
+            if not keep:
+                self.release_slot()
 
     def release_slot(self) -> None:
-        """Free the backend slot as soon as the job's own work is done (before RQ's bookkeeping
-        of the job): a spare worker takes it and the next job at once."""
         if self.slot is not None:
             self.runtime.slots.release(self.slot)
             self.slot = slot_mod.held.slot = None
@@ -569,18 +601,10 @@ class QueueWorkers:
         service = self.service
         service.active.start(job_id)  # before reading the record: a cancel from now on finds the run
         try:
-            with self.records.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(self.records.key(job_id))
-                pipe.get(self.records.inputs_key(job_id))
-                raw, inputs = pipe.execute()
-            record = self.records.decode(raw)
-            if record is None or record.get("status") in TERMINAL or inputs is None:
-                return  # expired meanwhile, or cancelled while queued
-            # this run's claim: from now on only it writes the record (a run that lost its lease but
-            # still runs, its process paused or Redis away too long, cannot spoil the next run's end)
             attempt = uuid.uuid4().hex
-            if not self.records.write(job_id, {"attempt": attempt}, []):
-                return  # finished meanwhile
+            record, inputs = self.records.claim(job_id, attempt)
+            if inputs is None:
+                return  # expired meanwhile, or cancelled while queued
             self._forget_stale_prompt(record)
             job = MirroredJob(job_id, self.records, service, quiet=quiet, attempt=attempt)
             if record.get("cancel_requested"):
