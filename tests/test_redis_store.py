@@ -247,3 +247,32 @@ def test_a_finished_job_leaves_nothing_of_rq_behind(service_config, redis_server
             assert f"dreamlayer:img2img:job:{done}:inputs" not in keys(redis_server)
     finally:
         shutdown(app)
+
+
+def test_a_lease_renewal_that_crosses_the_end_of_its_job_brings_nothing_back(redis_server):
+    """The keeper renews leases every lease/5 while jobs end at any moment: a renewal sent just
+    after a job's RQ records were deleted must not recreate them (RQ's own heartbeat, an HSET on
+    the job, left a job hash with no TTL behind, found by this suite)."""
+    from rq.executions import Execution
+
+    from dreamlayer.jobs.worker import WorkerQueue, forget_finished, renew_lease
+
+    redis = redis_server.client()
+    queue = WorkerQueue("lease-test", connection=redis)
+    job = queue.create_job("builtins.print", job_id="j1", result_ttl=0)
+    with redis.pipeline() as pipe:
+        job.save(pipeline=pipe)
+        execution = Execution.create(job, ttl=30, pipeline=pipe)
+        pipe.execute()
+    assert redis.exists(job.key, execution.key) == 2
+    with redis.pipeline() as pipe:
+        renew_lease(job, execution, 30, pipe)  # while it runs: the lease is extended
+        pipe.execute()
+    assert 0 < redis.ttl(execution.key) <= 30 and redis.zcard(job.started_job_registry.key) == 1
+    with redis.pipeline() as pipe:
+        forget_finished(job, execution, pipe)
+        pipe.execute()
+    with redis.pipeline() as pipe:
+        renew_lease(job, execution, 30, pipe)  # late
+        pipe.execute()
+    assert [k.decode() for k in redis.keys("*")] == []

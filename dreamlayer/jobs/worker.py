@@ -186,6 +186,16 @@ def _forget_executions(job) -> None:
         pipe.execute()
 
 
+def renew_lease(job, execution, ttl: int, pipe) -> None:
+    """Extend a running job's lease (its execution's TTL and its scores in RQ's registries) with
+    writes that do nothing once the job has ended and RQ's records of it are gone: RQ's own
+    heartbeats (HSET last_heartbeat on the job and the execution) bring a just-deleted job's hash
+    back, without a TTL, when the renewal crosses the job's end."""
+    pipe.expire(execution.key, ttl)
+    job.started_job_registry.add_execution(execution, ttl=ttl, pipeline=pipe, xx=True)
+    ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe, xx=True)
+
+
 def forget_finished(job, execution, pipe) -> None:
     """Delete RQ's record of a finished job of ours (result_ttl=0: nothing is kept) as Job.delete
     and cleanup_execution do for a job like ours, with no dependents, no stored result and no rate
@@ -360,6 +370,13 @@ class QueueWorker(SimpleWorker):
         if running is not None:
             self.maintain_heartbeats(*running)
 
+    def maintain_heartbeats(self, job, execution):
+        """RQ's, with renew_lease for the job's part (see there)."""
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.job_monitoring_interval + 60, pipeline=pipe)
+            renew_lease(job, execution, int(self.get_heartbeat_ttl(job)), pipe)
+            pipe.execute()
+
 
 class QueueWorkers:
     """The queue worker threads of one replica, their lease keeper and their control listener
@@ -490,7 +507,7 @@ class QueueWorkers:
         if started:
             with self.records.redis.pipeline() as pipe:
                 for rq_job, execution in started:
-                    execution.heartbeat(rq_job.started_job_registry, self._lease_ttl(), pipeline=pipe)
+                    renew_lease(rq_job, execution, self._lease_ttl(), pipe)
                 pipe.execute()
 
     def _lease_ttl(self) -> int:
