@@ -143,7 +143,7 @@ def test_the_registry_cleaning_lock_lasts_a_lease_not_fifteen_minutes(redis_serv
     """A replica killed while it holds RQ's cleaning lock must not stop the others from re-running
     abandoned jobs for RQ's 899 s: our queue workers take it for one lease."""
     from dreamlayer.jobs.redis_store import QUEUE_NAME
-    from dreamlayer.jobs.worker import WorkerQueue
+    from dreamlayer.jobs.rq_worker import WorkerQueue
 
     queue = WorkerQueue(QUEUE_NAME, connection=redis_server.client())
     queue.lock_s = 2.0
@@ -266,7 +266,7 @@ def test_a_lease_renewal_that_crosses_the_end_of_its_job_brings_nothing_back(red
     the job, left a job hash with no TTL behind, found by this suite)."""
     from rq.executions import Execution
 
-    from dreamlayer.jobs.worker import WorkerQueue, forget_finished, renew_lease
+    from dreamlayer.jobs.rq_worker import WorkerQueue, forget_finished, renew_lease
 
     redis = redis_server.client()
     queue = WorkerQueue("lease-test", connection=redis)

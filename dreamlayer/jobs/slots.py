@@ -139,7 +139,7 @@ class RedisSlots:
             if marked:
                 self.redis.delete(*[self._wanted(b) for b in marked])
 
-    def mark_wanted_query(self, pipe, backend: Backend) -> None:
+    def queue_is_wanted(self, pipe, backend: Backend) -> None:
         """Queue on ``pipe`` whether a job waiting for a retry wants ``backend`` (see acquire)."""
         pipe.exists(self._wanted(backend))
 

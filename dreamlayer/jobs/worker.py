@@ -1,11 +1,8 @@
-"""Queue workers: the threads of a replica that run jobs from the Redis queue (REDIS_URL).
+"""Queue workers: the threads of a replica that run jobs from the Redis queue (REDIS_URL), their
+lease keeper, their control listener, and synchronous requests run at once (run_here).
 
-Each is an RQ SimpleWorker (the job runs in the worker's own thread: no fork, so the process's
-ComfyUI clients, catalog and sockets are reused, and a job costs no process start) with three
-changes: it takes a backend slot before it takes a job (slots.py), it leaves the process's signal
-handlers alone (it is not the main thread), and its lease is short and renewed by a keeper thread
-while it works, so that a replica killed mid-job loses the job for at most IMG2IMG_JOB_LEASE_S:
-then RQ's registry cleanup (run by any idle worker) puts it back on the queue, once.
+The workers themselves are RQ workers (rq_worker.py); a job's run writes its state through to the
+job's record (mirrored.py).
 """
 from __future__ import annotations
 
@@ -16,31 +13,23 @@ import pickle
 import queue as queue_mod
 import socket
 import threading
-import time
 import uuid
 
-from redis.exceptions import NoScriptError
-from rq import Queue
-from rq.exceptions import AbandonedJobError, StopRequested
-from rq.executions import Execution, ExecutionRegistry
+from rq.executions import Execution
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.comfyui.errors import ComfyError
-from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, Records, connect, patiently
-from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
 from dreamlayer.img2img.service import Img2ImgRequest
-from dreamlayer.jobs.store import Job, error_object, run_job, queue_position
+from dreamlayer.jobs import slots as slot_mod
+from dreamlayer.jobs.mirrored import MirroredJob
+from dreamlayer.jobs.records import REDIS_DOWN, Records, connect
+from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
+from dreamlayer.jobs.rq_worker import (DEQUEUE_SLICE_S, QueueWorker, WorkerQueue, current, forget_finished,
+                                       on_failure, renew_lease)
+from dreamlayer.jobs.store import error_object, run_job
 
 log = logging.getLogger(__name__)
-
-#: How long one wait for a job lasts before the worker looks at its slot, Redis and stop again.
-DEQUEUE_SLICE_S = 1
-
-#: RQ's plain worker heartbeats, at most this often (QueueWorker.heartbeat).
-HEARTBEAT_EVERY_S = 1.0
 
 #: Leases (a running job's, a held slot's) are renewed this many times per lease: a renewal may be
 #: late (a busy machine) several times over before a live job is taken for a lost one.
@@ -49,333 +38,12 @@ RENEWALS_PER_LEASE = 5
 #: RQ's own worker log (a line per job and per second of listening) only from this level.
 RQ_LOG_LEVEL = "WARNING"
 
-_current = threading.local()  # the runtime of the worker thread running a job
-
-
-class MirroredJob(Job):
-    """The in-memory job state machine (store.Job) of the worker running it, written through to
-    the job's Redis record after every change: at once, or (``later``, a job run at once for a
-    synchronous request) by a writer thread, in order, so that its run does not wait for them;
-    its end always at once (when the caller has its answer, the job reads as finished)."""
-
-    def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False, attempt: str | None = None,
-                 later=None):
-        super().__init__(job_id)
-        self.records = records
-        self.service = service
-        self.quiet = quiet
-        self.later = later  # None, or a callable that runs a write later (QueueWorkers._write_later)
-        self.attempt = attempt  # this run's claim on the record (QueueWorkers.run)
-        self.end_written = False
-        self.images = None  # (RedisImages, the images it holds for the end's write), see QueueWorkers.held_images
-        self._warned = False
-        self._written = len(self.events)
-        if not quiet:
-            self.position_of = lambda prompt_id: queue_position(service, prompt_id)
-
-    def _fields(self) -> dict:
-        snapshot = self.snapshot()
-        fields = {k: snapshot[k] for k in FIELDS}
-        client = self.service.active.prompt_of(self.prompt_id) if self.prompt_id else None
-        if client is not None:
-            fields["backend"] = client.base_url
-        return fields
-
-    def _flush(self, finished: bool = False) -> None:
-        """Write what changed since the last flush (read now, written now or later)."""
-        with self.changed:
-            events = [(kind, data) for _, kind, data in self.events[self._written:]]
-            self._written = len(self.events)
-        if self.quiet:  # a synchronous request: its caller waits for the end, nobody for events
-            events = events[-1:] if finished else []
-        fields = self._fields()
-
-        def write():
-            if finished:
-                # False: another run has the job now (this one lost its lease), or it ended already
-                self.end_written = patiently(lambda: self._write_end(fields, events), what=f"the end of job {self.id}")
-                return
-            try:  # a progress write Redis cannot take is dropped: the status catches up with the next one
-                self.records.write(self.id, fields, events, attempt=self.attempt)
-            except REDIS_DOWN as exc:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("job %s: progress not recorded, Redis is away (%s)", self.id, exc)
-
-        if self.later is None or finished:  # the end at once: once answered, a job reads as finished
-            write()
-        else:
-            self.later(write)
-
-    def _write_end(self, fields: dict, events: list) -> bool:
-        """The end, and the images the run made (held until now), in one round trip."""
-        images, held = self.images or (None, None)
-        if not held:
-            return self.records.write(self.id, fields, events, finished=True, attempt=self.attempt)
-        for _ in range(2):
-            with self.records.redis.pipeline(transaction=False) as pipe:
-                images.write_held(pipe, held)
-                self.records.queue_write(pipe, self.id, fields, events, finished=True, attempt=self.attempt)
-                try:
-                    written = bool(pipe.execute()[-1])
-                    break
-                except NoScriptError:  # Redis restarted since the script was loaded
-                    self.records.load_script()
-        else:
-            raise RuntimeError("Redis keeps forgetting the record script")
-        held.clear()
-        return written
-
-    def queued(self, prompt_id, index) -> None:
-        super().queued(prompt_id, index)
-        self._flush()
-
-    def progress(self, event) -> None:
-        super().progress(event)
-        if not self.quiet:
-            self._flush()
-
-    def finish(self, status, *, result=None, error=None) -> None:
-        super().finish(status, result=result, error=error)
-        self._flush(finished=True)
-
 
 def perform(job_id: str, quiet: bool = False) -> None:
     """The RQ job: run one img2img job on this worker's service. Never raises for a failed
     generation (that is the job's result); only a lost Redis connection escapes. ``quiet``: a
     synchronous request, whose record gets its prompt and its end but no progress events."""
-    _current.runtime.run(job_id, quiet)
-
-
-def on_failure(job, exc_type, exc_value, traceback) -> bool:
-    """RQ exception handler: a job whose worker died (AbandonedJobError, found by the registry
-    cleanup) goes back to the queue once — say so in its record — or fails for good."""
-    ttl = (job.meta or {}).get("ttl_s", 3600)
-    records = Records(job.connection, ttl)
-    if issubclass(exc_type, AbandonedJobError):
-        _forget_executions(job)
-    if job.retries_left:
-        log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
-        # attempt None: the lost run, should it still be alive (a paused process), writes nothing more
-        fields = {"status": "queued", "prompt_id": None, "queue_position": None, "attempt": None}
-        lost_prompt = (records.load(job.id) or {}).get("prompt_id")
-        if lost_prompt:  # the lost run's prompt may still be on its backend: the next run cancels it
-            fields["lost_prompt_id"] = lost_prompt
-        records.write(job.id, fields,
-                      [("queued", {"type": "queued", "position": None, "prompt_id": None, "requeued": True})])
-    else:
-        lost = issubclass(exc_type, AbandonedJobError)
-        error = {"status": "error", "code": "worker_lost" if lost else "internal_error",
-                 "message": ("The workers running this job stopped twice (killed or lost); it was given up"
-                             if lost else f"The job's worker failed: {exc_value}"), "http_status": 503 if lost else 500}
-        records.write(job.id, {"status": "failed", "error": error}, [("error", {"type": "error", **error})],
-                      finished=True)
-    return True
-
-
-def _forget_executions(job) -> None:
-    """Drop the executions of an abandoned job. RQ keeps an execution in its job's registry 60 s
-    longer than the execution itself (which expires with the lease): a job run again after its
-    worker died would otherwise fail RQ's bookkeeping when it succeeds (ValueError: Execution ...
-    not found in Redis, an error in the log) and end in RQ's failed registry."""
-    registry = ExecutionRegistry(job.id, connection=job.connection)
-    with job.connection.pipeline() as pipe:
-        for execution_id in registry.get_execution_ids():
-            pipe.delete(Execution(execution_id, job.id, job.connection).key)
-        pipe.delete(registry.key)
-        pipe.execute()
-
-
-def renew_lease(job, execution, ttl: int, pipe) -> None:
-    """Extend a running job's lease (its execution's TTL and its scores in RQ's registries) with
-    writes that do nothing once the job has ended and RQ's records of it are gone: RQ's own
-    heartbeats (HSET last_heartbeat on the job and the execution) bring a just-deleted job's hash
-    back, without a TTL, when the renewal crosses the job's end."""
-    pipe.expire(execution.key, ttl)
-    job.started_job_registry.add_execution(execution, ttl=ttl, pipeline=pipe, xx=True)
-    ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe, xx=True)
-
-
-def forget_finished(job, execution, pipe) -> None:
-    """Delete RQ's record of a finished job of ours (result_ttl=0: nothing is kept) as Job.delete
-    and cleanup_execution do for a job like ours, with no dependents, no stored result and no rate
-    limit, but without their reads: queued on ``pipe``, no round trip of its own."""
-    execution.delete(job=job, pipeline=pipe)
-    pipe.delete(job.key, job.dependents_key, job.dependencies_key, job.execution_registry.key)
-
-
-class WorkerQueue(Queue):
-    """RQ's queue, with a registry-cleaning lock that lasts a lease instead of RQ's 899 s: a replica
-    killed while it cleans (it happens: idle workers clean every half lease) would otherwise keep
-    every replica from finding abandoned jobs — so from re-running a killed replica's job — for 15
-    minutes. Cleaning takes milliseconds."""
-
-    lock_s = 15
-
-    def acquire_maintenance_lock(self) -> bool:
-        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=max(1, int(self.lock_s))))
-
-
-class QueueWorker(SimpleWorker):
-    death_penalty_class = TimerDeathPenalty  # jobs have no RQ timeout (-1): ours are per run
-
-    def __init__(self, queues, *, runtime: "QueueWorkers", **kwargs):
-        super().__init__(queues, **kwargs)
-        self.runtime = runtime
-        self.slot = None
-        self.running = None  # (job, execution)
-        #: True while it waits for a job holding a slot: a request run at once may take the slot
-        #: (QueueWorkers._claim_slot); a job it then gets waits for a slot in the pool's lease()
-        self.lendable = False
-        self.slot_lock = threading.Lock()
-
-    def _install_signal_handlers(self):
-        """Not the main thread: the process keeps its own handlers (waitress, Ctrl-C)."""
-
-    def heartbeat(self, *args, **kwargs):
-        """Also where a stop request ends a wait: RQ's own dequeue loop retries a lost Redis
-        forever and calls this first in every round. RQ's plain heartbeats (before and after each
-        wait for a job) are sent at most once per HEARTBEAT_EVERY_S: they only keep the worker's
-        registration (worker_ttl, 30 s or more) alive, and each costs a round trip between two jobs."""
-        if self._stop_requested:
-            raise StopRequested()
-        beat_at, self._beat_at = getattr(self, "_beat_at", None), time.monotonic()
-        if kwargs.get("pipeline") is not None or len(args) > 1:
-            return super().heartbeat(*args, **kwargs)
-        if not args and not kwargs and beat_at is not None and self._beat_at - beat_at < HEARTBEAT_EVERY_S:
-            self._beat_at = beat_at
-            return None
-        with self.connection.pipeline() as pipe:  # RQ sends its three commands one by one
-            super().heartbeat(*args, pipeline=pipe, **kwargs)
-            pipe.execute()
-
-    def prepare_execution(self, job):
-        """RQ's two writes before a job (its execution, then the job started: prepare_execution
-        and prepare_job_execution) in one round trip."""
-        with self.connection.pipeline() as pipe:
-            ttl = self.get_heartbeat_ttl(job)
-            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
-            self.executions[execution.id] = execution
-            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            self.heartbeat(ttl, pipeline=pipe)
-            job.heartbeat(now(), ttl, pipeline=pipe)
-            job.prepare_for_execution(self.name, pipeline=pipe)
-            pipe.persist(job.key)
-            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
-            pipe.execute()
-        self._prepared = job.id
-        return execution
-
-    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
-        if getattr(self, "_prepared", None) == job.id:  # done with the execution (prepare_execution)
-            self._prepared = None
-            return
-        super().prepare_job_execution(job, remove_from_intermediate_queue)
-
-    def handle_execution_ended(self, job, queue, heartbeat_ttl):
-        """As RQ's, less the heartbeat of a job about to be deleted (a round trip between jobs)."""
-        job.ended_at = now()
-
-    def handle_job_success(self, job, queue, started_job_registry, execution):
-        """As RQ's for jobs like ours (no dependents, no repeats, no result kept): one pipeline
-        instead of a WATCH transaction and three reads, which took about 10 ms of this process's
-        time while the next job on the freed backend was being started."""
-        slots = self.runtime.slots
-        with self.connection.pipeline() as pipe:
-            self.increment_successful_job_count(pipeline=pipe)
-            self.increment_total_working_time(job.ended_at - job.started_at, pipe)
-            forget_finished(job, execution, pipe)
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
-            if self.slot is not None:  # may it keep its slot for the next job? (execute_job)
-                slots.mark_wanted_query(pipe, self.slot.backend)
-            results = pipe.execute()
-        self.executions.pop(execution.id, None)
-        self.slot_wanted = self.slot is not None and bool(results[-1])
-
-    def set_state(self, state, pipeline=None):
-        """A state it has already is not written again (RQ sets IDLE before every wait for a job)."""
-        if pipeline is None and state == getattr(self, "_state", None):
-            return
-        super().set_state(state, pipeline)
-
-    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
-        return max(1, int(round(self.runtime.lease_s)))
-
-    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        shared = self.runtime.slots
-        while not self._stop_requested:
-            if shared is not None and self.slot is None:  # (a slot kept from the last job: execute_job)
-                try:
-                    self.slot = shared.try_acquire()
-                except REDIS_DOWN:
-                    self.runtime.stopping.wait(1.0)  # Redis away: RQ's own dequeue below logs it
-                    self.slot = None
-                if self.slot is None:  # every backend busy: wait a little, keep our registration fresh
-                    try:
-                        self.heartbeat()
-                        if self.should_run_maintenance_tasks:
-                            self.run_maintenance_tasks()
-                    except REDIS_DOWN:
-                        self.runtime.stopping.wait(1.0)
-                    shared.wait_freed(0.05)
-                    continue
-            with self.slot_lock:
-                self.lendable = self.slot is not None
-            try:
-                result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
-            finally:
-                with self.slot_lock:
-                    self.lendable = False
-            if result is not None:
-                if self.slot is not None and not self.slot.renew():
-                    # the wait outlived the slot's lease (Redis was away) and another worker has
-                    # it now: the job takes whichever slot frees first (SharedBackendPool.lease)
-                    shared.release(self.slot)
-                    self.slot = None
-                return result
-            if self.slot is not None:
-                shared.release(self.slot)
-                self.slot = None
-        self.release_slot()  # one kept from its last job
-        raise StopRequested()
-
-    def execute_job(self, job, queue):
-        """RQ's, keeping the backend slot for the next job when the job succeeded, its backend
-        answers and no job waiting to be retried wants it: the worker takes the next job from the queue
-        at once, with no hand-over of the slot to another worker (a wake-up and two round trips
-        between two prompts on the backend)."""
-        _current.runtime, _current.worker, slot_mod.held.slot = self.runtime, self, self.slot
-        keep = False
-        try:
-            execution = self.prepare_execution(job)
-            self.running = (job, execution)
-            self.slot_wanted = True
-            succeeded = self.perform_job(job, queue, execution)
-            self.set_state(WorkerStatus.IDLE)
-            keep = succeeded and not self.slot_wanted and self.slot is not None and self.slot.backend.reachable
-        finally:
-            self.running = None
-            _current.runtime = _current.worker = slot_mod.held.slot = None
-            if not keep:
-                self.release_slot()
-
-    def release_slot(self) -> None:
-        if self.slot is not None:
-            self.runtime.slots.release(self.slot)
-            self.slot = slot_mod.held.slot = None
-
-    def keep_lease(self) -> None:
-        """Called by the keeper thread: renew the running job's lease in RQ's registry."""
-        running = self.running
-        if running is not None:
-            self.maintain_heartbeats(*running)
-
-    def maintain_heartbeats(self, job, execution):
-        """RQ's, with renew_lease for the job's part (see there)."""
-        with self.connection.pipeline() as pipe:
-            self.heartbeat(self.job_monitoring_interval + 60, pipeline=pipe)
-            renew_lease(job, execution, int(self.get_heartbeat_ttl(job)), pipe)
-            pipe.execute()
+    current.runtime.run(job_id, quiet)
 
 
 class QueueWorkers:
