@@ -122,6 +122,7 @@ class QueueWorker(SimpleWorker):
         #: True while it waits for a job holding a slot: a request run at once may take the slot
         #: (QueueWorkers._claim_slot); a job it then gets waits for a slot in the pool's lease()
         self.lendable = False
+        self.idle_since = None  # since when it has waited for a job with nothing to run (None: busy)
         self.slot_lock = threading.Lock()
 
     def _install_signal_handlers(self):
@@ -216,12 +217,15 @@ class QueueWorker(SimpleWorker):
                     continue
             with self.slot_lock:
                 self.lendable = self.slot is not None
+                if self.idle_since is None:
+                    self.idle_since = time.monotonic()
             try:
                 result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
             finally:
                 with self.slot_lock:
                     self.lendable = False
             if result is not None:
+                self.idle_since = None
                 if self.slot is not None and not self.slot.renew():
                     # the wait outlived the slot's lease (Redis was away) and another worker has
                     # it now: the job takes whichever slot frees first (SharedBackendPool.lease)

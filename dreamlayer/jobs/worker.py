@@ -13,6 +13,7 @@ import pickle
 import queue as queue_mod
 import socket
 import threading
+import time
 import uuid
 
 from rq.executions import Execution
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 #: Leases (a running job's, a held slot's) are renewed this many times per lease: a renewal may be
 #: late (a busy machine) several times over before a live job is taken for a lost one.
 RENEWALS_PER_LEASE = 5
+
+#: How long a queue worker must have waited for a job before a request run at once may borrow its
+#: slot (QueueWorkers._claim_slot).
+LEND_AFTER_S = 0.05
 
 #: RQ's own worker log (a line per job and per second of listening) only from this level.
 RQ_LOG_LEVEL = "WARNING"
@@ -217,9 +222,13 @@ class QueueWorkers:
     def _claim_slot(self):
         """A backend slot for a job run at once, or None when a job waits in the queue (it goes
         first) or every backend is busy. Idle queue workers hold the free slots (they take one
-        before they wait for a job): the slot of one of this replica's is borrowed first."""
+        before they wait for a job): the slot of one of this replica's is borrowed first — of one
+        idle for LEND_AFTER_S at least: a worker that has just begun to wait (its last job just
+        ended) may be about to pop a job queued a moment ago, which would then wait for a slot."""
+        idle_before = time.monotonic() - LEND_AFTER_S
         with self._lock:
-            lenders = [w for w in self.workers if w.lendable]
+            lenders = [w for w in self.workers
+                       if w.lendable and w.idle_since is not None and w.idle_since <= idle_before]
         if lenders and not self.records.redis.llen(self.queue.key):
             for worker in lenders:
                 with worker.slot_lock:
