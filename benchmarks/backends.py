@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         try:
             ok &= print_throughput(title + ", REDIS_URL (one replica, its queue workers)",
                                    measure_throughput(work, bodies_of, per_backend, step_delay, redis.url))
-            ok &= print_latency(measure_redis_latency(work, redis.url, 10 if args.quick else 40))
+            ok &= print_latency(measure_redis_latency(work, redis.url, 10 if args.quick else 100))
         finally:
             redis.stop()
         print(f"\nideal: {1 / (steps * step_delay):.2f} req/s per backend")
