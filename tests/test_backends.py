@@ -103,6 +103,33 @@ def test_a_backend_dying_mid_job_is_retried_once_on_another(two, fake_comfy, sec
     assert health[second.url]["reachable"] is False and health[second.url]["jobs_failed"] == 1
 
 
+def test_a_job_retried_on_another_backend_says_so_in_its_status_and_events(two, fake_comfy, second):
+    """An async job whose backend dies mid-run is queued again (status "queued", SSE event queued
+    with retry true and the reason) until the other backend takes it; its progress starts over."""
+    client = two.test_client()
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(post, client)
+        wait_until(fake_comfy.running_prompt_id, what="A to be busy")
+        second.hang_next()
+        job_id = post(client, {"seed": 7, "async": True}).get_json()["job_id"]
+        wait_until(second.running_prompt_id, what="the job to run on B")
+        wait_until(lambda: client.get(f"/api/img2img/jobs/{job_id}").get_json()["progress"]["value"],
+                   what="the job to make progress on B")
+        second.die()
+        snap = wait_until(lambda: (s := client.get(f"/api/img2img/jobs/{job_id}").get_json())["status"] == "queued"
+                          and s, what="the job to be queued again")
+        assert snap["prompt_id"] is None and snap["progress"]["value"] is None, snap
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)  # A frees up for the retry
+        assert holder.result(timeout=60).status_code == 409
+    stream = client.get(f"/api/img2img/jobs/{job_id}/events").data.decode()
+    kinds = [line[7:] for line in stream.splitlines() if line.startswith("event: ")]
+    datas = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")]
+    retry = next(i for i, d in enumerate(datas) if d["type"] == "queued" and d.get("retry"))
+    assert second.url in datas[retry]["reason"]
+    assert "progress" in kinds[:retry] and "progress" in kinds[retry:] and kinds[-1] == "done", kinds
+
+
 def test_no_backend_left_is_a_distinct_503_and_the_service_recovers(two, fake_comfy, second):
     client = two.test_client()
     fake_comfy.refuse_connections()

@@ -635,6 +635,12 @@ def test_a_backend_dying_mid_job_is_retried_once_on_the_other(replicas, backends
     snap = finished(r2, moved)
     assert snap["status"] == "succeeded", snap
     assert snap["prompt_id"] in prompt_ids(alive) and snap["result"]["seed"] == 2
+    # its stream says so: queued again (retry), then its run on the other backend
+    got = [(kind, data) for _, kind, data in events(r1, moved)]
+    retry = next(i for i, (kind, data) in enumerate(got) if kind == "queued" and data.get("retry"))
+    assert dying.url in got[retry][1]["reason"], got
+    assert any(kind == "progress" for kind, _ in got[:retry]) and any(kind == "progress" for kind, _ in got[retry:])
+    assert got[-1][0] == "done"
     [name] = image_names(snap["result"])
     image(r1, name)
     for replica in (r1, r2):

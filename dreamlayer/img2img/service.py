@@ -142,6 +142,9 @@ class Listener:
     def progress(self, event) -> None:
         pass
 
+    def retrying(self, reason: str) -> None:
+        """Its backend failed mid-run: the run waits again, for another backend."""
+
 
 class Img2ImgService:
     def __init__(self, config, client: ComfyClient, served: ServedImages, pool: BackendPool | None = None):
@@ -302,6 +305,7 @@ class Img2ImgService:
                         raise
                     log.warning("run %s: ComfyUI backend %s is unreachable; retrying once on another "
                                 "backend", run_id, tried[-1].url)
+                    listener.retrying(f"ComfyUI backend {tried[-1].url} stopped answering")
         finally:
             self.active.finish(run_id)
         if not batches.outputs:

@@ -93,6 +93,10 @@ class MirroredJob(Job):
         super().queued(prompt_id, index)
         self._flush()
 
+    def retrying(self, reason: str) -> None:
+        super().retrying(reason)
+        self._flush()
+
     def progress(self, event) -> None:
         super().progress(event)
         if not self.quiet:

@@ -76,6 +76,16 @@ class Job(Listener):
                 self.step = {"value": event.value, "max": event.max, "node": event.node}
             self._emit("progress", dict(self.step))
 
+    def retrying(self, reason: str) -> None:
+        """Queued again (status, SSE event ``queued`` with ``retry: true``) until another backend
+        takes the run: its progress starts over there."""
+        with self.changed:
+            if self.status in TERMINAL:
+                return
+            self.status, self.prompt_id, self.queue_position = "queued", None, None
+            self.step = {"value": None, "max": None, "node": None}
+            self._emit_locked("queued", {"position": None, "prompt_id": None, "retry": True, "reason": reason})
+
     def _queue_update(self) -> None:
         with self.changed:
             if self.status != "queued" or not self.prompt_id:
