@@ -35,6 +35,14 @@ def post(client, params=None, mask=False):
     return client.post("/api/img2img", data=data, content_type="multipart/form-data")
 
 
+def occupy(pool, client, fake):
+    """A request that hangs on ``fake`` (until /interrupt), sent from ``pool``: that backend is busy."""
+    fake.hang_next()
+    holder = pool.submit(post, client)
+    wait_until(fake.running_prompt_id, what="A to be busy")
+    return holder
+
+
 def backends(client):
     return {b["url"]: b for b in client.get("/health").get_json()["backends"]}
 
@@ -86,10 +94,8 @@ def test_a_backend_that_does_not_answer_is_skipped_and_put_back_when_it_answers(
 
 def test_a_backend_dying_mid_job_is_retried_once_on_another(two, fake_comfy, second):
     client = two.test_client()
-    fake_comfy.hang_next()
     with ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(post, client)
-        wait_until(fake_comfy.running_prompt_id, what="A to be busy")
+        holder = occupy(pool, client, fake_comfy)
         second.hang_next()
         moved = pool.submit(post, client, {"seed": 7}, True)
         wait_until(second.running_prompt_id, what="the job to run on B")
@@ -107,10 +113,8 @@ def test_a_job_retried_on_another_backend_says_so_in_its_status_and_events(two, 
     """An async job whose backend dies mid-run is queued again (status "queued", SSE event queued
     with retry true and the reason) until the other backend takes it; its progress starts over."""
     client = two.test_client()
-    fake_comfy.hang_next()
     with ThreadPoolExecutor(1) as pool:
-        holder = pool.submit(post, client)
-        wait_until(fake_comfy.running_prompt_id, what="A to be busy")
+        holder = occupy(pool, client, fake_comfy)
         second.hang_next()
         job_id = post(client, {"seed": 7, "async": True}).get_json()["job_id"]
         wait_until(second.running_prompt_id, what="the job to run on B")
