@@ -536,10 +536,10 @@ def test_prompt_finishing_instantly_is_seen_because_ws_opens_before_queueing(fak
     fake_comfy.step_delay = 0.0
     wf = workflow(fake_comfy, prefix="fast")
     first = c.run(wf, timeout=WAIT)
-    _spare_ready(c)  # the spare socket for the next run is open
-    # the same prompt again is served entirely from cache: it finishes as soon as it is queued
+    # the same prompt again is served entirely from cache: it finishes as soon as it is queued,
+    # on the first run's socket, which heard that run's last frames too
     again = c.run(wf, timeout=WAIT)
-    assert len(queued) == 2 and queued[0][0] != queued[1][0]
+    assert len(queued) == 2 and queued[0][0] == queued[1][0] and len(opened) == 1
     for client_id, when in queued:  # each prompt went out on a socket that was already open
         assert client_id in opened and opened[client_id] < when
     assert first.source == again.source == "websocket"
@@ -749,40 +749,49 @@ def test_one_client_shared_by_many_threads(fake_comfy, client):
     assert len({r.prompt_id for r in runs}) == 4
 
 
-def _spare_ready(c):
-    return wait_until(lambda: c.sockets._spare, what="the spare WebSocket to open")
+def _idle_socket(c):
+    """(client_id, ws) of the most recently used idle socket, once there is one."""
+    wait_until(lambda: c.sockets.idle(), what="an idle WebSocket")
+    return c.sockets._idle[-1]
 
 
-def test_the_next_run_uses_the_socket_opened_in_the_background(fake_comfy, monkeypatch):
-    c = make_client(fake_comfy)
-    c.run(workflow(fake_comfy), timeout=WAIT)
-    spare_id, _ = _spare_ready(c)
-
+def _count_connects(monkeypatch, opened: list) -> None:
+    """Record (thread name, client_id) of every WebSocket opened from now on."""
     real_connect = sockets.websocket.create_connection
-    runs_opened = []
 
-    def connect(*a, **k):
-        if threading.current_thread().name != "comfy-spare-ws":
-            runs_opened.append(a)
-        return real_connect(*a, **k)
+    def connect(url, *a, **k):
+        opened.append((threading.current_thread().name, url.rsplit("clientId=", 1)[1]))
+        return real_connect(url, *a, **k)
 
     monkeypatch.setattr(sockets.websocket, "create_connection", connect)
-    result = c.run(workflow(fake_comfy, seed=2), timeout=WAIT)
-    assert result.source == "websocket" and runs_opened == []
-    assert fake_comfy.prompts[-1][2] == spare_id  # queued with the spare socket's client id
+
+
+def test_runs_one_after_another_reuse_one_socket(fake_comfy, monkeypatch):
+    """A socket whose prompt ended normally serves the next run: no handshake per run, in this
+    process or ComfyUI's."""
+    c = make_client(fake_comfy)
+    opened = []
+    _count_connects(monkeypatch, opened)
+    results = [c.run(workflow(fake_comfy, seed=i), timeout=WAIT) for i in range(3)]
+    assert len(opened) == 1  # the first run's; the other two reused it
+    client_id = opened[0][1]
+    assert [p[2] for p in fake_comfy.prompts[-3:]] == [client_id] * 3  # queued with its client id
+    assert all(r.source == "websocket" and r.images for r in results)
+    assert len({r.prompt_id for r in results}) == 3
+    assert c.sockets.idle() == [client_id] and fake_comfy.client_ids() == [client_id]
     c.close()
 
 
-def test_what_the_spare_heard_while_idle_is_not_reported(fake_comfy):
+def test_what_an_idle_socket_heard_is_not_reported(fake_comfy):
     """Queue broadcasts about other prompts reach an idle socket; they must not show up as this
     run's progress."""
     c = make_client(fake_comfy)
     c.run(workflow(fake_comfy), timeout=WAIT)
-    _spare_ready(c)
+    _idle_socket(c)
     other = make_client(fake_comfy, spare_socket=False)
     other.run(workflow(fake_comfy, seed=3), timeout=WAIT)  # status broadcasts: queue 1, then 0
     # other.run() returns on execution_success; ComfyUI broadcasts "queue 0" after that, when it
-    # files the history. Idle means every broadcast has reached the spare: all heard while idle.
+    # files the history. Idle means every broadcast has reached the idle socket: all heard while idle.
     fake_comfy.wait_idle()
     events = []
     c.run(workflow(fake_comfy, seed=4), timeout=WAIT, on_progress=events.append)
@@ -792,15 +801,50 @@ def test_what_the_spare_heard_while_idle_is_not_reported(fake_comfy):
     other.close()
 
 
-def test_a_dead_spare_is_replaced(fake_comfy):
+def test_a_dead_idle_socket_is_replaced(fake_comfy):
     c = make_client(fake_comfy)
     c.run(workflow(fake_comfy), timeout=WAIT)
-    _, ws = _spare_ready(c)
+    dead_id, ws = _idle_socket(c)
     ws.sock.shutdown(socket.SHUT_RDWR)  # as when ComfyUI restarts
     result = c.run(workflow(fake_comfy, seed=5), timeout=WAIT)
     assert result.source == "websocket"
+    assert fake_comfy.prompts[-1][2] != dead_id and c.sockets.idle() == [fake_comfy.prompts[-1][2]]
     c.close()
-    assert c.sockets._spare is None
+    assert c.sockets.idle() == []
+
+
+def test_the_socket_of_a_failed_run_is_closed_and_the_next_opened_in_the_background(fake_comfy, monkeypatch):
+    c = make_client(fake_comfy)
+    opened = []
+    _count_connects(monkeypatch, opened)
+    fake_comfy.fail_next()
+    with pytest.raises(ComfyExecutionFailed):
+        c.run(workflow(fake_comfy), timeout=WAIT)
+    failed_id = fake_comfy.prompts[-1][2]
+    spare_id, _ = _idle_socket(c)
+    assert spare_id != failed_id and opened[-1] == ("comfy-spare-ws", spare_id)
+    wait_until(lambda: fake_comfy.client_ids() == [spare_id], what="the failed run's socket to close")
+    c.run(workflow(fake_comfy, seed=6), timeout=WAIT)
+    assert fake_comfy.prompts[-1][2] == spare_id and len(opened) == 2
+    c.close()
+
+
+def test_idle_sockets_are_capped(fake_comfy):
+    """After a burst of concurrent runs only ``keep`` sockets stay open; the others are closed."""
+    c = make_client(fake_comfy)
+    c.sockets.keep = 2
+    all_taken = threading.Barrier(5, timeout=WAIT)  # every run holds its socket before any queues
+    real_queue = c.http.queue_prompt
+    c.http.queue_prompt = lambda *a, **k: (all_taken.wait(), real_queue(*a, **k))[1]
+    runs = [Background(c, workflow(fake_comfy, prefix=f"burst{i}", seed=i)) for i in range(5)]
+    for run in runs:
+        run.join()
+        assert run.error is None, run.error
+    kept = c.sockets.idle()
+    assert len(kept) == 2 and len({p[2] for p in fake_comfy.prompts[-5:]}) == 5
+    wait_until(lambda: fake_comfy.client_ids() == sorted(kept), what="the other sockets to close")
+    c.close()
+    wait_until(lambda: fake_comfy.client_ids() == [], what="the idle sockets to close")
 
 
 def test_history_of_a_run_falls_back_to_the_announced_outputs_when_comfyui_is_gone(fake_comfy, client):
@@ -815,10 +859,12 @@ def test_sockets_are_closed_and_spares_opened_by_one_reused_worker(fake_comfy, c
     ends when the client is closed."""
     workers = set()
     for i in range(3):
-        client.run(workflow(fake_comfy, prefix=f"worker{i}"), timeout=WAIT)
+        fake_comfy.fail_next()  # a failed run's socket is closed and replaced in the background
+        with pytest.raises(ComfyExecutionFailed):
+            client.run(workflow(fake_comfy, prefix=f"worker{i}"), timeout=WAIT)
         workers.add(client.sockets._worker)
     assert len(workers) == 1 and None not in workers
     (worker,) = workers
-    _spare_ready(client)
+    _idle_socket(client)
     client.close()
     wait_until(lambda: not worker.is_alive(), what="the socket worker to end after close()")

@@ -52,6 +52,7 @@ class PromptRunner:
         client_id, ws = self.sockets.take(deadline)
         prompt_id = None
         cancelled = threading.Event()
+        reusable = False  # the socket saw our prompt to its end: the next run may use it
         try:
             prompt_id = self.http.queue_prompt(prompt, client_id, timeout=self._call_timeout(deadline))
             with self._active_lock:
@@ -62,7 +63,7 @@ class PromptRunner:
             source = "websocket"
             entry = announced = None
             if ws is not None:
-                finished = self._wait_ws(ws, run)
+                finished = reusable = self._wait_ws(ws, run)
                 if finished and run.succeeded_at is not None and run.watch.outputs:
                     announced = run.watch.history_entry()  # the outputs /history will list
                 elif finished:
@@ -91,7 +92,7 @@ class PromptRunner:
                 with self._active_lock:
                     self._active.pop(prompt_id, None)
             if ws is not None:
-                self.sockets.release(ws)
+                self.sockets.release(client_id, ws, reusable)
 
     def wait_for_history(self, prompt_id: str, timeout: float) -> dict:
         """Poll /history until the entry appears. 0.3.40 sends execution_success a few ms

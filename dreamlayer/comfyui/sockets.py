@@ -1,11 +1,16 @@
-"""The WebSockets of a ComfyUI client, one per run, each with its own client_id.
+"""The WebSockets of a ComfyUI client: one per run at a time, each with its own client_id, kept
+open between runs.
 
-Opening one costs a round trip and a handshake (about 1.5 ms on loopback), so after each run the
-pool opens the next run's socket in the background and keeps it as a spare, one at most. A run
-takes the spare, emptied of what it heard while idle, or opens a socket of its own. Sockets are
-closed in the background too: the close handshake waits for ComfyUI's answer, which concerns no
-caller. One long-lived worker thread does that background work: starting a thread per run cost
-the run about 2 ms (Thread.start() waits until the new thread is scheduled).
+Opening a socket costs a round trip, a handshake and ComfyUI's greeting, in this process and in
+ComfyUI's, so a socket whose run ended normally is kept for the next run (at most ``keep`` idle at
+once): ComfyUI tags every message of a prompt with its prompt_id, and a run listens only to its own
+(protocol.PromptWatch), so what follows the previous prompt's end is ignored like any other
+prompt's messages. A run takes the most recently used idle socket, emptied of what it heard while
+idle (queue broadcasts, the previous prompt's last frames), or opens one of its own. A socket
+whose run did not end normally (timeout, cancel, dropped) is closed, and if no idle socket is left
+the next run's is opened, both in the background: the close handshake waits for ComfyUI's answer,
+which concerns no caller. One long-lived worker thread does that background work: starting a
+thread per run cost the run about 2 ms (Thread.start() waits until the new thread is scheduled).
 """
 from __future__ import annotations
 
@@ -23,16 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class SocketPool:
-    """Hands out run sockets and keeps the spare; thread-safe."""
+    """Hands out run sockets and keeps the idle ones; thread-safe."""
 
     #: The background worker ends after this many idle seconds.
     IDLE_S = 5.0
+    #: Idle sockets kept open at most (the rest of a burst's are closed when their runs end).
+    KEEP = 4
 
-    def __init__(self, base_url: str, *, connect_timeout: float, spare: bool = True):
+    def __init__(self, base_url: str, *, connect_timeout: float, spare: bool = True, keep: int = KEEP):
         self.base_url = base_url
         self.connect_timeout = connect_timeout
-        self.spare = spare  # keep one socket open ahead of the next run
-        self._spare = None  # (client_id, WebSocket) opened ahead of the next run
+        self.keep = keep if spare else 0  # spare=False: a socket per run, closed after it
+        self._idle: list = []  # (client_id, WebSocket), most recently used last
         self._lock = threading.Lock()
         self._opening = False
         self._closed = False
@@ -44,10 +51,15 @@ class SocketPool:
         scheme = "wss" if parts.scheme == "https" else "ws"
         return f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={quote(client_id)}"
 
+    def idle(self) -> list:
+        """The client_ids of the idle sockets, most recently used last."""
+        with self._lock:
+            return [client_id for client_id, _ in self._idle]
+
     def take(self, deadline: float):
-        """(client_id, ws) for one run: the spare, or a new socket. ws is None when none can be
+        """(client_id, ws) for one run: an idle socket, or a new one. ws is None when none can be
         opened before ``deadline`` (time.monotonic()); the run then polls /history."""
-        client_id, ws = self._take_spare()
+        client_id, ws = self._take_idle()
         if ws is not None:
             return client_id, ws
         client_id = str(uuid.uuid4())
@@ -58,22 +70,27 @@ class SocketPool:
             log.warning("cannot open ComfyUI WebSocket %s (%s); will poll /history instead", url, e)
             return client_id, None
 
-    def _take_spare(self):
-        """(client_id, ws) of the spare socket, emptied of what it collected while idle (queue
-        broadcasts, the greeting), or (None, None) when there is none or it has died."""
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is None:
-            return None, None
-        if not _drain(spare[1]):
-            _close_quietly(spare[1])
-            return None, None
-        return spare
+    def _take_idle(self):
+        """(client_id, ws) of the most recently used idle socket, emptied of what it heard while
+        idle, or (None, None) when there is none alive."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None, None
+                client_id, ws = self._idle.pop()
+            if _drain(ws):
+                return client_id, ws
+            _close_quietly(ws)  # closed by ComfyUI (restarted): try the next
 
-    def release(self, ws) -> None:
-        """Close a run's socket and open the next run's spare, in the background."""
+    def release(self, client_id: str, ws, reusable: bool) -> None:
+        """A run is over with ``ws``: keep it for the next run when ``reusable`` (its run ended
+        normally) and fewer than ``keep`` are idle; else close it in the background, and open the
+        next run's socket there too if no idle one is left."""
         with self._lock:
-            open_spare = self.spare and not self._closed and self._spare is None and not self._opening
+            if reusable and not self._closed and len(self._idle) < self.keep:
+                self._idle.append((client_id, ws))
+                return
+            open_spare = self.keep > 0 and not self._closed and not self._idle and not self._opening
             self._opening = self._opening or open_spare
             # under the lock: the worker decides to end under it too, so no chore is left behind
             self._chores.put((ws, open_spare))
@@ -112,21 +129,22 @@ class SocketPool:
         finally:
             with self._lock:
                 self._opening = False
-                if ws is not None and not self._closed and self._spare is None:
-                    self._spare, ws = (client_id, ws), None
+                if ws is not None and not self._closed and len(self._idle) < self.keep:
+                    self._idle.insert(0, (client_id, ws))
+                    ws = None
         if ws is not None:
             _close_quietly(ws)
 
     def close(self) -> None:
-        """Close the spare; none is opened after this."""
+        """Close the idle sockets; none is kept after this."""
         with self._lock:
             self._closed = True
-            spare, self._spare = self._spare, None
+            idle, self._idle = self._idle, []
             if self._worker is not None:
                 self._chores.put(None)  # the worker ends once the chores before it are done
                 self._worker = None
-        if spare is not None:
-            _close_quietly(spare[1])
+        for _, ws in idle:
+            _close_quietly(ws)
 
 
 def _connect(url: str, timeout: float):
