@@ -4,8 +4,10 @@ image itself and KSampler replaces exactly the noise-masked pixels."""
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -428,6 +430,44 @@ def test_outputs_are_read_from_a_shared_output_folder_without_view(service_confi
         assert out.size == (64, 48)
         if area == "whole":  # served as ComfyUI saved it
             assert client.get("/images/" + image["filename"]).data == (fake_comfy.output_dir / image["filename"]).read_bytes()
+
+
+def test_a_final_output_is_served_as_comfyuis_file_itself(service_config, fake_comfy):
+    """No read and no copy: the served name is a hard link to ComfyUI's output; removing either
+    name leaves the other."""
+    from dreamlayer.img2img.app import create_app
+    app = create_app(service_config.replace(comfyui_output_dir=fake_comfy.output_dir))
+    resp = _send(app.test_client())
+    assert resp.status_code == 200, resp.get_json()
+    names = [i["filename"] for i in resp.get_json()["comfy_response"]["generated_images"]]
+    served = app.extensions["img2img"].served
+    for name in names:
+        assert os.path.samefile(served.directory / name, fake_comfy.output_dir / name)
+    (fake_comfy.output_dir / names[0]).unlink()  # the user clears ComfyUI's output folder
+    assert app.test_client().get("/images/" + names[0]).status_code == 200
+    served.remove(names[1])  # the service forgets an image
+    assert (fake_comfy.output_dir / names[1]).is_file()
+    assert sorted(p.name for p in served.directory.iterdir()) == [names[0]]  # nothing half-written left
+
+
+def test_an_output_that_cannot_be_linked_is_copied(service_config, fake_comfy, monkeypatch):
+    """Another file system (EXDEV), or a file of another user under protected_hardlinks (EPERM)."""
+    from dreamlayer.img2img import staging
+    from dreamlayer.img2img.app import create_app
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(staging.os, "link", no_link)
+    app = create_app(service_config.replace(comfyui_output_dir=fake_comfy.output_dir))
+    client = app.test_client()
+    resp = _send(client)
+    assert resp.status_code == 200, resp.get_json()
+    served = app.extensions["img2img"].served
+    for image in resp.get_json()["comfy_response"]["generated_images"]:
+        copy, original = served.directory / image["filename"], fake_comfy.output_dir / image["filename"]
+        assert not os.path.samefile(copy, original) and copy.read_bytes() == original.read_bytes()
+    assert not [p for p in served.directory.iterdir() if p.name.startswith(".")]
 
 
 def test_a_wrong_output_folder_falls_back_to_view_and_says_so(service_config, fake_comfy, monkeypatch, tmp_path, caplog):

@@ -6,6 +6,7 @@ basic CORS check are not repeated)."""
 from __future__ import annotations
 
 import base64
+import errno
 import hmac
 import io
 import json
@@ -214,9 +215,32 @@ def test_the_service_writes_only_names_it_considers_safe(tmp_path, name):
     anything that is not a plain file name is refused, a trailing newline included."""
     from dreamlayer.img2img import staging
 
+    (tmp_path / "source.png").write_bytes(b"data")
     with pytest.raises(ValueError):
         staging.write_atomic(tmp_path, name, b"data")
+    with pytest.raises(ValueError):
+        staging.link_or_copy(tmp_path / "source.png", tmp_path, name)
+    assert [p.name for p in tmp_path.iterdir()] == ["source.png"]
+
+
+def test_a_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
+    """The bytes go to a hidden temporary name first: a failure mid-write (disk full) leaves
+    neither a half-written file nor the temporary one; the folder is made again if it went."""
+    from dreamlayer.img2img import staging
+
+    class DiskFull(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = staging.os.fdopen
+    monkeypatch.setattr(staging.os, "fdopen", lambda fd, mode: (staging.os.close(fd), DiskFull())[1])
+    with pytest.raises(OSError):
+        staging.write_atomic(tmp_path, "x.png", b"data")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(staging.os, "fdopen", real_fdopen)
+    folder = tmp_path / "gone"
+    assert staging.write_atomic(folder, "x.png", b"data").read_bytes() == b"data"
+    assert [p.name for p in folder.iterdir()] == ["x.png"]
 
 
 # --- no debug mode --------------------------------------------------------------------------------

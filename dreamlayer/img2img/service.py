@@ -451,31 +451,59 @@ class Img2ImgService:
             self.active.set_prompt(run_id, None)
 
     def _serve(self, run_id: str, index: int, image, job: Prepared, backend) -> dict:
-        """Download one output, map it back onto the original (see inpainting.py), serve it."""
-        data = inpainting.finish_png(self._output_bytes(image, backend), job.image, job.keep, job.plan)
+        """Download one output, map it back onto the original (see inpainting.py), serve it. An
+        output that is final as ComfyUI saved it, in a shared output folder, is served as that
+        file (a hard link where possible: no read, no copy)."""
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]
             name = f"img2img_{run_id}_{index}_{base if SAFE_NAME.match(base) else 'image.png'}"
+        path = self._output_path(image, backend)
+        if path is not None and hasattr(self.served, "save_file") and self._final_as_saved(path, job):
+            try:
+                self.served.save_file(name, path)
+                return self._served(name)
+            except OSError as exc:
+                log.warning("cannot serve ComfyUI output %s (%s); downloading it instead", path, exc)
+                path = None
+        data = inpainting.finish_png(self._output_bytes(image, backend, path), job.image, job.keep, job.plan)
         self.served.save(name, data)
+        return self._served(name)
+
+    def _served(self, name: str) -> dict:
         return {"filename": name, "url": f"{self.config.public_base_url}/images/{name}",
                 "type": "output", "subfolder": ""}
 
-    def _output_bytes(self, image, backend) -> bytes:
-        """One output file of ComfyUI: read from its output folder when this machine shares it
-        (COMFYUI_OUTPUT_DIR / COMFYUI_DIR), else downloaded with GET /view."""
+    @staticmethod
+    def _final_as_saved(path, job: Prepared) -> bool:
+        """Whether ComfyUI's output file needs no work from us (read from its header only)."""
+        try:
+            with Image.open(path) as out:
+                return out.format == "PNG" and not inpainting.needs_work(out.size, job.keep, job.plan)
+        except (OSError, SyntaxError, ValueError):
+            return False  # finish_png / the download path reports what is wrong with it
+
+    def _output_path(self, image, backend):
+        """ComfyUI's output file in its output folder when this machine shares it
+        (COMFYUI_OUTPUT_DIR / COMFYUI_DIR), else None."""
         folder = backend.output_dir
-        if folder is not None and image.type == "output":
-            path = output_file(folder, image.subfolder, image.filename)
-            if path is not None:
-                try:
-                    return path.read_bytes()
-                except OSError as exc:
-                    log.warning("cannot read ComfyUI output %s (%s); downloading it instead", path, exc)
-            elif not self._warned_output_dir:
-                self._warned_output_dir = True
-                log.warning("ComfyUI output %r is not in %s; downloading outputs instead (is COMFYUI_OUTPUT_DIR "
-                            "ComfyUI's output folder?)", image.filename, folder)
+        if folder is None or image.type != "output":
+            return None
+        path = output_file(folder, image.subfolder, image.filename)
+        if path is None and not self._warned_output_dir:
+            self._warned_output_dir = True
+            log.warning("ComfyUI output %r is not in %s; downloading outputs instead (is COMFYUI_OUTPUT_DIR "
+                        "ComfyUI's output folder?)", image.filename, folder)
+        return path
+
+    def _output_bytes(self, image, backend, path) -> bytes:
+        """One output file of ComfyUI: read from ``path`` (see _output_path), else downloaded
+        with GET /view."""
+        if path is not None:
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                log.warning("cannot read ComfyUI output %s (%s); downloading it instead", path, exc)
         return backend.client.view(image)
 
     def cancel_run(self, run_id: str) -> str:

@@ -6,10 +6,10 @@ because ComfyUI offers no way to delete an upload. Every name is chosen by the s
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,21 +17,61 @@ from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 
 log = logging.getLogger(__name__)
 
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")  # \Z: "$" would accept a final newline
+
+
+def _temp_name(name: str) -> str:
+    """A hidden name beside ``name`` for writing it: unique to this process and call (the
+    service's file names are unique already; this covers two writes of one name at once)."""
+    return f".tmp-{os.getpid()}-{next(_counter)}-{name}.part"
+
+
+_counter = itertools.count()
 
 
 def write_atomic(directory: Path, name: str, data: bytes) -> Path:
     """Write ``data`` to directory/name so that readers never see a half-written file."""
     if not SAFE_NAME.match(name):
         raise ValueError(f"unsafe file name {name!r}")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    tmp = directory / _temp_name(name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+    except FileNotFoundError:  # the folder was removed: make it again
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, directory / name)
     except BaseException:
-        remove_file(Path(tmp))
+        remove_file(tmp)
+        raise
+    return directory / name
+
+
+def link_or_copy(source: Path, directory: Path, name: str) -> Path:
+    """directory/name as the same file as ``source`` (a hard link: no copy of the bytes), or a
+    copy where a link is impossible (another file system, a file owned by another user under
+    Linux's protected_hardlinks, a file system without links). Atomic either way."""
+    if not SAFE_NAME.match(name):
+        raise ValueError(f"unsafe file name {name!r}")
+    tmp = directory / _temp_name(name)
+    try:
+        os.link(source, tmp)
+    except FileNotFoundError:
+        if not Path(source).exists():
+            raise
+        directory.mkdir(parents=True, exist_ok=True)
+        return link_or_copy(source, directory, name)
+    except OSError as exc:
+        log.debug("cannot link %s into %s (%s); copying it", source, directory, exc)
+        return write_atomic(directory, name, Path(source).read_bytes())
+    try:
+        os.replace(tmp, directory / name)
+    except BaseException:
+        remove_file(tmp)
         raise
     return directory / name
 
@@ -89,6 +129,12 @@ class ServedImages:
 
     def save(self, name: str, data: bytes) -> str:
         write_atomic(self.directory, name, data)
+        return name
+
+    def save_file(self, name: str, source: Path) -> str:
+        """Serve the file ``source`` (ComfyUI's output, which ComfyUI never rewrites) as ``name``:
+        a hard link when both folders are on one file system, else a copy."""
+        link_or_copy(source, self.directory, name)
         return name
 
     def remove(self, name: str) -> None:
