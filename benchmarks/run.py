@@ -244,6 +244,8 @@ def floor_comparison(service: Service, fake: Fake, inputs: Path, sizes, n: int, 
                 with_executions(fake, flo)
                 out[f"{size}{'_mask' if masked else ''}"] = {
                     "service": summary([x.added for x in svc]), "floor": summary([x.added for x in flo]),
+                    # per pair (adjacent requests): steadier than a difference of percentiles
+                    "paired": summary([x.added - y.added for x, y in zip(svc, flo)]),
                     "service_total": summary([x.seconds for x in svc]),
                     "floor_total": summary([x.seconds for x in flo])}
     finally:
@@ -438,7 +440,8 @@ def print_report(r: dict) -> None:
     print(f"  P1 first request after start (object_info fetched, connections opened): {ms(r['cold_added'])} ms added")
     for case, d in r["floor"].items():
         print(f"  P1 floor {case:<8}: total client time p50 service {ms(d['service_total']['p50'])} ms, floor "
-              f"{ms(d['floor_total']['p50'])} ms (the service's paste-back runs inside ComfyUI's execution)")
+              f"{ms(d['floor_total']['p50'])} ms (the service's paste-back runs inside ComfyUI's execution); "
+              f"difference per pair p50 {ms(d['paired']['p50'])} ms, p95 {ms(d['paired']['p95'])} ms")
     print(f"  P2 the fake was idle {ms(c['lead_in'])} ms before the first prompt, {ms(c['idle_between'])} ms between "
           f"prompts in all (longest gap {ms(c['max_gap'])} ms), {ms(c['tail'])} ms after the last; execution p50 "
           f"{ms(c['exec']['p50'])} ms (sequential: {ms(p1m['exec']['p50'])} ms)")
