@@ -40,8 +40,9 @@ class ComfyClient:
         ComfyUnreachable; liveness_interval: how often a run checks /queue that its prompt still
         exists when nothing arrives for it; ws_tick: how often the WebSocket wait looks at
         cancellation and the deadline; end_of_prompt_wait: how long, after execution_success, to
-        wait for the `executing` null that follows ComfyUI's /history write; spare_socket: keep one
-        WebSocket open ahead of the next run (opening one costs a round trip and a handshake)."""
+        wait for the `executing` null that follows ComfyUI's /history write; spare_socket: keep the
+        WebSocket of a run that ended normally open for the next run (opening one costs a round
+        trip and a handshake; at most SocketPool.KEEP stay idle)."""
         self.base_url = base_url.rstrip("/")
         self.http = ComfyHttp(self.base_url, connect_timeout=connect_timeout, read_timeout=read_timeout,
                               pool_size=pool_size)
