@@ -3,6 +3,7 @@ then the whole client over real sockets against the fake ComfyUI (tests/fake_com
 import io
 import json
 import pathlib
+import select
 import socket
 import threading
 import time
@@ -797,6 +798,27 @@ def test_what_an_idle_socket_heard_is_not_reported(fake_comfy):
     c.run(workflow(fake_comfy, seed=4), timeout=WAIT, on_progress=events.append)
     queued = [e for e in events if e.kind == "queued"]
     assert queued and all(e.queue_remaining >= 1 for e in queued), queued
+    c.close()
+    other.close()
+
+
+def test_idle_sockets_are_kept_read(fake_comfy, monkeypatch):
+    """ComfyUI broadcasts queue status to every socket for every prompt; an idle socket nobody
+    read would fill up until ComfyUI's sends stall (for all its clients). The worker reads them."""
+    c = make_client(fake_comfy)
+    c.sockets.DRAIN_S = 0.05
+    c.run(workflow(fake_comfy), timeout=WAIT)
+    _, ws = _idle_socket(c)
+    drained = []
+    real_drain = sockets._drain
+    monkeypatch.setattr(sockets, "_drain", lambda w: (drained.append(w), real_drain(w))[1])
+    other = make_client(fake_comfy, spare_socket=False)
+    for seed in range(3):  # six status broadcasts reach the idle socket
+        other.run(workflow(fake_comfy, seed=10 + seed), timeout=WAIT)
+    fake_comfy.wait_idle()
+    wait_until(lambda: ws in drained and not select.select([ws.sock], [], [], 0)[0],
+               what="the idle socket to be read while idle")
+    assert c.sockets.idle() and c.sockets._idle[-1][1] is ws  # still kept, still open
     c.close()
     other.close()
 

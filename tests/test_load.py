@@ -27,9 +27,10 @@ WARMUP = 16
 HALF = (N_REQUESTS - WARMUP) // 2
 #: Threads of the fake ComfyUI (in this process): its loop, its worker, its loop's executor pool.
 FAKE_THREADS = ("fake-comfyui", "asyncio_")
-#: Short-lived threads of the ComfyUI client (closing a run's socket, opening the next spare),
-#: which outlive the request by a moment: a snapshot waits for them to end.
-CLIENT_THREADS = ("comfy-spare-ws", "comfy-cancel-")
+#: Short-lived threads of the ComfyUI client (cancelling a timed-out prompt), which outlive the
+#: request by a moment: a snapshot waits for them to end. (Its socket worker, "comfy-spare-ws",
+#: lives as long as idle sockets are kept: one thread, in both snapshots.)
+CLIENT_THREADS = ("comfy-cancel-",)
 #: big enough that a leaked image per request (about 1 MB in Pillow) shows in the RSS
 SIZES = [(512, 384), (384, 512), (448, 448), (504, 400)]
 

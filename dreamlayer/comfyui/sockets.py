@@ -9,8 +9,11 @@ prompt's messages. A run takes the most recently used idle socket, emptied of wh
 idle (queue broadcasts, the previous prompt's last frames), or opens one of its own. A socket
 whose run did not end normally (timeout, cancel, dropped) is closed, and if no idle socket is left
 the next run's is opened, both in the background: the close handshake waits for ComfyUI's answer,
-which concerns no caller. One long-lived worker thread does that background work: starting a
-thread per run cost the run about 2 ms (Thread.start() waits until the new thread is scheduled).
+which concerns no caller. While sockets are idle, the same worker reads away what ComfyUI
+broadcasts to them (every DRAIN_S): ComfyUI sends queue status to every socket for every prompt of
+every client, and a socket nobody reads fills up until ComfyUI's sends stall, for all its clients.
+One long-lived worker thread does that background work: starting a thread per run cost the run
+about 2 ms (Thread.start() waits until the new thread is scheduled).
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ log = logging.getLogger(__name__)
 class SocketPool:
     """Hands out run sockets and keeps the idle ones; thread-safe."""
 
-    #: The background worker ends after this many idle seconds.
-    IDLE_S = 5.0
+    #: While sockets are idle, the worker reads away what ComfyUI broadcasts to them (queue status
+    #: for every prompt of every client) this often: a socket nobody reads fills up, and then
+    #: ComfyUI's sends stall, to every client. Without idle sockets or chores the worker ends
+    #: after this long.
+    DRAIN_S = 2.0
     #: Idle sockets kept open at most (the rest of a burst's are closed when their runs end).
     KEEP = 4
 
@@ -89,24 +95,32 @@ class SocketPool:
         with self._lock:
             if reusable and not self._closed and len(self._idle) < self.keep:
                 self._idle.append((client_id, ws))
+                self._ensure_worker()  # it keeps the idle sockets read
                 return
             open_spare = self.keep > 0 and not self._closed and not self._idle and not self._opening
             self._opening = self._opening or open_spare
             # under the lock: the worker decides to end under it too, so no chore is left behind
             self._chores.put((ws, open_spare))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="comfy-spare-ws", daemon=True)
-                self._worker.start()
+            self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        """Start the worker if none runs (call under the lock: the worker decides to end under
+        it too, so no chore or idle socket is left without one)."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="comfy-spare-ws", daemon=True)
+            self._worker.start()
 
     def _work(self) -> None:
-        """Close sockets and open spares, in order; ends after IDLE_S without work (or at
-        close()), and release() starts a new one when needed."""
+        """Close sockets and open spares, in order, and keep the idle sockets read; ends after
+        DRAIN_S with neither (or at close()), and release() starts a new one when needed."""
         while True:
             try:
-                chore = self._chores.get(timeout=self.IDLE_S)
+                chore = self._chores.get(timeout=self.DRAIN_S)
             except queue.Empty:
+                if self._drain_idle():
+                    continue
                 with self._lock:
-                    if self._chores.empty():
+                    if self._chores.empty() and not self._idle:
                         self._worker = None
                         return
                 continue
@@ -116,6 +130,29 @@ class SocketPool:
                 self._close_and_replace(*chore)
             except Exception:  # pragma: no cover - the worker must outlive any one socket
                 log.exception("spare WebSocket chore failed")
+
+    def _drain_idle(self) -> bool:
+        """Read away what the idle sockets heard and drop those ComfyUI closed; True while any
+        is idle. A run that wants a socket meanwhile opens its own (the surplus is closed)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        alive = []
+        for entry in idle:
+            if _drain(entry[1]):
+                alive.append(entry)
+            else:
+                _close_quietly(entry[1])
+        with self._lock:
+            if self._closed:
+                surplus, alive = alive, []
+            else:
+                self._idle = alive + self._idle  # those released meanwhile are the most recent
+                surplus = self._idle[:max(0, len(self._idle) - self.keep)]
+                del self._idle[:len(surplus)]
+            has_idle = bool(self._idle)
+        for _, ws in surplus:
+            _close_quietly(ws)
+        return has_idle
 
     def _close_and_replace(self, ws, open_spare: bool) -> None:
         _close_quietly(ws)
