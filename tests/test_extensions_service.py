@@ -33,6 +33,16 @@ def of(wf, cls):
     return {k: v for k, v in wf.items() if v["class_type"] == cls}
 
 
+def image_loaders(wf):
+    """The LoadImage nodes of images (the input, ControlNet hints), not the mask file's."""
+    return {k: v for k, v in of(wf, "LoadImage").items() if not v["inputs"]["image"].endswith("_mask.png")}
+
+
+def loads_mask(wf) -> bool:
+    """The mask file is loaded (one LoadImage: its MASK inpaints, its red channel pastes back)."""
+    return len(of(wf, "LoadImage")) - len(image_loaders(wf)) == 1
+
+
 def leftovers(fake):
     return [p for p in fake.input_dir.rglob("*") if p.is_file()]
 
@@ -83,7 +93,7 @@ def unit(**kw):
 def test_one_controlnet_unit_on_the_input_image(client, fake_comfy, mask):
     wf = ok(post(client, {"controlnet": {"enabled": True, "units": [unit()]}}, mask=mask))
     (aid, apply), = of(wf, "ControlNetApplyAdvanced").items()
-    (lid, _), = of(wf, "LoadImage").items()
+    (lid, _), = image_loaders(wf).items()
     assert apply["inputs"]["image"] == [lid, 0]
     assert (apply["inputs"]["strength"], apply["inputs"]["start_percent"], apply["inputs"]["end_percent"]) == \
         (0.8, 0.1, 0.9)
@@ -109,7 +119,7 @@ def test_two_units_chain_and_own_images_are_staged_and_removed(client, fake_comf
     (canny,) = of(wf, "Canny").values()
     assert canny["inputs"]["low_threshold"] == round(100 / 255, 3)
     assert wf[canny["inputs"]["image"][0]]["class_type"] == "LoadImage"
-    assert len(of(wf, "LoadImage")) == 2
+    assert len(image_loaders(wf)) == 2 and loads_mask(wf)
     assert leftovers(fake_comfy) == []
 
 
@@ -161,14 +171,14 @@ def test_custom_workflow_with_odd_ids_gets_our_parameters(client, wrapped, mask)
     assert wf["a"]["inputs"]["image"].startswith("img2img_")
     assert wf["e"]["inputs"]["filename_prefix"].startswith("img2img_")
     assert len(of(wf, "RepeatLatentBatch")) == 1
-    assert ("LoadImageMask" in {n["class_type"] for n in wf.values()}) == mask
+    assert loads_mask(wf) == mask
 
 
 def test_custom_workflow_with_lora_and_controlnet_and_mask(client):
     wf = ok(post(client, {"custom_workflow": custom(), "lora": {"lora_name": LORA},
                           "controlnet": {"units": [unit()]}}, mask=True))
     classes = {n["class_type"] for n in wf.values()}
-    assert {"LoraLoader", "ControlNetApplyAdvanced", "VAEEncodeForInpaint", "LoadImageMask"} <= classes
+    assert {"LoraLoader", "ControlNetApplyAdvanced", "VAEEncodeForInpaint"} <= classes and loads_mask(wf)
 
 
 def test_ui_format_workflow_is_explained(client):

@@ -75,7 +75,9 @@ def test_multipart_with_mask_inpaints_only_the_black_area(live_server, fake_comf
     assert (out[inside] != inp[inside]).any(axis=-1).mean() > 0.9, "black (inpaint) pixels must change"
     wf = data["workflow"]
     classes = {n["class_type"] for n in wf.values()}
-    assert {"LoadImageMask", "VAEEncodeForInpaint"} <= classes and "VAEEncode" not in classes
+    assert "VAEEncodeForInpaint" in classes and "VAEEncode" not in classes
+    loaders = sorted(n["inputs"]["image"].rsplit("_", 1)[-1] for n in wf.values() if n["class_type"] == "LoadImage")
+    assert loaders == ["image.png", "mask.png"]  # one loader per file
     assert data["comfy_response"]["all_images"] == images
     assert leftovers(fake_comfy) == []
 

@@ -79,7 +79,7 @@ def test_only_masked_keeps_everything_outside_and_the_original_size(client, fake
     assert (out[~inside] == SRC[~inside]).all()
     assert (out[inside] != SRC[inside]).any(-1).mean() > 0.9
     loaded = [n for n in body["workflow"].values() if n["class_type"] == "LoadImage"]
-    assert len(loaded) == 1  # ComfyUI generated the crop, at exactly width x height
+    assert len(loaded) == 2  # the input and the mask file, nothing else: ComfyUI generated the crop, at exactly width x height
     _, prompt, _ = fake_comfy.prompts[-1]
     outputs = fake_comfy.output_dir.glob(f"img2img_{body['run_id']}_0_*.png")
     assert [Image.open(p).size for p in outputs] == [(64, 64)]

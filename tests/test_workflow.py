@@ -27,6 +27,13 @@ def only(wf, class_type):
     return ids[0], wf[ids[0]]["inputs"]
 
 
+def loader_of(wf, name):
+    """The one LoadImage node that loads file ``name``."""
+    ids = [n for n in W.nodes_of(wf, "LoadImage") if wf[n]["inputs"] == {"image": name}]
+    assert len(ids) == 1, (name, ids)
+    return ids[0]
+
+
 def test_template_is_filled():
     wf = build(steps=12, cfg_scale=5.5, denoising_strength=0.4, batch_size=3, sampler_name="DPM++ 2M Karras")
     sid, ks = only(wf, "KSampler")
@@ -49,12 +56,11 @@ def test_template_is_not_mutated_between_builds():
 def test_fill_mask_replaces_the_encode_and_forces_denoise_1():
     wf = build(mask="m.png", denoising_strength=0.5, grow_mask_by=9)
     assert W.nodes_of(wf, "VAEEncode") == []
-    mid, lim = only(wf, "LoadImageMask")
-    assert lim == {"image": "m.png", "channel": "alpha"}
+    assert not W.nodes_of(wf, "LoadImageMask")  # the mask file's LoadImage: MASK = 1 - alpha
+    mid, lid = loader_of(wf, "m.png"), loader_of(wf, "in.png")
     eid, enc = only(wf, "VAEEncodeForInpaint")
-    lid, _ = only(wf, "LoadImage")
     ckpt, _ = only(wf, "CheckpointLoaderSimple")
-    assert enc == {"pixels": [lid, 0], "vae": [ckpt, 2], "mask": [mid, 0], "grow_mask_by": 9}
+    assert enc == {"pixels": [lid, 0], "vae": [ckpt, 2], "mask": [mid, 1], "grow_mask_by": 9}
     rid, rep = only(wf, "RepeatLatentBatch")
     assert rep["samples"] == [eid, 0]
     assert only(wf, "KSampler")[1]["denoise"] == 1.0
@@ -67,7 +73,7 @@ def test_original_mode_keeps_denoise_and_adds_noise_mask():
     wf = W.inject_mask_into_workflow(base, "m.png", mode="original")
     vid, enc = only(wf, "VAEEncode")
     nid, nm = only(wf, "SetLatentNoiseMask")
-    assert nm["samples"] == [vid, 0] and wf[nm["mask"][0]]["class_type"] == "LoadImageMask"
+    assert nm["samples"] == [vid, 0] and nm["mask"] == [loader_of(wf, "m.png"), 1]
     assert only(wf, "RepeatLatentBatch")[1]["samples"] == [nid, 0]
     assert only(wf, "KSampler")[1]["denoise"] == 0.3
 
@@ -79,8 +85,7 @@ def test_original_mode_is_inpaint_model_conditioning_in_the_built_workflow():
     assert not W.nodes_of(wf, "SetLatentNoiseMask", "VAEEncode")
     iid, imc = only(wf, "InpaintModelConditioning")
     sid, ks = only(wf, "KSampler")
-    assert wf[imc["pixels"][0]]["class_type"] == "LoadImage"
-    assert wf[imc["mask"][0]]["inputs"] == {"image": "m.png", "channel": "alpha"}
+    assert imc["pixels"] == [loader_of(wf, "in.png"), 0] and imc["mask"] == [loader_of(wf, "m.png"), 1]
     assert imc["noise_mask"] is True and imc["vae"] == ["1", 2]
     assert [wf[imc[k][0]]["class_type"] for k in ("positive", "negative")] == ["CLIPTextEncode"] * 2
     assert (ks["positive"], ks["negative"]) == ([iid, 0], [iid, 1]) and ks["denoise"] == 0.3
@@ -155,11 +160,22 @@ def test_finish_outputs_pastes_the_input_back_over_the_batch_and_crops():
     assert (crop["image"], crop["width"], crop["height"], crop["x"], crop["y"]) == ([comp_id, 0], 101, 77, 0, 0)
     # the generated batch is the destination (a 1-image destination would cut the batch to 1)
     assert wf[comp["destination"][0]]["class_type"] == "VAEDecode"
-    assert comp["source"] == [only(wf, "LoadImage")[0], 0]
+    assert comp["source"] == [loader_of(wf, "in.png"), 0]
     assert (comp["x"], comp["y"], comp["resize_source"]) == (0, 0, False)
-    masks = {wf[n]["inputs"]["channel"]: n for n in W.nodes_of(wf, "LoadImageMask")}
-    assert set(masks) == {"alpha", "red"} and comp["mask"] == [masks["red"], 0]
-    assert all(wf[n]["inputs"]["image"] == "m.png" for n in masks.values())
+    # the weights: the red channel of the mask file, from the loader the inpainting uses (one
+    # loader per file: ComfyUI lists its whole input folder to validate each)
+    weights_id, weights = only(wf, "ImageToMask")
+    assert comp["mask"] == [weights_id, 0] and weights == {"image": [loader_of(wf, "m.png"), 0], "channel": "red"}
+    assert not W.nodes_of(wf, "LoadImageMask")
+
+
+def test_paste_back_weights_of_a_mask_file_without_a_loader_get_their_own():
+    """finish_outputs alone (no inpainting injected): the weights come from a LoadImageMask."""
+    base = W.transform_to_img2img_workflow(P.parse_params({"prompt": "p"}), image_name="in.png",
+                                           filename_prefix="x", seed=1)
+    wf = W.finish_outputs(base, input_loader=loader_of(base, "in.png"), keep_mask_name="m.png")
+    mid, lim = only(wf, "LoadImageMask")
+    assert lim == {"image": "m.png", "channel": "red"} and only(wf, "ImageCompositeMasked")[1]["mask"] == [mid, 0]
 
 
 def test_finish_outputs_only_crops_without_paste_back():

@@ -12,7 +12,7 @@ from dreamlayer.img2img.resize import LATENT_UPSCALE, resize_image
 
 #: The nodes build_img2img_workflow adds to finish an image in ComfyUI (core nodes since 2023; a
 #: ComfyUI without them gets the service-side paste-back instead).
-FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "LoadImageMask")
+FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "ImageToMask")
 #: What scaling in the workflow (resize mode 3, hires fix) needs besides them.
 SCALING_NODES = ("ImageScale", "MaskToImage", "ImageToMask", "LatentUpscale")
 

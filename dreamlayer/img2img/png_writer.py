@@ -151,12 +151,13 @@ def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) ->
 
 
 def comfy_mask_png(keep: Image.Image, paste_weight: Image.Image | None = None) -> bytes:
-    """The mask as ComfyUI's LoadImageMask(channel="alpha") needs it.
+    """The mask as ComfyUI's mask loaders need it.
 
-    LoadImageMask yields 1 - alpha/255 for "alpha", so the alpha channel carries the 'keep'
-    luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque mask would mask nothing.
-    The file is an LA PNG: A holds ``keep`` (mode L); L holds ``paste_weight`` (how much of the
-    input to keep when pasting back, read by LoadImageMask(channel="red") as L/255), or ``keep``
+    LoadImage's MASK output (and LoadImageMask(channel="alpha")) is 1 - alpha/255, so the alpha
+    channel carries the 'keep' luminance: black -> transparent -> mask 1.0 -> inpainted. An opaque
+    mask would mask nothing. The file is an LA PNG: A holds ``keep`` (mode L); L holds
+    ``paste_weight`` (how much of the input to keep when pasting back, read as L/255 by
+    ImageToMask(channel="red") of LoadImage's IMAGE, or LoadImageMask(channel="red")), or ``keep``
     again. It is built a band at a time (Pillow stores LA in 4 bytes per pixel: a whole LA image of
     4096x4096 would be 64 MiB).
     """

@@ -138,7 +138,10 @@ def apply_clip_skip(workflow: dict, clip_skip: int) -> dict:
 
 def inject_mask_into_workflow(workflow: dict, mask_name: str, *, grow_mask_by: int = 6,
                               mode: str = "fill") -> dict:
-    """Add the inpainting mask: LoadImageMask(channel "alpha") and an inpainting encode.
+    """Add the inpainting mask and an inpainting encode. The mask file is loaded by a LoadImage
+    node, whose MASK output is 1 - alpha (what LoadImageMask(channel "alpha") gives) and whose
+    IMAGE output holds the paste-back weights (finish_outputs): one loader for both, and each
+    loader costs ComfyUI a listing of its whole input folder when it validates the prompt.
 
     mode "fill": VAEEncodeForInpaint replaces the VAEEncode of the input image (masked pixels are
     filled grey before encoding; needs denoise 1.0, which is set on the samplers it feeds).
@@ -153,16 +156,16 @@ def inject_mask_into_workflow(workflow: dict, mask_name: str, *, grow_mask_by: i
                 if upstream(wf, linked(wf, eid, "pixels") or "", ("LoadImage",))]
     if not encoders:
         raise WorkflowError("cannot inject the mask: the workflow has no VAEEncode of the input image")
-    mask_node = add_node(wf, "LoadImageMask", {"image": mask_name, "channel": "alpha"})
+    mask_node = add_node(wf, "LoadImage", {"image": mask_name})
     for eid in encoders:
         encode = wf[eid]["inputs"]
         if mode == "fill":
             new = add_node(wf, "VAEEncodeForInpaint", {"pixels": encode["pixels"], "vae": encode["vae"],
-                                                       "mask": [mask_node, 0], "grow_mask_by": grow_mask_by})
+                                                       "mask": [mask_node, 1], "grow_mask_by": grow_mask_by})
             rewired = relink(wf, [eid, 0], [new, 0])
             del wf[eid]
         else:
-            new = add_node(wf, "SetLatentNoiseMask", {"samples": [eid, 0], "mask": [mask_node, 0]})
+            new = add_node(wf, "SetLatentNoiseMask", {"samples": [eid, 0], "mask": [mask_node, 1]})
             rewired = relink(wf, [eid, 0], [new, 0], skip=new)
         if not rewired:
             raise WorkflowError(f"cannot inject the mask: nothing consumes the latent of node {eid}")
@@ -311,9 +314,19 @@ def resize_latent(workflow: dict, size: tuple) -> dict:
     return wf
 
 
-#: LoadImageMask channel of the mask file holding how much of the input to keep when pasting back
-#: (the alpha channel holds the inpainting mask itself; see png_writer.comfy_mask_png).
+#: Channel of the mask file holding how much of the input to keep when pasting back (the alpha
+#: channel holds the inpainting mask itself; see png_writer.comfy_mask_png).
 PASTE_BACK_CHANNEL = "red"
+
+
+def _paste_back_weights(wf: dict, mask_name: str) -> list:
+    """The MASK of paste-back weights: ImageToMask(red) of the LoadImage that loaded the mask file
+    for the inpainting (the same file: L/255, as LoadImageMask(channel "red") would read it), or a
+    LoadImageMask of its own when no such loader is there."""
+    for nid in nodes_of(wf, "LoadImage"):
+        if wf[nid]["inputs"].get("image") == mask_name:
+            return [add_node(wf, "ImageToMask", {"image": [nid, 0], "channel": PASTE_BACK_CHANNEL}), 0]
+    return [add_node(wf, "LoadImageMask", {"image": mask_name, "channel": PASTE_BACK_CHANNEL}), 0]
 
 
 def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | None = None,
@@ -336,7 +349,7 @@ def finish_outputs(workflow: dict, *, input_loader: str, keep_mask_name: str | N
             continue
         if keep_mask_name is not None:
             if mask is None:
-                mask = [add_node(wf, "LoadImageMask", {"image": keep_mask_name, "channel": PASTE_BACK_CHANNEL}), 0]
+                mask = _paste_back_weights(wf, keep_mask_name)
                 source = [input_loader, 0]
                 for size, crop in scale_steps:
                     source = passes.scaled_image(wf, source, size, crop=crop)
