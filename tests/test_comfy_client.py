@@ -823,6 +823,39 @@ def test_idle_sockets_are_kept_read(fake_comfy, monkeypatch):
     other.close()
 
 
+def test_a_run_waits_for_the_idle_socket_the_worker_is_reading(fake_comfy, monkeypatch):
+    """Instead of opening a socket of its own (a handshake) while the worker has the idle ones."""
+    c = make_client(fake_comfy)
+    c.run(workflow(fake_comfy), timeout=WAIT)
+    idle_id, _ = _idle_socket(c)
+    reading, go_on, waiting = threading.Event(), threading.Event(), threading.Event()
+    real_drain = sockets._drain
+
+    def slow_drain(ws):
+        if threading.current_thread().name == "comfy-spare-ws":
+            reading.set()
+            go_on.wait(WAIT)
+        return real_drain(ws)
+
+    class Watched(threading.Condition):
+        def wait_for(self, *a, **k):
+            waiting.set()
+            return super().wait_for(*a, **k)
+
+    monkeypatch.setattr(sockets, "_drain", slow_drain)
+    c.sockets._drained = Watched(c.sockets._lock)
+    c.sockets.DRAIN_S, c.sockets.DRAIN_WAIT_S = 0.01, WAIT
+    opened = []
+    _count_connects(monkeypatch, opened)
+    wait_until(reading.is_set, what="the worker to read the idle socket")
+    run = Background(c, workflow(fake_comfy, seed=21))
+    wait_until(waiting.is_set, what="the run to wait for the worker")
+    go_on.set()
+    run.join()
+    assert run.error is None and opened == [] and fake_comfy.prompts[-1][2] == idle_id
+    c.close()
+
+
 def test_a_dead_idle_socket_is_replaced(fake_comfy):
     c = make_client(fake_comfy)
     c.run(workflow(fake_comfy), timeout=WAIT)

@@ -38,6 +38,9 @@ class SocketPool:
     #: ComfyUI's sends stall, to every client. Without idle sockets or chores the worker ends
     #: after this long.
     DRAIN_S = 2.0
+    #: How long a run waits for the idle sockets while the worker reads them (well under a
+    #: millisecond normally) before it opens its own.
+    DRAIN_WAIT_S = 0.5
     #: Idle sockets kept open at most (the rest of a burst's are closed when their runs end).
     KEEP = 4
 
@@ -47,6 +50,8 @@ class SocketPool:
         self.keep = keep if spare else 0  # spare=False: a socket per run, closed after it
         self._idle: list = []  # (client_id, WebSocket), most recently used last
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)  # the worker has put the idle sockets back
+        self._draining = False
         self._opening = False
         self._closed = False
         self._chores: queue.SimpleQueue = queue.SimpleQueue()  # (ws to close, open a spare?)
@@ -81,6 +86,8 @@ class SocketPool:
         idle, or (None, None) when there is none alive."""
         while True:
             with self._lock:
+                if self._draining:  # the worker has them for a moment
+                    self._drained.wait_for(lambda: not self._draining, timeout=self.DRAIN_WAIT_S)
                 if not self._idle:
                     return None, None
                 client_id, ws = self._idle.pop()
@@ -133,15 +140,15 @@ class SocketPool:
 
     def _drain_idle(self) -> bool:
         """Read away what the idle sockets heard and drop those ComfyUI closed; True while any
-        is idle. A run that wants a socket meanwhile opens its own (the surplus is closed)."""
+        is idle. A run that wants a socket meanwhile waits for them (reading takes well under a
+        millisecond)."""
         with self._lock:
-            idle, self._idle = self._idle, []
-        alive = []
+            if not self._idle:
+                return False
+            idle, self._idle, self._draining = self._idle, [], True
+        alive, dead = [], []
         for entry in idle:
-            if _drain(entry[1]):
-                alive.append(entry)
-            else:
-                _close_quietly(entry[1])
+            (alive if _drain(entry[1]) else dead).append(entry)
         with self._lock:
             if self._closed:
                 surplus, alive = alive, []
@@ -150,7 +157,9 @@ class SocketPool:
                 surplus = self._idle[:max(0, len(self._idle) - self.keep)]
                 del self._idle[:len(surplus)]
             has_idle = bool(self._idle)
-        for _, ws in surplus:
+            self._draining = False
+            self._drained.notify_all()
+        for _, ws in dead + surplus:  # a close waits for ComfyUI's answer: not while runs wait
             _close_quietly(ws)
         return has_idle
 
