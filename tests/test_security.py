@@ -243,6 +243,18 @@ def test_a_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
     assert [p.name for p in folder.iterdir()] == ["x.png"]
 
 
+def test_a_link_into_a_folder_that_went_makes_it_and_a_missing_source_leaves_nothing(tmp_path):
+    from dreamlayer.img2img import staging
+
+    source = tmp_path / "out.png"
+    source.write_bytes(b"png")
+    linked = staging.link_or_copy(source, tmp_path / "served", "img.png")
+    assert os.path.samefile(linked, source) and [p.name for p in (tmp_path / "served").iterdir()] == ["img.png"]
+    with pytest.raises(FileNotFoundError):
+        staging.link_or_copy(tmp_path / "no-such.png", tmp_path / "served", "other.png")
+    assert [p.name for p in (tmp_path / "served").iterdir()] == ["img.png"]
+
+
 # --- no debug mode --------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -59,12 +59,15 @@ def link_or_copy(source: Path, directory: Path, name: str) -> Path:
         raise ValueError(f"unsafe file name {name!r}")
     tmp = directory / _temp_name(name)
     try:
-        os.link(source, tmp)
+        try:
+            os.link(source, tmp)
+        except FileNotFoundError:
+            if not Path(source).exists():
+                raise
+            directory.mkdir(parents=True, exist_ok=True)  # the folder was removed: make it again
+            os.link(source, tmp)
     except FileNotFoundError:
-        if not Path(source).exists():
-            raise
-        directory.mkdir(parents=True, exist_ok=True)
-        return link_or_copy(source, directory, name)
+        raise
     except OSError as exc:
         log.debug("cannot link %s into %s (%s); copying it", source, directory, exc)
         return write_atomic(directory, name, Path(source).read_bytes())
