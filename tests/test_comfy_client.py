@@ -827,12 +827,13 @@ def test_a_run_waits_for_the_idle_socket_the_worker_is_reading(fake_comfy, monke
     """Instead of opening a socket of its own (a handshake) while the worker has the idle ones."""
     c = make_client(fake_comfy)
     c.run(workflow(fake_comfy), timeout=WAIT)
-    idle_id, _ = _idle_socket(c)
+    idle_id, idle_ws = _idle_socket(c)
     reading, go_on, waiting = threading.Event(), threading.Event(), threading.Event()
     real_drain = sockets._drain
 
     def slow_drain(ws):
-        if threading.current_thread().name == "comfy-spare-ws":
+        # this client's worker on this socket only: other tests' clients may have workers too
+        if ws is idle_ws and threading.current_thread().name == "comfy-spare-ws":
             reading.set()
             go_on.wait(WAIT)
         return real_drain(ws)
