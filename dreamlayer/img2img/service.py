@@ -453,13 +453,13 @@ class Img2ImgService:
     def _serve(self, run_id: str, index: int, image, job: Prepared, backend) -> dict:
         """Download one output, map it back onto the original (see inpainting.py), serve it. An
         output that is final as ComfyUI saved it, in a shared output folder, is served as that
-        file (a hard link where possible: no read, no copy)."""
+        file (ServedImages: a hard link where possible, no read and no copy)."""
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]
             name = f"img2img_{run_id}_{index}_{base if SAFE_NAME.match(base) else 'image.png'}"
         path = self._output_path(image, backend)
-        if path is not None and hasattr(self.served, "save_file") and self._final_as_saved(path, job):
+        if path is not None and self._final_as_saved(path, job):
             try:
                 self.served.save_file(name, path)
                 return self._served(name)

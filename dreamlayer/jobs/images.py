@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 from dreamlayer.img2img.staging import SAFE_NAME
 from dreamlayer.jobs.records import PREFIX, patiently, queue_errors
@@ -32,6 +33,10 @@ class RedisImages:
             return name
         patiently(lambda: self._set(self.redis, name, data), what=f"image {name}")
         return name
+
+    def save_file(self, name: str, source) -> str:
+        """ComfyUI's output file (a shared output folder), kept as save() keeps bytes."""
+        return self.save(name, Path(source).read_bytes())
 
     def _set(self, client, name: str, data: bytes):
         return client.set(self._key(name), data, px=max(1, int(self.ttl_s * 1000)))
