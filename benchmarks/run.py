@@ -36,6 +36,7 @@ import requests
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVICE_SCRIPT = HERE / "service.py"
+HOP_SCRIPT = HERE / "http_hop.py"
 sys.path.insert(0, str(HERE))
 
 from floor_client import FloorClient  # noqa: E402
@@ -102,6 +103,21 @@ class Fake:
         self.proc.stdin.close()  # the fake's signal to stop
         reap(self.proc)
         self.log.close()
+
+
+class HttpHop:
+    """benchmarks/http_hop.py: the service's web server with a view that does nothing."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(HOP_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("benchmarks/http_hop.py did not start")
+        self.url = json.loads(line)["url"]
+
+    def stop(self):
+        self.proc.stdin.close()  # its signal to stop
+        reap(self.proc)
 
 
 class Service:
@@ -222,7 +238,8 @@ def floor_comparison(service: Service, fake: Fake, inputs: Path, sizes, n: int, 
     """The service and a minimal client (benchmarks/floor_client.py) against the same fake, request
     for request alternately, on the same images and masks: what the service adds beyond the floor."""
     floor = FloorClient(fake.url, fake.input_dir, fake.output_dir, CKPT)
-    session = requests.Session()
+    hop = HttpHop()
+    session, hop_session = requests.Session(), requests.Session()
     out = {}
     try:
         for size in sizes:
@@ -231,15 +248,21 @@ def floor_comparison(service: Service, fake: Fake, inputs: Path, sizes, n: int, 
             for masked in (False, True):
                 m = mask_png if masked else None
                 bodies = JsonBodies(image_png, m, steps)
-                svc, flo = [], []
+                svc, flo, hops = [], [], []
                 for i in range(n + 2):  # two warm-up pairs, not counted
-                    s = post(session, service.url, bodies.body(next(seeds)))
+                    body = bodies.body(next(seeds))
+                    s = post(session, service.url, body)
                     wall, started = time.time(), time.perf_counter()
                     prompt_id, _ = floor.run(image_png, m, next(seeds), steps)
                     f = Sample(wall, time.perf_counter() - started, prompt_id)
+                    started = time.perf_counter()
+                    hop_session.post(hop.url + "/api/img2img", data=body,
+                                     headers={"Content-Type": "application/json"}, timeout=60).raise_for_status()
+                    h = time.perf_counter() - started
                     if i >= 2:
                         svc.append(s)
                         flo.append(f)
+                        hops.append(h)
                 with_executions(fake, svc)
                 with_executions(fake, flo)
                 out[f"{size}{'_mask' if masked else ''}"] = {
@@ -247,9 +270,11 @@ def floor_comparison(service: Service, fake: Fake, inputs: Path, sizes, n: int, 
                     # per pair (adjacent requests): steadier than a difference of percentiles
                     "paired": summary([x.added - y.added for x, y in zip(svc, flo)]),
                     "service_total": summary([x.seconds for x in svc]),
-                    "floor_total": summary([x.seconds for x in flo])}
+                    "floor_total": summary([x.seconds for x in flo]),
+                    "http_hop": summary(hops)}
     finally:
         floor.close()
+        hop.stop()
     return out
 
 
@@ -442,6 +467,10 @@ def print_report(r: dict) -> None:
         print(f"  P1 floor {case:<8}: total client time p50 service {ms(d['service_total']['p50'])} ms, floor "
               f"{ms(d['floor_total']['p50'])} ms (the service's paste-back runs inside ComfyUI's execution); "
               f"difference per pair p50 {ms(d['paired']['p50'])} ms, p95 {ms(d['paired']['p95'])} ms")
+        hop = d["http_hop"]["p50"]
+        print(f"  P1 floor {case:<8}: of the difference, the HTTP hop alone (benchmarks/http_hop.py: the same body "
+              f"to a view that does nothing, same web server) p50 {ms(hop)} ms; the rest "
+              f"{ms(d['service']['p50'] - d['floor']['p50'] - hop)} ms")
     print(f"  P2 the fake was idle {ms(c['lead_in'])} ms before the first prompt, {ms(c['idle_between'])} ms between "
           f"prompts in all (longest gap {ms(c['max_gap'])} ms), {ms(c['tail'])} ms after the last; execution p50 "
           f"{ms(c['exec']['p50'])} ms (sequential: {ms(p1m['exec']['p50'])} ms)")

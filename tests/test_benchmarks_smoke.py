@@ -12,7 +12,7 @@ BENCH = ROOT / "benchmarks"
 
 
 def test_every_benchmark_module_imports():
-    code = "import run, backends, floor_client, workload, upload_cost, service, fake_server"
+    code = "import run, backends, floor_client, workload, upload_cost, service, fake_server, http_hop"
     out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -30,3 +30,23 @@ def test_upload_cost_runs(tmp_path, what):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["what"] == what and len(result["seconds"]) == 1
+
+
+def test_http_hop_answers_and_stops_when_its_pipe_closes():
+    """The floor comparison's HTTP hop: the service's web server, a view that only reads the body."""
+    import requests
+
+    proc = subprocess.Popen([sys.executable, str(BENCH / "http_hop.py")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        url = json.loads(proc.stdout.readline())["url"]
+        body = b'{"image": "' + b"A" * 5000 + b'"}'
+        resp = requests.post(url + "/api/img2img", data=body, headers={"Content-Type": "application/json"},
+                             timeout=30)
+        assert resp.status_code == 200 and resp.json() == {"status": "success", "bytes": len(body)}
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

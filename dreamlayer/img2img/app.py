@@ -265,13 +265,19 @@ def main(argv=None) -> int:
     gc.freeze()
     if config.redis_url:
         _stop_on_sigterm()
-    serve(app, host=config.host, port=config.port, threads=config.threads, ident="dreamlayer-img2img",
-          max_request_body_size=config.max_content_length + 1024 * 1024,
-          # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
-          # 1.3 ms instead of 2.3 ms (waitress's defaults: 8 KiB reads, spooled over 512 KiB)
-          recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
+    serve(app, **server_options(config))
     shutdown(app)
     return 0
+
+
+def server_options(config: Config) -> dict:
+    """waitress's settings for the service (also benchmarks/http_hop.py's, so that it measures
+    the same server)."""
+    return dict(host=config.host, port=config.port, threads=config.threads, ident="dreamlayer-img2img",
+                max_request_body_size=config.max_content_length + 1024 * 1024,
+                # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
+                # 1.3 ms instead of 2.3 ms (waitress's defaults: 8 KiB reads, spooled over 512 KiB)
+                recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
 
 
 def _stop_on_sigterm() -> None:
