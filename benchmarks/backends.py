@@ -122,8 +122,9 @@ def measure_throughput(work: Path, bodies_of, per_backend: int, step_delay: floa
             service = MultiService(fakes, work, redis_url)
             bodies = [bodies_of.body(seed) for seed in range(1, per_backend * 4 + 1)]
             throughput(service.url, bodies[:count], count)  # warm-up: every backend's object_info etc.
+            started = time.time()
             rate, seconds = throughput(service.url, bodies, clients=8)
-            rows.append((count, len(bodies), seconds, rate))
+            rows.append((count, len(bodies), seconds, rate, idle_times(fakes, started, time.time())))
         finally:
             if service is not None:
                 service.stop()
@@ -132,18 +133,44 @@ def measure_throughput(work: Path, bodies_of, per_backend: int, step_delay: floa
     return rows
 
 
+def idle_times(fakes: list, started: float, ended: float) -> dict:
+    """Where each backend's "GPU" stood idle during a throughput run, from the fakes' own
+    execution_start / execution_success stamps: between two prompts (the service's hand-over
+    from one job to the next on a backend), before its first prompt and after its last."""
+    gaps, lead, tail, jobs = [], [], [], []
+    for fake in fakes:
+        runs = []
+        for entry in fake.session.get(f"{fake.url}/history", timeout=30).json().values():
+            stamps = {name: data["timestamp"] / 1000 for name, data in entry["status"]["messages"]}
+            if stamps.get("execution_start", 0) >= started and "execution_success" in stamps:
+                runs.append((stamps["execution_start"], stamps["execution_success"]))
+        runs.sort()
+        jobs.append(len(runs))
+        if runs:
+            gaps += [(b[0] - a[1]) * 1000 for a, b in zip(runs, runs[1:])]
+            lead.append((runs[0][0] - started) * 1000)
+            tail.append((ended - runs[-1][1]) * 1000)
+    return {"gap_p50": percentile(gaps, 50) if gaps else 0.0, "lead_max": max(lead, default=0.0),
+            "tail_max": max(tail, default=0.0), "jobs": jobs}
+
+
 def print_throughput(title: str, rows: list) -> bool:
     base = rows[0][3]
     print(f"\n{title}\n")
     print(f"{'backends':>8} {'requests':>8} {'seconds':>8} {'req/s':>7} {'speed-up':>8} {'target':>7}")
     ok = True
-    for count, n, seconds, rate in rows:
+    for count, n, seconds, rate, _ in rows:
         target = TARGETS.get(count)
         speed = rate / base
         met = target is None or speed >= target
         ok &= met
         print(f"{count:>8} {n:>8} {seconds:>8.2f} {rate:>7.2f} {speed:>7.2f}× "
               f"{'' if target is None else ('≥ %.1f× ' % target) + ('met' if met else 'MISSED'):>7}")
+    print("\nbackends idle (the fakes' own stamps): between two prompts p50 / before the first / after the last "
+          "(longest of the backends), jobs per backend")
+    for count, _, _, _, idle in rows:
+        print(f"{count:>8}   {idle['gap_p50']:.1f} / {idle['lead_max']:.0f} / {idle['tail_max']:.0f} ms   "
+              f"{'/'.join(map(str, idle['jobs']))}")
     return ok
 
 
