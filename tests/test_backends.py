@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from dreamlayer.img2img.app import create_app
+from dreamlayer.img2img.app import create_app, shutdown
 from images import box_mask, gradient, png
 from service_fixtures import LiveServer
 from waiting import wait_until
@@ -77,6 +77,60 @@ def test_work_waits_in_the_service_and_takes_the_first_backend_that_frees(two, f
     health = backends(client)
     assert [health[u]["busy"] for u in (fake_comfy.url, second.url)] == [0, 0]
     assert health[fake_comfy.url]["jobs_done"] == 1 and health[fake_comfy.url]["jobs_failed"] == 1
+
+
+def test_a_released_lease_frees_its_backend_at_once_and_counts_the_job_once():
+    from dreamlayer.comfyui.pool import Backend, BackendPool
+
+    backend = Backend("http://127.0.0.1:9", client=None)
+    pool = BackendPool([backend], slots=1)
+    with ThreadPoolExecutor(1) as threads:
+        with pool.lease(timeout=5) as lease:
+            assert lease.backend is backend and backend.busy == 1
+            later = pool.lease(timeout=30)
+            waiting = threads.submit(later.__enter__)
+            lease.release()
+            second = waiting.result(timeout=30)  # got the backend before the first block ended
+            assert second.backend is backend and backend.busy == 1 and backend.done == 1
+            lease.release()  # twice: counted once
+        assert backend.busy == 1 and backend.done == 1 and backend.failed == 0  # the block's end: nothing more
+        later.__exit__(None, None, None)
+    assert backend.busy == 0 and backend.done == 2
+
+
+@pytest.fixture(params=["memory", "redis"])
+def two_any(request, service_config, fake_comfy, second):
+    """``two`` with either job store: in this process, or REDIS_URL (queue workers, shared slots)."""
+    changes = {"comfy_api_urls": (fake_comfy.url, second.url)}
+    if request.param == "redis":
+        changes.update(redis_url=request.getfixturevalue("redis_server").url, job_lease_s=2)
+    app = create_app(service_config.replace(**changes))
+    yield app
+    shutdown(app)
+
+
+def test_the_next_job_starts_on_a_backend_while_the_last_one_downloads_its_outputs(two_any, fake_comfy, second):
+    """A backend is free once a job's last prompt has ended: the next job runs there while the
+    previous one still reads its outputs (GET /view, held here), instead of waiting for it."""
+    client = two_any.test_client()
+    with ThreadPoolExecutor(3) as pool:
+        holder = occupy(pool, client, fake_comfy)  # the shared-disk backend is busy: both go to B
+        second.hold_views()
+        try:
+            first = pool.submit(post, client)
+            wait_until(lambda: second.views_held() == 1, what="the first job's output download to be held")
+            following = pool.submit(post, client, {"seed": 6})
+            wait_until(lambda: second.views_held() == 2, what="the next job to run on B and reach its download")
+            assert len(second.prompts) == 2 and not first.done()
+            health = backends(client)[second.url]
+            assert health["busy"] == 0 and health["jobs_done"] == 2
+        finally:
+            second.release_views()
+        assert first.result(timeout=30).status_code == 200
+        assert following.result(timeout=30).status_code == 200
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
+        assert holder.result(timeout=30).status_code == 409
+    assert backends(client)[second.url]["busy"] == 0
 
 
 def test_a_backend_that_does_not_answer_is_skipped_and_put_back_when_it_answers(two, fake_comfy, second):

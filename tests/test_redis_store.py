@@ -200,6 +200,39 @@ def test_a_synchronous_request_on_an_idle_replica_runs_at_once_as_an_rq_job_star
         shutdown(app)
 
 
+def test_a_request_run_at_once_frees_its_backend_slot_when_its_prompt_ends(service_config, redis_server,
+                                                                            second_comfy):
+    """The slot of a synchronous request run at once goes back as soon as its prompt has ended:
+    the next job runs on the backend while this request still reads its output (GET /view, held
+    here; a backend with no shared disk and one prompt at a time)."""
+    from dreamlayer.jobs.worker import LEND_AFTER_S
+
+    app = create_app(service_config.replace(comfy_api_url=second_comfy.url, comfyui_input_dir=None,
+                                            redis_url=redis_server.url, prompts_per_backend=1, job_lease_s=2))
+    redis, workers = redis_server.client(), app.extensions["img2img_workers"]
+    try:
+        # the idle worker holding the backend's slot lends it to a request only after LEND_AFTER_S
+        wait_until(lambda: any(w.lendable and w.idle_since is not None
+                               and time.monotonic() - w.idle_since > 2 * LEND_AFTER_S for w in list(workers.workers)),
+                   what="a queue worker to wait for a job long enough to lend its slot")
+        second_comfy.hold_views()
+        first = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 1}))
+        wait_until(lambda: second_comfy.views_held() == 1, what="the first request's output download to be held")
+        [job_id] = [m.decode() for m in redis.smembers("dreamlayer:img2img:live")]
+        assert redis.hget(f"rq:job:{job_id}", "worker_name").decode().endswith("-at-once")  # run at once
+        following = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 2}))
+        wait_until(lambda: second_comfy.views_held() == 2, what="the next request to run on the backend meanwhile")
+        assert not first.done()
+        second_comfy.release_views()
+        for answer in (first, following):
+            resp = answer.result(timeout=60)
+            assert resp.status_code == 200, resp.get_json()
+        assert seeds(second_comfy) == [1, 2]
+    finally:
+        second_comfy.release_views()
+        shutdown(app)
+
+
 def test_a_synchronous_request_does_not_overtake_a_queued_job(service_config, redis_server, fake_comfy):
     """With a job waiting in the queue, a synchronous request waits its turn behind it (it is not
     run at once), even on a backend without a slot limit."""

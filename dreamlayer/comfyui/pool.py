@@ -42,6 +42,32 @@ class Backend:
                 "jobs_failed": self.failed, "shared_disk": self.input_dir is not None}
 
 
+class Lease:
+    """A backend held for one job. ``release()`` frees it as soon as the job's last prompt has
+    ended: what is left (reading and serving its outputs, recording its end) needs no room on the
+    backend, so the next job starts there meanwhile. The lease's block frees it otherwise."""
+
+    def __init__(self, backend: Backend, count, early=None):
+        self.backend = backend
+        self._count = count  # count(ok): the backend's busy / done / failed bookkeeping
+        self._early = early  # what else an early release frees (a shared slot), or None
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def release(self) -> None:
+        if self._end(True) and self._early is not None:
+            self._early()
+
+    def _end(self, ok: bool) -> bool:
+        """Count the job on the backend once; False if it was counted already."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+        self._count(ok)
+        return True
+
+
 class NoBackendLeft(Exception):
     """Every backend was tried (or is out of rotation) for this run."""
 
@@ -103,9 +129,9 @@ class BackendPool:
 
     @contextmanager
     def lease(self, *, timeout: Optional[float] = None, exclude=()):
-        """The backend to run on, held until the block ends. Waits (first come, first served)
-        while every backend is busy; raises NoBackendLeft when ``exclude`` leaves none, and
-        TimeoutError after ``timeout`` seconds of waiting."""
+        """A Lease of the backend to run on, held until the block ends (or its release()). Waits
+        (first come, first served) while every backend is busy; raises NoBackendLeft when
+        ``exclude`` leaves none, and TimeoutError after ``timeout`` seconds of waiting."""
         ticket = next(self._tickets)
         with self._cond:
             self._line.append(ticket)
@@ -120,18 +146,14 @@ class BackendPool:
             finally:
                 self._line.remove(ticket)
                 self._cond.notify_all()
-        with self._counted(backend):
-            yield backend
+        with self._counted(backend) as lease:
+            yield lease
 
     @contextmanager
-    def _counted(self, backend: Backend):
-        """A run on ``backend`` (already counted busy): done or failed when it ends, and the
-        waiting leases told that it is free."""
-        ok = False
-        try:
-            yield backend
-            ok = True
-        finally:
+    def _counted(self, backend: Backend, early=None):
+        """A Lease of ``backend`` (already counted busy): done or failed when the block ends or
+        the lease is released, and the waiting leases told that it is free."""
+        def count(ok: bool) -> None:
             with self._cond:
                 backend.busy -= 1
                 if ok:
@@ -139,6 +161,14 @@ class BackendPool:
                 else:
                     backend.failed += 1
                 self._cond.notify_all()
+
+        lease = Lease(backend, count, early)
+        ok = False
+        try:
+            yield lease
+            ok = True
+        finally:
+            lease._end(ok)
 
     # -- health -------------------------------------------------------------------------------
     def mark_down(self, backend: Backend, reason: str = "") -> None:

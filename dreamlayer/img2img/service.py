@@ -288,9 +288,9 @@ class Img2ImgService:
             while True:
                 try:
                     # a retry never goes back to a backend already tried
-                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried) as backend:
-                        tried.append(backend)
-                        batches = self._execute_on(backend, job, run_id, listener, gen_image, gen_keep)
+                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried) as lease:
+                        tried.append(lease.backend)
+                        batches = self._execute_on(lease, job, run_id, listener, gen_image, gen_keep)
                     break
                 except NoBackendLeft:
                     raise ApiError("No ComfyUI backend is left in rotation (none answers): "
@@ -327,10 +327,10 @@ class Img2ImgService:
             "workflow": batches.workflows[0],
         }
 
-    def _execute_on(self, backend, job: Prepared, run_id, listener, gen_image, gen_keep) -> Batches:
-        """Stage the inputs on one backend and run every batch there; inputs are removed
+    def _execute_on(self, lease, job: Prepared, run_id, listener, gen_image, gen_keep) -> Batches:
+        """Stage the inputs on the leased backend and run every batch there; inputs are removed
         whatever happens."""
-        params, plan = job.params, job.plan
+        params, plan, backend = job.params, job.plan, lease.backend
         with InputStager(backend.client, backend.input_dir) as stager:
             image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
             mask_ref = None
@@ -346,15 +346,18 @@ class Img2ImgService:
                     shaped = inpainting.prepare_extra(control, job.image.size, plan)
                     ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
                 units.append({**unit, "image": ref})
-            return self._run_batches(job, run_id, listener, image_ref, mask_ref, units, backend)
+            return self._run_batches(job, run_id, listener, image_ref, mask_ref, units, lease)
 
-    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, backend) -> Batches:
+    def _run_batches(self, job: Prepared, run_id, listener, image_ref, mask_ref, units, lease) -> Batches:
         """One ComfyUI run per batch_count (seed + i). On failure the images already served are
-        removed: the client gets an error and never learns their URLs."""
-        params, finishing = job.params, _finishing(job.plan, job.keep)
+        removed: the client gets an error and never learns their URLs. The backend is released
+        when the last prompt has ended, before its outputs are served: the next job starts on
+        it meanwhile."""
+        params, finishing, backend = job.params, _finishing(job.plan, job.keep), lease.backend
         batches = Batches()
+        seeds = params.seeds()
         try:
-            for index, seed in enumerate(params.seeds()):
+            for index, seed in enumerate(seeds):
                 try:
                     workflow = build_img2img_workflow(
                         params, image_name=image_ref, mask_name=mask_ref, seed=seed,
@@ -365,6 +368,8 @@ class Img2ImgService:
                                    status=400) from None
                 batches.workflows.append(workflow)
                 result = self._run(run_id, workflow, index, listener, backend.client)
+                if index == len(seeds) - 1:
+                    lease.release()
                 batches.prompt_ids.append(result.prompt_id)
                 for image in result.images:  # one at a time: if one fails, those before it are removed
                     batches.outputs.append(self._serve(run_id, index, image, job, backend))

@@ -244,6 +244,7 @@ class QueueWorker(SimpleWorker):
         at once, with no hand-over of the slot to another worker (a wake-up and two round trips
         between two prompts on the backend)."""
         current.runtime, current.worker, slot_mod.held.slot = self.runtime, self, self.slot
+        slot_mod.held.give_up = self.release_slot  # the job's last prompt has ended (Lease.release)
         keep = False
         try:
             execution = self.prepare_execution(job)
@@ -254,14 +255,18 @@ class QueueWorker(SimpleWorker):
             keep = succeeded and not self.slot_wanted and self.slot is not None and self.slot.backend.reachable
         finally:
             self.running = None
-            current.runtime = current.worker = slot_mod.held.slot = None
+            current.runtime = current.worker = slot_mod.held.slot = slot_mod.held.give_up = None
             if not keep:
                 self.release_slot()
 
     def release_slot(self) -> None:
-        if self.slot is not None:
-            self.runtime.slots.release(self.slot)
-            self.slot = slot_mod.held.slot = None
+        """Hand the slot back (also early, once the job's last prompt has ended: another worker
+        starts the next job on the backend while this one records the end of this one)."""
+        with self.slot_lock:
+            slot, self.slot = self.slot, None
+        slot_mod.held.slot = None
+        if slot is not None:
+            self.runtime.slots.release(slot)
 
     def keep_lease(self) -> None:
         """Called by the keeper thread: renew the running job's lease in RQ's registry."""

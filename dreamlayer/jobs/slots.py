@@ -28,7 +28,8 @@ WANTED_MS = 500
 #: slot (a release here wakes it at once; the wait only bounds a slot lost to an expired lease).
 ALL_HELD_WAIT_S = 1.0
 
-#: The slot a queue worker holds for the job it runs now (thread-local, set by worker.py).
+#: The slot a queue worker holds for the job it runs now (thread-local, set by worker.py), and
+#: ``give_up``: how to hand it back early, once the job's last prompt has ended (Lease.release).
 held = threading.local()
 
 
@@ -184,8 +185,8 @@ class SharedBackendPool(BackendPool):
     @contextmanager
     def lease(self, *, timeout=None, exclude=()):
         if self.slots is None or self.shared is None:
-            with super().lease(timeout=timeout, exclude=exclude) as backend:
-                yield backend
+            with super().lease(timeout=timeout, exclude=exclude) as lease:
+                yield lease
             return
         slot = getattr(held, "slot", None)
         own = slot is None or slot.backend in exclude
@@ -195,9 +196,22 @@ class SharedBackendPool(BackendPool):
         with self._cond:
             backend.busy += 1
             backend._last_used = next(self._uses)
-        try:
-            with self._counted(backend):
-                yield backend
-        finally:
+        freed = threading.Event()
+
+        def free_slot() -> None:
+            """The lease's slot back to every replica: its own, or the one its worker took before
+            the job (released by the worker, held.give_up; otherwise kept for its next job)."""
+            if freed.is_set():
+                return
+            freed.set()
             if own:
                 self.shared.release(slot)
+            elif getattr(held, "give_up", None) is not None:
+                held.give_up()
+
+        try:
+            with self._counted(backend, early=free_slot) as lease:
+                yield lease
+        finally:
+            if own:
+                free_slot()

@@ -257,6 +257,14 @@ class QueueWorkers:
         elif self.records.redis.llen(self.queue.key):
             return None
         service, attempt = self.service, uuid.uuid4().hex
+        released = threading.Event()
+
+        def give_up() -> None:  # the job's last prompt has ended (Lease.release): the slot is free
+            if slot is not None and not released.is_set():
+                released.set()
+                slot_mod.held.slot = None
+                self._release(slot)
+
         service.active.start(job_id)  # before the record exists: a cancel from then on finds the run
         handed_over = False
         try:
@@ -273,23 +281,28 @@ class QueueWorkers:
             with self._lock:
                 self._started[job_id] = (rq_job, execution)
             slot_mod.held.slot = slot
+            slot_mod.held.give_up = give_up
             # its progress is written beside the run, RQ's bookkeeping after the answer
             job = MirroredJob(job_id, self.records, service, quiet=True, attempt=attempt, later=self._later.put)
             self._run_job(job, prepared)
             self._later.put(lambda: self._finished_here(job, rq_job, execution))
             handed_over = True
         finally:
-            slot_mod.held.slot = None
+            slot_mod.held.slot = slot_mod.held.give_up = None
             if not handed_over:
                 with self._lock:
                     self._started.pop(job_id, None)
             service.active.finish(job_id)
-            if slot is not None:
-                try:
-                    self.slots.release(slot)
-                except REDIS_DOWN:
-                    pass  # its lease runs out
+            if slot is not None and not released.is_set():
+                released.set()
+                self._release(slot)
         return job
+
+    def _release(self, slot) -> None:
+        try:
+            self.slots.release(slot)
+        except REDIS_DOWN:
+            pass  # its lease runs out
 
     def run(self, job_id: str, quiet: bool = False) -> None:
         service = self.service

@@ -64,6 +64,10 @@ class FakeComfyUI:
         self.prompts: list = []
         self.rejected: list = []
         self.interrupt_count = 0
+        self._views_open = threading.Event()  # hold_views / release_views
+        self._views_open.set()
+        self._views_held = 0
+        self._views_lock = threading.Lock()
         self.host = "127.0.0.1"
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,6 +178,7 @@ class FakeComfyUI:
         """Stop worker and server; interrupts a hung prompt; leaves no threads or sockets."""
         if self._thread is None:
             return
+        self._views_open.set()  # a held /view ends
         self.executor.stop()
         try:
             self._call(self._astop(), timeout=15)
@@ -201,6 +206,29 @@ class FakeComfyUI:
         """Next prompt: the first executed node of that class_type (or node id) raises -> execution_error."""
         with self.executor.faults_lock:
             self.executor.faults.fail = (node, message, exception_type)
+
+    def hold_views(self) -> None:
+        """GET /view answers nothing until release_views() (views_held() counts the waiting ones)."""
+        self._views_open.clear()
+
+    def release_views(self) -> None:
+        self._views_open.set()
+
+    def views_held(self) -> int:
+        with self._views_lock:
+            return self._views_held
+
+    def _view_gate(self) -> None:
+        """Called by the server (in an executor thread) before a /view answer."""
+        if self._views_open.is_set():
+            return
+        with self._views_lock:
+            self._views_held += 1
+        try:
+            self._views_open.wait()
+        finally:
+            with self._views_lock:
+                self._views_held -= 1
 
     def hang_next(self) -> None:
         """Next prompt: its first sampler stalls after one progress message until /interrupt or stop()."""

@@ -298,6 +298,8 @@ class Routes:
     async def view_image(self, request):
         if self.fake.view_delay > 0:
             await asyncio.sleep(self.fake.view_delay)
+        if not self.fake._views_open.is_set():  # a test holds the views (hold_views)
+            await asyncio.get_running_loop().run_in_executor(None, self.fake._view_gate)
         query = request.rel_url.query
         if "filename" not in query:
             return web.Response(status=404)
