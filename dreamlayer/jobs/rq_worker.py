@@ -244,7 +244,7 @@ class QueueWorker(SimpleWorker):
         at once, with no hand-over of the slot to another worker (a wake-up and two round trips
         between two prompts on the backend)."""
         current.runtime, current.worker, slot_mod.held.slot = self.runtime, self, self.slot
-        slot_mod.held.give_up = self.release_slot  # the job's last prompt has ended (Lease.release)
+        slot_mod.held.give_up = self._give_up_slot  # the job's last prompt has ended (Lease.release)
         keep = False
         try:
             execution = self.prepare_execution(job)
@@ -259,9 +259,18 @@ class QueueWorker(SimpleWorker):
             if not keep:
                 self.release_slot()
 
+    def _give_up_slot(self) -> None:
+        """The job's last prompt has ended. When its outputs must still be downloaded (GET /view:
+        a backend without a shared output folder; megabytes over a network), the slot goes to the
+        spare worker at once, which starts the next job on the backend meanwhile. Otherwise the
+        rest of the job is quick (a hard link, the end's write) and the worker keeps the slot for
+        its next job: a hand-over costs a wake-up and two round trips, which measured slower here
+        (docs/scaling.md, "Cost")."""
+        if self.slot is not None and self.slot.backend.output_dir is None:
+            self.release_slot()
+
     def release_slot(self) -> None:
-        """Hand the slot back (also early, once the job's last prompt has ended: another worker
-        starts the next job on the backend while this one records the end of this one)."""
+        """Hand the slot back to every replica."""
         with self.slot_lock:
             slot, self.slot = self.slot, None
         slot_mod.held.slot = None
