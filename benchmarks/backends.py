@@ -124,7 +124,7 @@ def measure_throughput(work: Path, bodies_of, per_backend: int, step_delay: floa
             throughput(service.url, bodies[:count], count)  # warm-up: every backend's object_info etc.
             started = time.time()
             rate, seconds = throughput(service.url, bodies, clients=8)
-            rows.append((count, len(bodies), seconds, rate, idle_times(fakes, started, time.time())))
+            rows.append((count, len(bodies), seconds, rate, idle_times(fakes, started, time.time(), len(bodies))))
         finally:
             if service is not None:
                 service.stop()
@@ -133,18 +133,18 @@ def measure_throughput(work: Path, bodies_of, per_backend: int, step_delay: floa
     return rows
 
 
-def idle_times(fakes: list, started: float, ended: float) -> dict:
+def idle_times(fakes: list, started: float, ended: float, expected: int) -> dict:
     """Where each backend's "GPU" stood idle during a throughput run, from the fakes' own
     execution_start / execution_success stamps: between two prompts (the service's hand-over
     from one job to the next on a backend), before its first prompt and after its last."""
+    deadline = time.monotonic() + 10
+    while True:  # a fake files a prompt in /history a few ms after the answer may have gone out
+        per_fake = [runs_since(fake, started - 0.002) for fake in fakes]  # stamps are whole ms
+        if sum(map(len, per_fake)) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     gaps, lead, tail, jobs = [], [], [], []
-    for fake in fakes:
-        runs = []
-        for entry in fake.session.get(f"{fake.url}/history", timeout=30).json().values():
-            stamps = {name: data["timestamp"] / 1000 for name, data in entry["status"]["messages"]}
-            if stamps.get("execution_start", 0) >= started and "execution_success" in stamps:
-                runs.append((stamps["execution_start"], stamps["execution_success"]))
-        runs.sort()
+    for runs in per_fake:
         jobs.append(len(runs))
         if runs:
             gaps += [(b[0] - a[1]) * 1000 for a, b in zip(runs, runs[1:])]
@@ -152,6 +152,16 @@ def idle_times(fakes: list, started: float, ended: float) -> dict:
             tail.append((ended - runs[-1][1]) * 1000)
     return {"gap_p50": percentile(gaps, 50) if gaps else 0.0, "lead_max": max(lead, default=0.0),
             "tail_max": max(tail, default=0.0), "jobs": jobs}
+
+
+def runs_since(fake, since: float) -> list:
+    """(execution_start, execution_success) of the fake's prompts that started after ``since``."""
+    runs = []
+    for entry in fake.session.get(f"{fake.url}/history", timeout=30).json().values():
+        stamps = {name: data["timestamp"] / 1000 for name, data in entry["status"]["messages"]}
+        if stamps.get("execution_start", 0) >= since and "execution_success" in stamps:
+            runs.append((stamps["execution_start"], stamps["execution_success"]))
+    return sorted(runs)
 
 
 def print_throughput(title: str, rows: list) -> bool:
