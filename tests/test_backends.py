@@ -99,9 +99,10 @@ def test_a_released_lease_frees_its_backend_at_once_and_counts_the_job_once():
 
 
 @pytest.fixture(params=["memory", "redis"])
-def two_any(request, service_config, fake_comfy, second):
-    """``two`` with either job store: in this process, or REDIS_URL (queue workers, shared slots)."""
-    changes = {"comfy_api_urls": (fake_comfy.url, second.url)}
+def remote_one_at_a_time(request, service_config, second):
+    """An app whose one backend is ``second``, reached over HTTP only (outputs over GET /view), one
+    prompt at a time, with either job store: in this process, or REDIS_URL (queue workers, slots)."""
+    changes = {"comfy_api_url": second.url, "comfyui_input_dir": None, "prompts_per_backend": 1}
     if request.param == "redis":
         changes.update(redis_url=request.getfixturevalue("redis_server").url, job_lease_s=2)
     app = create_app(service_config.replace(**changes))
@@ -109,28 +110,25 @@ def two_any(request, service_config, fake_comfy, second):
     shutdown(app)
 
 
-def test_the_next_job_starts_on_a_backend_while_the_last_one_downloads_its_outputs(two_any, fake_comfy, second):
+def test_the_next_job_starts_on_a_backend_while_the_last_one_downloads_its_outputs(remote_one_at_a_time, second):
     """A backend is free once a job's last prompt has ended: the next job runs there while the
     previous one still reads its outputs (GET /view, held here), instead of waiting for it."""
-    client = two_any.test_client()
-    with ThreadPoolExecutor(3) as pool:
-        holder = occupy(pool, client, fake_comfy)  # the shared-disk backend is busy: both go to B
-        second.hold_views()
-        try:
-            first = pool.submit(post, client)
-            wait_until(lambda: second.views_held() == 1, what="the first job's output download to be held")
+    client = remote_one_at_a_time.test_client()
+    second.hold_views()
+    try:
+        resp = post(client, {"async": True})  # with REDIS_URL, a queue worker runs it
+        assert resp.status_code == 202, resp.get_json()
+        job = f"/api/img2img/jobs/{resp.get_json()['job_id']}"
+        wait_until(lambda: second.views_held() == 1, what="the first job's output download to be held")
+        with ThreadPoolExecutor(1) as pool:
             following = pool.submit(post, client, {"seed": 6})
-            wait_until(lambda: second.views_held() == 2, what="the next job to run on B and reach its download")
-            assert len(second.prompts) == 2 and not first.done()
-            health = backends(client)[second.url]
-            assert health["busy"] == 0 and health["jobs_done"] == 2
-        finally:
+            wait_until(lambda: second.views_held() == 2, what="the next job to run on the backend meanwhile")
+            assert len(second.prompts) == 2 and client.get(job).get_json()["status"] != "succeeded"
             second.release_views()
-        assert first.result(timeout=30).status_code == 200
-        assert following.result(timeout=30).status_code == 200
-        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
-        assert holder.result(timeout=30).status_code == 409
-    assert backends(client)[second.url]["busy"] == 0
+            assert following.result(timeout=30).status_code == 200
+        wait_until(lambda: client.get(job).get_json()["status"] == "succeeded", what="the first job to finish")
+    finally:
+        second.release_views()
 
 
 def test_a_backend_that_does_not_answer_is_skipped_and_put_back_when_it_answers(two, fake_comfy, second):

@@ -485,6 +485,9 @@ class Executor:
         self.faults = Faults()
         self.faults_lock = threading.Lock()
         self.running_prompt_id: Optional[str] = None
+        #: the running prompt once its execution has ended (execution_success sent): ComfyUI still
+        #: holds it, filing its history, until task_done
+        self.executed_prompt_id: Optional[str] = None
         self.busy = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.reset_requested = False
@@ -586,6 +589,7 @@ class Executor:
             log.warning("fake ComfyUI: hang_next did not fire in prompt %s (nothing executed)", prompt_id)
         if not run.alive():
             return
+        self.executed_prompt_id = prompt_id
         self._history_gap(run)
         if not run.alive():
             return
