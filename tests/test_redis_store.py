@@ -211,15 +211,23 @@ def test_a_request_run_at_once_frees_its_backend_slot_when_its_prompt_ends(servi
                                             redis_url=redis_server.url, prompts_per_backend=1, job_lease_s=2))
     redis, workers = redis_server.client(), app.extensions["img2img_workers"]
     try:
-        # the idle worker holding the backend's slot lends it to a request only after LEND_AFTER_S
-        wait_until(lambda: any(w.lendable and w.idle_since is not None
-                               and time.monotonic() - w.idle_since > 2 * LEND_AFTER_S for w in list(workers.workers)),
-                   what="a queue worker to wait for a job long enough to lend its slot")
-        second_comfy.hold_views()
-        first = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 1}))
-        wait_until(lambda: second_comfy.views_held() == 1, what="the first request's output download to be held")
-        [job_id] = [m.decode() for m in redis.smembers("dreamlayer:img2img:live")]
-        assert redis.hget(f"rq:job:{job_id}", "worker_name").decode().endswith("-at-once")  # run at once
+        for attempt in range(3):
+            # the idle worker holding the backend's slot lends it to a request only after LEND_AFTER_S
+            wait_until(lambda: any(w.lendable and w.idle_since is not None and time.monotonic() - w.idle_since
+                                   > 2 * LEND_AFTER_S for w in list(workers.workers)),
+                       what="a queue worker to wait for a job long enough to lend its slot")
+            second_comfy.hold_views()
+            first = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 1}))
+            wait_until(lambda: second_comfy.views_held() == 1, what="the first request's output download to be held")
+            [job_id] = [m.decode() for m in redis.smembers("dreamlayer:img2img:live")]
+            if redis.hget(f"rq:job:{job_id}", "worker_name").decode().endswith("-at-once"):
+                break
+            # it came between two of the worker's 1-s waits for a job (the slot not lendable for a
+            # moment) and was queued: let it finish, try again
+            second_comfy.release_views()
+            assert first.result(timeout=60).status_code == 200
+        else:
+            pytest.fail("the request was never run at once")
         following = in_background(lambda: post(app.test_client(), {**PARAMS, "seed": 2}))
         wait_until(lambda: second_comfy.views_held() == 2, what="the next request to run on the backend meanwhile")
         assert not first.done()
@@ -227,7 +235,7 @@ def test_a_request_run_at_once_frees_its_backend_slot_when_its_prompt_ends(servi
         for answer in (first, following):
             resp = answer.result(timeout=60)
             assert resp.status_code == 200, resp.get_json()
-        assert seeds(second_comfy) == [1, 2]
+        assert seeds(second_comfy)[-2:] == [1, 2]
     finally:
         second_comfy.release_views()
         shutdown(app)
