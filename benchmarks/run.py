@@ -12,7 +12,10 @@ worker. So
 
     added latency = request time seen by the client − the fake's execution time of that prompt
 
-is what the service (and the HTTP between the three) costs a user. See docs/performance.md.
+is what the service (and the HTTP between the three) costs a user. Beside it, the floor comparison
+times a minimal ComfyUI client (benchmarks/floor_client.py) and the HTTP hop alone
+(benchmarks/http_hop.py: the service's web server with a view that does nothing). See
+docs/performance.md.
 """
 from __future__ import annotations
 
