@@ -67,7 +67,7 @@ def link_or_copy(source: Path, directory: Path, name: str) -> Path:
             directory.mkdir(parents=True, exist_ok=True)  # the folder was removed: make it again
             os.link(source, tmp)
     except FileNotFoundError:
-        raise
+        raise  # the source went: nothing to copy either
     except OSError as exc:
         log.debug("cannot link %s into %s (%s); copying it", source, directory, exc)
         return write_atomic(directory, name, Path(source).read_bytes())
