@@ -241,6 +241,59 @@ def test_a_request_run_at_once_frees_its_backend_slot_when_its_prompt_ends(servi
         shutdown(app)
 
 
+def test_a_request_run_at_once_reaches_comfyui_only_once_its_job_is_in_redis(service_config, redis_server,
+                                                                             fake_comfy):
+    """A synchronous request run at once has its job created in Redis by the writer thread while it
+    stages its inputs; its prompt is sent only after that, so a replica killed from then on always
+    leaves a job another one runs again. Here the writer is held up: staging done, the prompt waits."""
+    app = create_app(service_config.replace(redis_url=redis_server.url))  # one backend: no slots, run at once
+    prompt_while_held = []
+
+    def held_writer():  # the job cannot be created meanwhile: no prompt may reach ComfyUI
+        staged = wait_until(lambda: [p for p in fake_comfy.input_dir.iterdir() if p.name.startswith("img2img_")],
+                            what="the request to stage its inputs")
+        deadline = time.monotonic() + 1.0  # a prompt sent without waiting arrives within milliseconds
+        while not fake_comfy.prompts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        prompt_while_held.append((bool(fake_comfy.prompts), bool(staged)))
+
+    try:
+        app.extensions["img2img_workers"]._later.put(held_writer)
+        resp = post(app.test_client(), PARAMS)
+        assert resp.status_code == 200, resp.get_json()
+        assert prompt_while_held == [(False, True)]
+        assert len(fake_comfy.prompts) == 1
+    finally:
+        shutdown(app)
+
+
+def test_a_request_run_at_once_whose_job_cannot_be_created_is_a_503_with_nothing_sent_or_left(
+        service_config, redis_server, fake_comfy):
+    """Redis goes away between the request's first look at the queue and its job's creation: the
+    client gets 503 queue_unavailable, ComfyUI never gets the prompt, the staged inputs are removed,
+    and the service goes on once Redis is back."""
+    app = create_app(service_config.replace(redis_url=redis_server.url))
+    try:
+        client = app.test_client()
+
+        def stop_redis_once_staged():  # the writer's next write is the job's creation
+            wait_until(lambda: [p for p in fake_comfy.input_dir.iterdir() if p.name.startswith("img2img_")],
+                       what="the request to stage its inputs")
+            redis_server.stop()
+
+        app.extensions["img2img_workers"]._later.put(stop_redis_once_staged)
+        resp = post(client, PARAMS)
+        assert resp.status_code == 503 and resp.get_json()["code"] == "queue_unavailable", resp.get_json()
+        assert fake_comfy.prompts == []
+        assert [p.name for p in fake_comfy.input_dir.iterdir() if p.name.startswith("img2img_")] == []
+        redis_server.start()
+        wait_until(lambda: post(client, {**PARAMS, "seed": 5}).status_code == 200,
+                   what="requests to succeed again once Redis is back")
+        assert len(fake_comfy.prompts) == 1
+    finally:
+        shutdown(app)
+
+
 def test_a_synchronous_request_does_not_overtake_a_queued_job(service_config, redis_server, fake_comfy):
     """With a job waiting in the queue, a synchronous request waits its turn behind it (it is not
     run at once), even on a backend without a slot limit."""

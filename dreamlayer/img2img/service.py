@@ -145,6 +145,9 @@ class Listener:
     def retrying(self, reason: str) -> None:
         """Its backend failed mid-run: the run waits again, for another backend."""
 
+    def before_prompt(self, index: int) -> None:
+        """A batch's prompt is about to be sent to ComfyUI; raising here stops the run first."""
+
 
 class Img2ImgService:
     def __init__(self, config, client: ComfyClient, served: ServedImages, pool: BackendPool | None = None):
@@ -439,6 +442,7 @@ class Img2ImgService:
                 client.cancel(prompt_id)
             listener.queued(prompt_id, index)
 
+        listener.before_prompt(index)
         try:
             return client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
                               on_progress=listener.progress)

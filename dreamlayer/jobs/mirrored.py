@@ -6,13 +6,43 @@ through to the record (records.py) that every replica reads.
 from __future__ import annotations
 
 import logging
+import threading
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, TimeoutError as RedisTimeout
 
 from dreamlayer.jobs.records import FIELDS, REDIS_DOWN, Records, patiently
 from dreamlayer.jobs.store import Job, queue_position
 
 log = logging.getLogger(__name__)
+
+#: How long a job run at once waits for its record to be created before its first prompt (the
+#: writer thread is normally done long before: it works while the inputs are staged).
+CREATE_WAIT_S = 30.0
+
+
+class Pending:
+    """A write made by the writer thread that a job must see done before it goes on: the record
+    of a job run at once is created while its inputs are staged, and must exist before its first
+    prompt reaches ComfyUI (a replica killed from then on has the job run again elsewhere)."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+
+    def run(self, write) -> None:
+        try:
+            write()
+        except BaseException as exc:  # noqa: BLE001 - the waiting run raises it
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float = CREATE_WAIT_S) -> None:
+        """Return once done; raise what the write raised (a Redis error: 503 queue_unavailable)."""
+        if not self._done.wait(timeout):
+            self.error = RedisTimeout(f"the job's record was not written within {timeout:g}s")
+        if self.error is not None:
+            raise self.error
 
 
 class MirroredJob(Job):
@@ -22,8 +52,9 @@ class MirroredJob(Job):
     its end always at once (when the caller has its answer, the job reads as finished)."""
 
     def __init__(self, job_id: str, records: Records, service, *, quiet: bool = False, attempt: str | None = None,
-                 later=None):
+                 later=None, created: Pending | None = None):
         super().__init__(job_id)
+        self.created = created  # the record's creation, when the writer thread makes it (run at once)
         self.records = records
         self.service = service
         self.quiet = quiet
@@ -66,6 +97,11 @@ class MirroredJob(Job):
                     log.warning("job %s: progress not recorded, Redis is away (%s)", self.id, exc)
 
         if self.later is None or finished:  # the end at once: once answered, a job reads as finished
+            if finished and self.created is not None:
+                try:
+                    self.created.wait()
+                except Exception:  # noqa: BLE001 - no record to end: its caller raises the error
+                    return
             write()
         else:
             self.later(write)
@@ -96,6 +132,10 @@ class MirroredJob(Job):
     def retrying(self, reason: str) -> None:
         super().retrying(reason)
         self._flush()
+
+    def before_prompt(self, index: int) -> None:
+        if self.created is not None:
+            self.created.wait()
 
     def progress(self, event) -> None:
         super().progress(event)

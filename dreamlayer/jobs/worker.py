@@ -23,7 +23,7 @@ from rq.utils import now
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.img2img.service import Img2ImgRequest
 from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.mirrored import MirroredJob
+from dreamlayer.jobs.mirrored import MirroredJob, Pending
 from dreamlayer.jobs.records import REDIS_DOWN, Records, connect
 from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
 from dreamlayer.jobs.rq_worker import (DEQUEUE_SLICE_S, QueueWorker, WorkerQueue, current, forget_finished,
@@ -246,7 +246,9 @@ class QueueWorkers:
         RQ's dequeue and preparation, the caller's wake-up at the end): most of what REDIS_URL
         would add to a request (docs/scaling.md, "Cost"). Its inputs are kept in Redis as the
         ``request`` that was sent, when given (compressed images: half the bytes of the decoded
-        ones, and this copy is only read if the job must be run again)."""
+        ones, and this copy is only read if the job must be run again). The writer thread creates
+        the job in Redis while the run stages its inputs; its first prompt waits for that, so no
+        prompt reaches ComfyUI for a job another replica could not run again."""
         if self.stopping.is_set():
             return None
         slot = None
@@ -266,13 +268,14 @@ class QueueWorkers:
                 self._release(slot)
 
         service.active.start(job_id)  # before the record exists: a cancel from then on finds the run
-        handed_over = False
-        try:
+        created, handed_over = Pending(), False
+
+        def create() -> None:  # the job, started, its lease and its record: one MULTI
             rq_job = self.queue.create_job(PERFORM, **job_options(job_id, True, self.records.ttl_s))
             rq_job.origin, rq_job.enqueued_at = self.queue.name, now()
             rq_job.redis_server_version = self.queue.get_redis_server_version()
             inputs = pickle.dumps(request if request is not None else prepared, protocol=pickle.HIGHEST_PROTOCOL)
-            with self.records.redis.pipeline() as pipe:  # the job, started, its lease and its record: one MULTI
+            with self.records.redis.pipeline() as pipe:
                 rq_job.prepare_for_execution(self.name, pipeline=pipe)
                 rq_job.save(pipeline=pipe)
                 execution = Execution.create(rq_job, ttl=self._lease_ttl(), pipeline=pipe)
@@ -280,16 +283,27 @@ class QueueWorkers:
                 pipe.execute()
             with self._lock:
                 self._started[job_id] = (rq_job, execution)
+
+        try:
+            # written by the writer thread while the inputs are staged; the first prompt waits for it
+            self._later.put(lambda: created.run(create))
             slot_mod.held.slot = slot
             slot_mod.held.give_up = give_up
             # its progress is written beside the run, RQ's bookkeeping after the answer
-            job = MirroredJob(job_id, self.records, service, quiet=True, attempt=attempt, later=self._later.put)
+            job = MirroredJob(job_id, self.records, service, quiet=True, attempt=attempt, later=self._later.put,
+                              created=created)
             self._run_job(job, prepared)
+            created.wait()  # not created (Redis away): nothing of the job is in Redis, the caller gets a 503
+            rq_job, execution = self._started[job_id]
             self._later.put(lambda: self._finished_here(job, rq_job, execution))
             handed_over = True
         finally:
             slot_mod.held.slot = slot_mod.held.give_up = None
             if not handed_over:
+                try:
+                    created.wait()
+                except Exception:  # noqa: BLE001 - raised above, or the run's own error is on its way
+                    pass
                 with self._lock:
                     self._started.pop(job_id, None)
             service.active.finish(job_id)
