@@ -50,3 +50,20 @@ def test_http_hop_answers_and_stops_when_its_pipe_closes():
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_the_redis_latency_is_per_pair_and_leaves_out_each_prompts_execution(capsys):
+    """backends.py's verdict: each Redis request against the in-process one sent next to it, each
+    less its own execution in the fake (which no path adds, and which spreads at 512²)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import backends
+    finally:
+        sys.path.remove(str(BENCH))
+    # client ms, execution ms: the Redis requests add 2 ms beyond their (longer) executions
+    local = [(20.0, 10.0), (30.0, 20.0), (25.0, 15.0)]
+    queued = [(40.0, 28.0), (33.0, 21.0), (30.0, 18.0)]
+    assert backends.print_latency([("64²", local, queued)]) is True
+    assert "2.00 ms" in capsys.readouterr().out
+    slower = [(q + 1.5, x) for q, x in queued]  # 3.5 ms added: over the 3 ms target
+    assert backends.print_latency([("64²", local, slower)]) is False
