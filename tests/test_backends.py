@@ -98,6 +98,40 @@ def test_a_released_lease_frees_its_backend_at_once_and_counts_the_job_once():
     assert backend.busy == 0 and backend.done == 2
 
 
+def test_waiting_leases_go_first_come_first_served_and_each_one_that_leaves_the_line_lets_the_next_go():
+    """Only the first in line can take a backend, so a change wakes only it; one that gives up
+    (its timeout), takes its turn or is stopped (close) must let the one behind it go."""
+    from dreamlayer.comfyui.pool import Backend, BackendPool
+
+    backend = Backend("http://127.0.0.1:9", client=None)
+    pool = BackendPool([backend], slots=1)
+    order = []
+
+    def take(name, timeout):
+        with pool.lease(timeout=timeout):
+            order.append(name)
+
+    with ThreadPoolExecutor(4) as threads:
+        with pool.lease(timeout=5):
+            first = threads.submit(take, "first", 120)
+            wait_until(lambda: len(pool._line) == 1, what="the first lease to wait")
+            quitter = threads.submit(take, "quitter", 0.05)
+            with pytest.raises(TimeoutError):  # gave up while second in line
+                quitter.result(timeout=30)
+            third = threads.submit(take, "third", 120)
+            wait_until(lambda: len(pool._line) == 2, what="the third lease to wait behind the first")
+        first.result(timeout=30)
+        third.result(timeout=30)
+        assert order == ["first", "third"] and backend.busy == 0 and backend.done == 3
+        with pool.lease(timeout=5):
+            stopped = threads.submit(take, "stopped", 120)
+            wait_until(lambda: len(pool._line) == 1, what="a lease to wait")
+            pool.close()
+            with pytest.raises(TimeoutError):  # woken by close, not left waiting for its 2 minutes
+                stopped.result(timeout=30)
+    assert order == ["first", "third"]
+
+
 @pytest.fixture(params=["memory", "redis"])
 def remote_one_at_a_time(request, service_config, second):
     """An app whose one backend is ``second``, reached over HTTP only (outputs over GET /view), one

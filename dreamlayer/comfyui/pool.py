@@ -79,9 +79,13 @@ class BackendPool:
         self.backends = list(backends)
         self.slots = slots
         self.probe_interval_s = probe_interval_s
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # the lock of the counters and the line
         self._tickets = itertools.count()
         self._line: list = []  # tickets of waiting leases, oldest first
+        # ticket -> its lease's condition: only the first in line can go, so a change wakes only
+        # it (one shared condition woke every waiting request at every change)
+        self._waiting: dict = {}
         self._uses = itertools.count(1)
         self._stop = threading.Event()
         self._prober: Optional[threading.Thread] = None
@@ -105,7 +109,13 @@ class BackendPool:
     def close(self) -> None:
         self._stop.set()
         with self._cond:
-            self._cond.notify_all()
+            for waiting in self._waiting.values():
+                waiting.notify()
+
+    def _wake_first(self) -> None:
+        """Tell the first lease in line that something changed (the lock held)."""
+        if self._line:
+            self._waiting[self._line[0]].notify()
 
     # -- leasing ------------------------------------------------------------------------------
     def _free(self, backend: Backend) -> bool:
@@ -134,10 +144,11 @@ class BackendPool:
         ``exclude`` leaves none, and TimeoutError after ``timeout`` seconds of waiting."""
         ticket = next(self._tickets)
         with self._cond:
+            waiting = self._waiting[ticket] = threading.Condition(self._lock)
             self._line.append(ticket)
             try:
-                ok = self._cond.wait_for(lambda: self._line[0] == ticket and self._pick(exclude) is not None
-                                         or self._stop.is_set(), timeout)
+                ok = waiting.wait_for(lambda: self._line[0] == ticket and self._pick(exclude) is not None
+                                      or self._stop.is_set(), timeout)
                 if not ok or self._stop.is_set():
                     raise TimeoutError("no ComfyUI backend became free in time")
                 backend = self._pick(exclude)
@@ -145,7 +156,8 @@ class BackendPool:
                 backend._last_used = next(self._uses)
             finally:
                 self._line.remove(ticket)
-                self._cond.notify_all()
+                del self._waiting[ticket]
+                self._wake_first()  # the next in line may go now (another backend free)
         with self._counted(backend) as lease:
             yield lease
 
@@ -160,7 +172,7 @@ class BackendPool:
                     backend.done += 1
                 else:
                     backend.failed += 1
-                self._cond.notify_all()
+                self._wake_first()
 
         lease = Lease(backend, count, early)
         ok = False
@@ -176,14 +188,14 @@ class BackendPool:
             if backend.reachable and len(self.backends) > 1:
                 log.warning("ComfyUI backend %s taken out of rotation: %s", backend.url, reason or "unreachable")
             backend.reachable = False
-            self._cond.notify_all()
+            self._wake_first()
 
     def mark_up(self, backend: Backend) -> None:
         with self._cond:
             if not backend.reachable:
                 log.info("ComfyUI backend %s answers again: back in rotation", backend.url)
             backend.reachable = True
-            self._cond.notify_all()
+            self._wake_first()
 
     def probe(self) -> None:
         """Ask every backend whether it answers, once."""
