@@ -680,17 +680,19 @@ def test_finished_jobs_outlive_every_replica(replicas, backends):
     assert all(s["status"] == "succeeded" for s in snaps.values()), snaps
     sync = submit(old[1], sync=True, seed=9)
     assert sync.status_code == 200, sync.text
-    a.fail_next(node="KSampler", message="bad luck")
-    b.fail_next(node="KSampler", message="bad luck")
-    failures = []  # until both backends have failed a job (and have no fault left)
-    for seed in range(10, 30):
-        job = accepted(submit(old[seed % 2], seed=seed))
-        if finished(old[1], job)["status"] == "failed":
-            failures.append(job)
-        if len(failures) == 2:
-            break
-    assert len(failures) == 2
-    failed = failures[0]
+    # a failed job: one backend busy with a long job, the next job must run on the other, which fails it
+    a.step_delay = b.step_delay = 0.1
+    long = accepted(submit(old[0], {"steps": 100}, seed=10))  # 10 s unless sped up below
+    busy = running_on(backends, wait_status(old[1], long, lambda s: running_on(backends, s) is not None,
+                                            "the long job to run"))
+    other = b if busy is a else a
+    other.fail_next(node="KSampler", message="bad luck")  # the next prompt there; none left after it
+    failed = accepted(submit(old[1], seed=11))
+    assert finished(old[1], failed)["status"] == "failed"
+    a.step_delay = b.step_delay = 0.0
+    assert finished(old[0], long)["status"] == "succeeded"
+    done.append(long)
+    snaps[long] = finished(old[0], long)
     history = {job: events(old[0], job) for job in done + [failed]}
     for replica in old:
         replica.stop()
