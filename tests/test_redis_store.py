@@ -381,3 +381,45 @@ def test_a_lease_renewal_that_crosses_the_end_of_its_job_brings_nothing_back(red
         renew_lease(job, execution, 30, pipe)  # late
         pipe.execute()
     assert [k.decode() for k in redis.keys("*")] == []
+
+
+def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the_first_one_freed(
+        service_config, redis_server, fake_comfy, second_comfy):
+    """One replica holding every backend slot, all busy: its spare worker takes the next job from the
+    queue at once (claimed, decoded) and waits with it for a slot, so that it starts the moment a
+    prompt ends instead of after RQ's dequeue and preparation. It never makes a second prompt on a
+    busy backend, and its status stays "queued" until it runs."""
+    fakes = (fake_comfy, second_comfy)
+    app = create_app(service_config.replace(redis_url=redis_server.url,
+                                            comfy_api_urls=tuple(f.url for f in fakes)))
+    most = {f.url: 0 for f in fakes}
+
+    def on_comfyui():
+        for fake in fakes:
+            queue = requests.get(f"{fake.url}/queue", timeout=5).json()
+            most[fake.url] = max(most[fake.url], len(queue["queue_running"]) + len(queue["queue_pending"]))
+        return most
+
+    try:
+        client = app.test_client()
+        for fake in fakes:
+            fake.step_delay = 0.2
+        long = [post(client, {**PARAMS, "steps": 150, "seed": 20 + i, "async": True}).get_json()["job_id"]
+                for i in range(2)]
+        wait_until(lambda: all(len(f.prompts) == 1 for f in fakes), what="both backends running a long job")
+        ahead = post(client, {**PARAMS, "seed": 30, "async": True}).get_json()["job_id"]
+        started = __import__("rq").Queue("dreamlayer-img2img", connection=redis_server.client()).started_job_registry
+        wait_until(lambda: redis_server.client().llen("rq:queue:dreamlayer-img2img") == 0
+                   and ahead in started.get_job_ids(), what="the third job taken from the queue ahead")
+        on_comfyui()
+        assert [len(f.prompts) for f in fakes] == [1, 1]  # not on ComfyUI yet
+        assert client.get(f"/api/img2img/jobs/{ahead}").get_json()["status"] == "queued"
+        assert client.post(f"/api/img2img/jobs/{long[1]}/cancel").get_json()["status"] == "cancelled"
+        status = lambda: client.get(f"/api/img2img/jobs/{ahead}").get_json()["status"]  # noqa: E731
+        wait_until(lambda: on_comfyui() and status() in ("succeeded", "failed"), what="the job taken ahead to run")
+        assert status() == "succeeded"
+        assert len(second_comfy.prompts) == 2 and len(fake_comfy.prompts) == 1  # on the freed backend
+        assert most == {f.url: 1 for f in fakes}
+        client.post(f"/api/img2img/jobs/{long[0]}/cancel")
+    finally:
+        shutdown(app)

@@ -123,6 +123,8 @@ class QueueWorker(SimpleWorker):
         #: (QueueWorkers._claim_slot); a job it then gets waits for a slot in the pool's lease()
         self.lendable = False
         self.idle_since = None  # since when it has waited for a job with nothing to run (None: busy)
+        #: True while it waits for a job with no slot, to take it ahead (QueueWorkers.may_take_ahead)
+        self.ahead = False
         self.slot_lock = threading.Lock()
 
     def _install_signal_handlers(self):
@@ -200,13 +202,16 @@ class QueueWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         shared = self.runtime.slots
         while not self._stop_requested:
+            self.ahead = False
             if shared is not None and self.slot is None:  # (a slot kept from the last job: execute_job)
                 try:
                     self.slot = shared.try_acquire()
                 except REDIS_DOWN:
                     self.runtime.stopping.wait(1.0)  # Redis away: RQ's own dequeue below logs it
                     self.slot = None
-                if self.slot is None:  # every backend busy: wait a little, keep our registration fresh
+                if self.slot is None and self.runtime.may_take_ahead(self):
+                    self.ahead = True  # every slot is this process's, all busy: take the next job now
+                elif self.slot is None:  # every backend busy: wait a little, keep our registration fresh
                     try:
                         self.heartbeat()
                         if self.should_run_maintenance_tasks:
@@ -219,11 +224,14 @@ class QueueWorker(SimpleWorker):
                 self.lendable = self.slot is not None
                 if self.idle_since is None:
                     self.idle_since = time.monotonic()
+            if self.lendable and shared.waiting:
+                shared.offer()  # a job here waits for a slot (taken ahead): it borrows this one
             try:
                 result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
             finally:
                 with self.slot_lock:
                     self.lendable = False
+                self.ahead = False
             if result is not None:
                 self.idle_since = None
                 if self.slot is not None and not self.slot.renew():
@@ -266,7 +274,7 @@ class QueueWorker(SimpleWorker):
         rest of the job is quick (a hard link, the end's write) and the worker keeps the slot for
         its next job: a hand-over costs a wake-up and two round trips, which measured slower here
         (docs/scaling.md, "Cost")."""
-        if self.slot is not None and self.slot.backend.output_dir is None:
+        if self.slot is not None and (self.slot.backend.output_dir is None or self.runtime.slots.waiting):
             self.release_slot()
 
     def release_slot(self) -> None:

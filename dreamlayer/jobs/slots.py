@@ -67,6 +67,12 @@ class RedisSlots:
         self._held: set = set()
         self._lock = threading.Lock()
         self._freed = threading.Condition()
+        self._changes = 0  # releases and offers so far (under _freed): a waiter misses none
+        self._last_freed = None  # the backend of the last slot released here: tried first
+        #: jobs of this process waiting in acquire() for a slot; a worker holding one idle gives it
+        self.waiting = 0
+        #: (exclude) -> an idle local worker's slot, or None (QueueWorkers._lend): no round trip
+        self.lend = None
 
     @property
     def per_backend(self):
@@ -105,7 +111,7 @@ class RedisSlots:
             if any(queued):
                 return None
             up = [b for b, w in zip(up, wanted) if w is None]
-        for backend in sorted(up, key=lambda b: (b.busy, b._last_used)):
+        for backend in sorted(up, key=lambda b: (b is not self._last_freed, b.busy, b._last_used)):
             for index in range(self.per_backend):
                 lock = self.redis.lock(self._name(backend, index), timeout=self.lease_s, thread_local=False)
                 if lock.acquire(blocking=False):
@@ -116,29 +122,62 @@ class RedisSlots:
         return None
 
     def acquire(self, *, timeout: float, exclude=()) -> Slot:
-        """Wait (polling) for a free slot; TimeoutError after ``timeout``. Used for a retry on
-        another backend; the first slot of a job comes from its worker. While it waits, the
-        backends it may use are marked wanted, so that idle queue workers (which take a free slot
-        again at once after each empty wait for a job) leave the next free slot to this job."""
+        """Wait for a free slot; TimeoutError after ``timeout``. Used by a job that has none from
+        its worker: a retry on another backend, or a job taken from the queue while every backend
+        was busy (QueueWorker: taken and prepared ahead, it starts the moment a slot frees here).
+        An idle local worker's slot is borrowed first; a slot released here wakes it at once.
+        When this process holds every slot only its own releases can free one: nothing to poll.
+        Otherwise others' releases are polled, and the backends it may use are marked wanted, so
+        that idle queue workers elsewhere (which take a free slot again at once after each empty
+        wait for a job) leave the next free slot to this job."""
         deadline = time.monotonic() + timeout
         marked: list = []
+        with self._freed:
+            self.waiting += 1
         try:
             while True:
-                slot = self.try_acquire(exclude, waiting=True)
+                with self._freed:
+                    changes = self._changes
+                slot = self._borrow(exclude) or self.try_acquire(exclude, waiting=True)
                 if slot is not None:
                     return slot
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise TimeoutError("no ComfyUI backend slot became free in time")
-                marked = self._candidates(exclude)
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for backend in marked:
-                        pipe.set(self._wanted(backend), 1, px=WANTED_MS)
-                    pipe.execute()
-                with self._freed:  # a slot freed here wakes it at once; others' are polled
-                    self._freed.wait(0.05)
+                wait = min(left, ALL_HELD_WAIT_S)
+                if not self.all_held_here():
+                    marked = self._candidates(exclude)
+                    with self.redis.pipeline(transaction=False) as pipe:
+                        for backend in marked:
+                            pipe.set(self._wanted(backend), 1, px=WANTED_MS)
+                        pipe.execute()
+                    wait = min(wait, 0.05)
+                with self._freed:  # a slot freed (or offered) here wakes it at once
+                    if self._changes == changes:
+                        self._freed.wait(wait)
         finally:
+            with self._freed:
+                self.waiting -= 1
             if marked:
                 self.redis.delete(*[self._wanted(b) for b in marked])
+
+    def _borrow(self, exclude) -> Slot | None:
+        """An idle local worker's slot, its lease renewed (it may have run out while Redis was
+        away, and the slot be another's now)."""
+        if self.lend is None:
+            return None
+        up = self._candidates(exclude)
+        while True:
+            slot = self.lend(lambda backend: backend in up)
+            if slot is None or slot.renew():
+                return slot
+            self.release(slot)
+
+    def offer(self) -> None:
+        """An idle worker here holds a slot it would lend: wake the jobs waiting for one."""
+        with self._freed:
+            self._changes += 1
+            self._freed.notify_all()
 
     def queue_is_wanted(self, pipe, backend: Backend) -> None:
         """Queue on ``pipe`` whether a job waiting for a retry wants ``backend`` (see acquire)."""
@@ -149,6 +188,8 @@ class RedisSlots:
             self._held.discard(slot)
         slot.release()
         with self._freed:
+            self._last_freed = slot.backend
+            self._changes += 1
             self._freed.notify_all()
 
     def wait_freed(self, timeout: float) -> None:

@@ -65,6 +65,7 @@ class QueueWorkers:
         self.slots = None
         if isinstance(pool, slot_mod.SharedBackendPool) and pool.slots is not None:
             self.slots = slot_mod.RedisSlots(connect(self.url), pool, self.lease_s)
+            self.slots.lend = self._lend
             pool.shared = self.slots
         self.queue = WorkerQueue(QUEUE_NAME, connection=self.records.redis)
         #: RQ's worker name on the jobs this replica starts at once (run_here)
@@ -236,6 +237,31 @@ class QueueWorkers:
                         slot, worker.slot, worker.lendable = worker.slot, None, False
                         return slot
         return self.slots.try_acquire(unless_queued=self.queue.key)
+
+    def _lend(self, usable):
+        """The slot of an idle worker of this replica whose backend is ``usable``, for a job here
+        waiting for one (RedisSlots.acquire), or None. The worker, if it then gets a job, waits
+        for a slot in its turn."""
+        with self._lock:
+            lenders = [w for w in self.workers if w.lendable]
+        for worker in lenders:
+            with worker.slot_lock:
+                if worker.lendable and worker.slot is not None and usable(worker.slot.backend):
+                    slot, worker.slot, worker.lendable = worker.slot, None, False
+                    return slot
+        return None
+
+    def may_take_ahead(self, worker) -> bool:
+        """Whether ``worker``, which has no slot, may take the next job now and wait for a slot
+        with it (prepared: its record claimed, its inputs decoded), so that it starts the moment
+        a prompt here ends, not after RQ's dequeue and preparation (docs/scaling.md, "Cost").
+        Only when this replica holds every slot, none of them idle, and no other worker waits
+        ahead: the job then waits for a release here only, which wakes it at once — never for an
+        idle slot of another replica, nor beside a free backend."""
+        if self.slots is None or not self.slots.all_held_here():
+            return False
+        with self._lock:
+            return not any(w is not worker and (w.ahead or w.lendable) for w in self.workers)
 
     def run_here(self, job_id: str, prepared, request=None) -> MirroredJob | None:
         """Run a synchronous request at once, in the caller's thread, when it would be the next
