@@ -512,6 +512,29 @@ def test_a_job_whose_replica_is_killed_is_finished_by_the_other(replicas, backen
         assert cancel(survivor, job_id)["status"] == "cancelled"
 
 
+def test_a_job_taken_ahead_by_a_replica_that_is_killed_is_run_by_the_other(replicas, backends, redis_server):
+    """A replica holding both backends' slots, both busy, takes the next job ahead (started in
+    RQ's registry, not yet on ComfyUI). SIGKILLed, it loses that job with its two running ones:
+    after the lease the other replica runs all three, each queued again once."""
+    a, b = backends
+    a.step_delay = b.step_delay = 0.2  # 50 steps: 10 s, long enough to be killed in the middle
+    r1 = replicas.start()
+    running = [accepted(submit(r1, {"steps": 50}, seed=s)) for s in (1, 2)]
+    wait_until(lambda: a.running_prompt_id() and b.running_prompt_id(), what="both backends to run a job")
+    ahead = accepted(submit(r1, seed=3))
+    wait_until(lambda: runner(redis_server.url, ahead, [r1]), what="r1 to take the third job ahead")
+    assert len(a.prompts) + len(b.prompts) == 2  # not on ComfyUI yet
+    assert status(r1, ahead)["status"] == "queued"
+    r2 = replicas.start()  # only now: r1 held every slot
+    r1.kill()
+    a.step_delay = b.step_delay = 0.0
+    for job in running + [ahead]:
+        snap = finished(r2, job)
+        assert snap["status"] == "succeeded", snap
+        assert [d.get("requeued") for _, k, d in events(r2, job) if k == "queued"].count(True) == 1
+    assert len(a.prompts) + len(b.prompts) == 5  # two lost prompts (cancelled) and three runs
+
+
 def test_a_synchronous_request_run_at_once_whose_replica_is_killed_is_finished_by_the_other(
         replicas, backends, redis_server):
     """A synchronous request that an idle replica runs at once (in the request's own thread, not
