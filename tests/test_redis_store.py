@@ -423,3 +423,30 @@ def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the
         client.post(f"/api/img2img/jobs/{long[0]}/cancel")
     finally:
         shutdown(app)
+
+
+def test_a_slot_lent_after_redis_was_away_is_not_used_once_another_replica_holds_it(redis_server):
+    """Redis away longer than a lease: an idle worker's slot may have expired meanwhile and been
+    taken by another replica. A job here that borrows it (RedisSlots.acquire, a request run at
+    once) must find that out before its prompt, and take a slot that is free instead."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a, b = Backend("http://127.0.0.1:1", client=None), Backend("http://127.0.0.1:2", client=None)
+    lease = 2.0
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), lease)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), lease)
+    idle = here.try_acquire()  # an idle worker's slot
+    assert idle is not None
+    redis_server.client().delete(idle.lock.name)  # its lease ran out while Redis was away ...
+    theirs = elsewhere.try_acquire(exclude=(b,) if idle.backend is a else (a,))  # ... another took it
+    assert theirs is not None and theirs.backend is idle.backend
+    idle.renewed_at -= lease  # not renewed since (the keeper could not reach Redis)
+    lent = []
+    here.lend = lambda usable: (lent.append(idle), idle)[1] if not lent and usable(idle.backend) else None
+    got = here.acquire(timeout=5)
+    assert lent == [idle]
+    assert got.backend is not idle.backend  # the free one: never a second prompt on theirs
+    assert redis_server.client().get(idle.lock.name) == theirs.lock.local.token  # theirs still
+    fresh = elsewhere.try_acquire()
+    assert fresh is None  # both slots held, one by each

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import LockError
 
@@ -37,19 +37,25 @@ held = threading.local()
 class Slot:
     backend: Backend
     lock: object  # redis.lock.Lock
+    renewed_at: float = field(default_factory=time.monotonic)  # the last time it was known ours
 
     def renew(self) -> bool:
         """Extend the lease; if it ran out (Redis was away longer than the lease), take the slot
         again when nobody else has. False: someone else holds it now."""
         try:
             self.lock.reacquire()
-            return True
         except LockError:
-            if self.lock.acquire(blocking=False):
-                log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
-                return True
-            log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
-            return False
+            if not self.lock.acquire(blocking=False):
+                log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
+                return False
+            log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
+        self.renewed_at = time.monotonic()
+        return True
+
+    def surely_ours(self, lease_s: float) -> bool:
+        """Renewed within half a lease (the keeper renews it five times a lease): still ours
+        without asking Redis; otherwise (Redis was away) renewed now, or False when lost."""
+        return time.monotonic() - self.renewed_at < lease_s / 2 or self.renew()
 
     def release(self) -> None:
         try:
@@ -162,16 +168,30 @@ class RedisSlots:
                 self.redis.delete(*[self._wanted(b) for b in marked])
 
     def _borrow(self, exclude) -> Slot | None:
-        """An idle local worker's slot, its lease renewed (it may have run out while Redis was
-        away, and the slot be another's now)."""
+        """An idle local worker's slot, surely still ours (its lease may have run out while Redis
+        was away, and the slot be another's now)."""
         if self.lend is None:
             return None
         up = self._candidates(exclude)
         while True:
             slot = self.lend(lambda backend: backend in up)
-            if slot is None or slot.renew():
+            if slot is None:
+                return None
+            ours = False
+            try:
+                ours = slot.surely_ours(self.lease_s)
+            finally:
+                if not ours:
+                    self._drop(slot)
+            if ours:
                 return slot
+
+    def _drop(self, slot: Slot) -> None:
+        """Forget a slot that is no longer surely ours (releasing it if it still is)."""
+        try:
             self.release(slot)
+        except Exception:  # noqa: BLE001 - Redis away: its lease runs out
+            pass
 
     def offer(self) -> None:
         """An idle worker here holds a slot it would lend: wake the jobs waiting for one."""

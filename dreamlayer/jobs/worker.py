@@ -233,9 +233,17 @@ class QueueWorkers:
         if lenders and not self.records.redis.llen(self.queue.key):
             for worker in lenders:
                 with worker.slot_lock:
-                    if worker.lendable and worker.slot is not None:
-                        slot, worker.slot, worker.lendable = worker.slot, None, False
-                        return slot
+                    if not (worker.lendable and worker.slot is not None):
+                        continue
+                    slot, worker.slot, worker.lendable = worker.slot, None, False
+                ours = False
+                try:
+                    ours = slot.surely_ours(self.lease_s)  # Redis away longer than a lease: maybe not
+                finally:
+                    if not ours:
+                        self._release(slot)
+                if ours:
+                    return slot
         return self.slots.try_acquire(unless_queued=self.queue.key)
 
     def _lend(self, usable):
