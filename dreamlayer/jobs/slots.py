@@ -77,7 +77,7 @@ class RedisSlots:
         self._last_freed = None  # the backend of the last slot released here: tried first
         #: jobs of this process waiting in acquire() for a slot; a worker holding one idle gives it
         self.waiting = 0
-        #: (exclude) -> an idle local worker's slot, or None (QueueWorkers._lend): no round trip
+        #: (usable: backend -> bool) -> an idle local worker's slot, or None (QueueWorkers._lend)
         self.lend = None
 
     @property
