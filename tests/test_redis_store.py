@@ -443,7 +443,7 @@ def test_a_slot_lent_after_redis_was_away_is_not_used_once_another_replica_holds
     assert theirs is not None and theirs.backend is idle.backend
     idle.renewed_at -= lease  # not renewed since (the keeper could not reach Redis)
     lent = []
-    here.lend = lambda usable: (lent.append(idle), idle)[1] if not lent and usable(idle.backend) else None
+    here.lend = lambda usable, idle_before: (lent.append(idle), idle)[1] if not lent and usable(idle.backend) else None
     got = here.acquire(timeout=5)
     assert lent == [idle]
     assert got.backend is not idle.backend  # the free one: never a second prompt on theirs

@@ -77,7 +77,8 @@ class RedisSlots:
         self._last_freed = None  # the backend of the last slot released here: tried first
         #: jobs of this process waiting in acquire() for a slot; a worker holding one idle gives it
         self.waiting = 0
-        #: (usable: backend -> bool) -> an idle local worker's slot, or None (QueueWorkers._lend)
+        #: (usable: backend -> bool, idle_before) -> an idle local worker's slot, or None
+        #: (QueueWorkers._lend)
         self.lend = None
 
     @property
@@ -144,7 +145,7 @@ class RedisSlots:
             while True:
                 with self._freed:
                     changes = self._changes
-                slot = self._borrow(exclude) or self.try_acquire(exclude, waiting=True)
+                slot = self.borrow(exclude) or self.try_acquire(exclude, waiting=True)
                 if slot is not None:
                     return slot
                 left = deadline - time.monotonic()
@@ -167,14 +168,15 @@ class RedisSlots:
             if marked:
                 self.redis.delete(*[self._wanted(b) for b in marked])
 
-    def _borrow(self, exclude) -> Slot | None:
-        """An idle local worker's slot, surely still ours (its lease may have run out while Redis
-        was away, and the slot be another's now)."""
+    def borrow(self, exclude=(), idle_before: float | None = None) -> Slot | None:
+        """An idle local worker's slot (``lend``; for a job here waiting for one, or a request run
+        at once), or None. Used only when surely still ours: after Redis was away longer than a
+        lease it may be another replica's by now."""
         if self.lend is None:
             return None
         up = self._candidates(exclude)
         while True:
-            slot = self.lend(lambda backend: backend in up)
+            slot = self.lend(lambda backend: backend in up, idle_before)
             if slot is None:
                 return None
             ours = False

@@ -228,30 +228,21 @@ class QueueWorkers:
         ended) may be about to pop a job queued a moment ago, which would then wait for a slot."""
         idle_before = time.monotonic() - LEND_AFTER_S
         with self._lock:
-            lenders = [w for w in self.workers
-                       if w.lendable and w.idle_since is not None and w.idle_since <= idle_before]
+            lenders = any(w.lendable and w.idle_since is not None and w.idle_since <= idle_before
+                          for w in self.workers)
         if lenders and not self.records.redis.llen(self.queue.key):
-            for worker in lenders:
-                with worker.slot_lock:
-                    if not (worker.lendable and worker.slot is not None):
-                        continue
-                    slot, worker.slot, worker.lendable = worker.slot, None, False
-                ours = False
-                try:
-                    ours = slot.surely_ours(self.lease_s)  # Redis away longer than a lease: maybe not
-                finally:
-                    if not ours:
-                        self._release(slot)
-                if ours:
-                    return slot
+            slot = self.slots.borrow(idle_before=idle_before)
+            if slot is not None:
+                return slot
         return self.slots.try_acquire(unless_queued=self.queue.key)
 
-    def _lend(self, usable):
-        """The slot of an idle worker of this replica whose backend is ``usable``, for a job here
-        waiting for one (RedisSlots.acquire), or None. The worker, if it then gets a job, waits
-        for a slot in its turn."""
+    def _lend(self, usable, idle_before: float | None = None):
+        """The slot of an idle worker of this replica whose backend is ``usable`` (and, with
+        ``idle_before``, idle since then at least), or None: RedisSlots.borrow's source. The
+        worker, if it then gets a job, waits for a slot in its turn."""
         with self._lock:
-            lenders = [w for w in self.workers if w.lendable]
+            lenders = [w for w in self.workers if w.lendable and (
+                idle_before is None or (w.idle_since is not None and w.idle_since <= idle_before))]
         for worker in lenders:
             with worker.slot_lock:
                 if worker.lendable and worker.slot is not None and usable(worker.slot.backend):
