@@ -414,11 +414,15 @@ def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the
         on_comfyui()
         assert [len(f.prompts) for f in fakes] == [1, 1]  # not on ComfyUI yet
         assert client.get(f"/api/img2img/jobs/{ahead}").get_json()["status"] == "queued"
+        freed_id = wait_until(lambda: client.get(f"/api/img2img/jobs/{long[1]}").get_json()["prompt_id"],
+                              what="the second long job's prompt id")
+        freed = next(f for f in fakes if f.prompts[0][0] == freed_id)  # the backend running long[1]
+        other = next(f for f in fakes if f is not freed)
         assert client.post(f"/api/img2img/jobs/{long[1]}/cancel").get_json()["status"] == "cancelled"
         status = lambda: client.get(f"/api/img2img/jobs/{ahead}").get_json()["status"]  # noqa: E731
         wait_until(lambda: on_comfyui() and status() in ("succeeded", "failed"), what="the job taken ahead to run")
         assert status() == "succeeded"
-        assert len(second_comfy.prompts) == 2 and len(fake_comfy.prompts) == 1  # on the freed backend
+        assert len(freed.prompts) == 2 and len(other.prompts) == 1  # on the freed backend
         assert most == {f.url: 1 for f in fakes}
         client.post(f"/api/img2img/jobs/{long[0]}/cancel")
     finally:
