@@ -414,6 +414,7 @@ def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the
         on_comfyui()
         assert [len(f.prompts) for f in fakes] == [1, 1]  # not on ComfyUI yet
         assert client.get(f"/api/img2img/jobs/{ahead}").get_json()["status"] == "queued"
+        assert client.get("/health").get_json()["queue"]["queued"] == 1  # out of RQ's queue, still counted
         freed_id = wait_until(lambda: client.get(f"/api/img2img/jobs/{long[1]}").get_json()["prompt_id"],
                               what="the second long job's prompt id")
         freed = next(f for f in fakes if f.prompts[0][0] == freed_id)  # the backend running long[1]

@@ -315,7 +315,7 @@ def test_jobs_spread_over_both_backends_and_wait_in_the_service_not_on_a_busy_ba
     snap = status(r1, third)
     assert snap["status"] == "queued" and snap["prompt_id"] is None, snap
     # in RQ's queue, or taken ahead (started, not on ComfyUI) by a replica that runs both jobs
-    assert r1.health()["queue"]["queued"] == 1 or runner(r1.redis_url, third, [r1, r2]) is not None
+    assert r1.health()["queue"]["queued"] == 1
     assert len(a.prompts) == 1 and len(b.prompts) == 1, "the third job waits in the service"
 
     # free the backend of the first job (cancelled from the other replica): the third runs there

@@ -4,6 +4,7 @@ replica run them. Same interface as the in-memory JobStore, so the routes do not
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from datetime import datetime, timedelta, timezone
@@ -197,10 +198,13 @@ class RedisJobStore:
     def health(self) -> dict:
         """The queue as /health shows it."""
         try:
+            started = self.queue.started_job_registry
             with self.redis.pipeline() as pipe:
                 pipe.llen(self.queue.key)
                 pipe.scard(self.records.live_key)
-                queued, live = pipe.execute()
+                pipe.zrange(started.key, 0, -1)
+                in_queue, live, running = pipe.execute()
+            queued = in_queue + self._taken_ahead([started.parse_job_id(entry) for entry in running])
             from rq import Worker
 
             # alive = heard from within a lease (a killed replica's workers stay registered ~90 s)
@@ -211,6 +215,16 @@ class RedisJobStore:
                     "workers": workers}
         except Exception as exc:  # noqa: BLE001 - health answers, whatever Redis does
             return {"redis": describe(self.url), "reachable": False, "error": str(exc)}
+
+    def _taken_ahead(self, started: list) -> int:
+        """How many of RQ's started jobs are still waiting for a backend (status "queued"): taken
+        from the queue ahead by a replica holding every slot, so no longer in RQ's queue."""
+        if not started:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in started:
+                pipe.hget(self.records.key(job_id), "status")
+            return sum(1 for status in pipe.execute() if status is not None and json.loads(status) == "queued")
 
     def shutdown(self) -> None:
         self.changes.close()
