@@ -169,10 +169,14 @@ class Sample:
     prompt_id: str
     exec_start: float = 0.0
     exec_end: float = 0.0
+    # client wall clock when the answer arrived: compared with the fake's own wall-clock stamps, read
+    # as they are (start + seconds drifts from them if the clock is stepped or slewed meanwhile: a
+    # run on 2 Dec saw P2's "execution end -> answer" at -39 ms)
+    answered: float | None = None
 
     @property
     def end(self) -> float:
-        return self.start + self.seconds
+        return self.start + self.seconds if self.answered is None else self.answered
 
     @property
     def exec_seconds(self) -> float:
@@ -187,10 +191,10 @@ def post(session: requests.Session, url: str, body: bytes) -> Sample:
     wall, started = time.time(), time.perf_counter()
     resp = session.post(url + "/api/img2img", data=body, headers={"Content-Type": "application/json"},
                         timeout=300)
-    seconds = time.perf_counter() - started
+    seconds, answered = time.perf_counter() - started, time.time()
     if resp.status_code != 200:
         raise SystemExit(f"the service answered {resp.status_code}: {resp.text[:500]}")
-    return Sample(wall, seconds, resp.json()["comfy_response"]["prompt_id"])
+    return Sample(wall, seconds, resp.json()["comfy_response"]["prompt_id"], answered=answered)
 
 
 def with_executions(fake: Fake, samples: list) -> list:
