@@ -176,8 +176,8 @@ class Replicas:
                    IMG2IMG_ROLE=role, IMG2IMG_PORT=str(port), IMG2IMG_JOB_LEASE_S=str(LEASE_S),
                    COMFY_TIMEOUT_S="20", SERVED_IMAGES_DIR=str(folder / "served"),
                    DREAMLAYER_SETTINGS_FILE=str(folder / "settings.json"),
-                   PUBLIC_BASE_URL=f"http://127.0.0.1:{port}", LOG_LEVEL="INFO",
-                   **{k: str(v) for k, v in extra.items()})
+                   PUBLIC_BASE_URL=f"http://127.0.0.1:{port}", LOG_LEVEL="INFO")
+        env.update({k: str(v) for k, v in extra.items()})  # e.g. a SERVED_IMAGES_DIR shared by replicas
         replica = Replica(name, folder, env, port if role != "worker" else None, role, self.redis_url)
         self.started.append(replica)
         replica.start()
@@ -449,6 +449,33 @@ def test_a_synchronous_request_is_answered_whichever_replica_runs_it(replicas, b
     assert "out of memory" in resp.json()["message"]
     bad = submit(r2, {"steps": 0}, sync=True)
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_parameter"
+
+
+def test_with_images_in_a_shared_folder_every_replica_serves_them_and_redis_holds_none(
+        replicas, backends, redis_server, tmp_path):
+    """IMG2IMG_IMAGES=folder: replicas that share SERVED_IMAGES_DIR keep the images there, as one
+    process does — synchronous or not, whichever replica ran the job, both serve every image —
+    and Redis holds none of them."""
+    shared = tmp_path / "shared-served"
+    r1 = replicas.start(IMG2IMG_IMAGES="folder", SERVED_IMAGES_DIR=shared)
+    r2 = replicas.start(IMG2IMG_IMAGES="folder", SERVED_IMAGES_DIR=shared)
+    names = []
+    for i, asked in enumerate([r1, r2, r1, r2]):
+        resp = submit(asked, sync=True, seed=40 + i)
+        assert resp.status_code == 200, resp.text
+        names += image_names(resp.json())
+    jobs = [accepted(submit(replica, seed=50 + i)) for i, replica in enumerate([r1, r2])]
+    for job in jobs:
+        snap = finished(r2, job)
+        assert snap["status"] == "succeeded", snap
+        names += image_names(snap["result"])
+    assert len(set(names)) == 6
+    for name in names:
+        on_disk = (shared / name).read_bytes()
+        assert image(r1, name) == image(r2, name) == on_disk
+    assert sorted(p.name for p in shared.glob("*.png")) == sorted(names)
+    assert redis_server.client().keys("dreamlayer:img2img:image:*") == []
+    assert not (r1.folder / "served").exists() and not (r2.folder / "served").exists()
 
 
 # --- 3. a replica killed mid-job ------------------------------------------------------------------

@@ -121,6 +121,14 @@ def _role_parse(text):
 
 #: What one img2img process does with REDIS_URL set: serve the API, run queue workers, or both.
 ROLES = ("both", "api", "worker")
+#: Where the img2img service keeps the images it serves when REDIS_URL is set.
+IMAGE_STORES = ("redis", "folder")
+
+
+def _image_store_parse(text):
+    if text.lower() not in IMAGE_STORES:
+        raise ValueError()
+    return text.lower()
 
 
 def _bool_parse(text):
@@ -160,6 +168,7 @@ URL = Kind("an http:// or https:// URL with a host", _url_parse)
 REDIS_URL = Kind("empty, or redis://[:password@]host[:port][/db], rediss://... or unix:///path/to/socket",
                   _redis_url_parse)
 ROLE = Kind("both, api or worker", _role_parse)
+IMAGE_STORE = Kind("redis or folder", _image_store_parse)
 URLS = Kind("one or more comma-separated http:// or https:// URLs with a host", _urls_parse)
 ORIGINS = Kind("comma-separated origins (scheme://host[:port]) or *", _origins_parse)
 ORIGIN = Kind("an origin (scheme://host[:port]) or *", _origin_check)
@@ -214,6 +223,7 @@ VARIABLES = (
     V("IMG2IMG_ROLE", ROLE, "both", (IMG2IMG,)),
     V("IMG2IMG_QUEUE_WORKERS", WHOLE, None, (IMG2IMG,)),
     V("IMG2IMG_JOB_LEASE_S", SECONDS, "15", (IMG2IMG,)),
+    V("IMG2IMG_IMAGES", IMAGE_STORE, "redis", (IMG2IMG,)),
     V("SERVED_IMAGES_DIR", PATH, "served_images", SERVICES),
     V("MAX_CONTENT_LENGTH", WHOLE, "67108864", (IMG2IMG,)),
     V("MAX_MASK_BYTES", WHOLE, "10485760", (IMG2IMG,)),

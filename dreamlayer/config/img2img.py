@@ -74,6 +74,9 @@ class Config:
     #: With redis_url: a job whose worker stops renewing its lease this long (killed replica)
     #: is run again by another worker, once.
     job_lease_s: float = E.default("IMG2IMG_JOB_LEASE_S")
+    #: With redis_url: served images kept in Redis with the job TTL ("redis"), or in
+    #: served_images_dir ("folder"), which every replica must then share.
+    images: str = E.default("IMG2IMG_IMAGES")
     api_key: str = E.default("IMG2IMG_API_KEY")
     log_level: str = E.default("LOG_LEVEL")
     #: start_dream_layer.sh --demo: the "ComfyUI" is the project's fake; /health says so.
@@ -132,6 +135,7 @@ class Config:
             role=env.get("IMG2IMG_ROLE"),
             queue_workers=env.get("IMG2IMG_QUEUE_WORKERS"),
             job_lease_s=env.get("IMG2IMG_JOB_LEASE_S"),
+            images=env.get("IMG2IMG_IMAGES"),
             api_key=env.get("IMG2IMG_API_KEY"),
             log_level=env.get("LOG_LEVEL"),
             demo=env.get("DREAMLAYER_DEMO"),

@@ -184,7 +184,9 @@ def _job_store(config: Config, service: Img2ImgService):
 
 
 def _served_images(config: Config):
-    if not config.redis_url:
+    """A folder (in process, or with REDIS_URL one that every replica shares: IMG2IMG_IMAGES=folder),
+    or Redis, each image with its job's TTL (REDIS_URL's default: nothing to share but Redis)."""
+    if not config.redis_url or config.images == "folder":
         return ServedImages(config.served_images_dir)
     from dreamlayer.jobs.images import RedisImages
     from dreamlayer.jobs.records import connect
