@@ -143,6 +143,7 @@ BAD = [
     ("COMFYUI_CORS_ORIGIN", "localhost", "an origin"),
     ("DREAMLAYER_DEMO", "maybe", "1, true, yes, on or 0, false, no, off"),
     ("IMG2IMG_IMAGES", "disk", "redis or folder"),
+    ("IMG2IMG_ROLE", "primary", "both, api or worker"),
     ("IMG2IMG_HOST", "http://0.0.0.0", "without scheme or port"),
     ("DREAMLAYER_HOST", "localhost:5002", "without scheme or port"),
     ("COMFYUI_EXTRA_ARGS", '--output "unclosed', "command-line arguments"),

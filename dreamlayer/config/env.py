@@ -113,22 +113,19 @@ def _redis_url_parse(text):
     raise ValueError()
 
 
-def _role_parse(text):
-    if text.lower() not in ROLES:
-        raise ValueError()
-    return text.lower()
+def _one_of(choices: tuple):
+    """A parser of one of ``choices`` (lower case), written in any case."""
+    def parse(text):
+        if text.lower() not in choices:
+            raise ValueError()
+        return text.lower()
+    return parse
 
 
 #: What one img2img process does with REDIS_URL set: serve the API, run queue workers, or both.
 ROLES = ("both", "api", "worker")
 #: Where the img2img service keeps the images it serves when REDIS_URL is set.
 IMAGE_STORES = ("redis", "folder")
-
-
-def _image_store_parse(text):
-    if text.lower() not in IMAGE_STORES:
-        raise ValueError()
-    return text.lower()
 
 
 def _bool_parse(text):
@@ -167,8 +164,8 @@ TEXT = Kind("any text", str)
 URL = Kind("an http:// or https:// URL with a host", _url_parse)
 REDIS_URL = Kind("empty, or redis://[:password@]host[:port][/db], rediss://... or unix:///path/to/socket",
                   _redis_url_parse)
-ROLE = Kind("both, api or worker", _role_parse)
-IMAGE_STORE = Kind("redis or folder", _image_store_parse)
+ROLE = Kind("both, api or worker", _one_of(ROLES))
+IMAGE_STORE = Kind("redis or folder", _one_of(IMAGE_STORES))
 URLS = Kind("one or more comma-separated http:// or https:// URLs with a host", _urls_parse)
 ORIGINS = Kind("comma-separated origins (scheme://host[:port]) or *", _origins_parse)
 ORIGIN = Kind("an origin (scheme://host[:port]) or *", _origin_check)
