@@ -430,6 +430,34 @@ def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the
         shutdown(app)
 
 
+def test_a_job_taken_ahead_is_cancelled_while_it_waits_for_a_slot(service_config, redis_server, fake_comfy,
+                                                                  second_comfy):
+    """A job taken ahead (every backend busy) is out of RQ's queue, waiting for a slot in its
+    worker: a cancel must stop that wait at once — not when a backend frees — and it never
+    reaches ComfyUI."""
+    fakes = (fake_comfy, second_comfy)
+    app = create_app(service_config.replace(redis_url=redis_server.url,
+                                            comfy_api_urls=tuple(f.url for f in fakes)))
+    try:
+        client = app.test_client()
+        for fake in fakes:
+            fake.hang_next()
+        long = [post(client, {**PARAMS, "seed": 20 + i, "async": True}).get_json()["job_id"] for i in range(2)]
+        wait_until(lambda: all(len(f.prompts) == 1 for f in fakes), what="both backends running a job")
+        ahead = post(client, {**PARAMS, "seed": 30, "async": True}).get_json()["job_id"]
+        started = __import__("rq").Queue("dreamlayer-img2img", connection=redis_server.client()).started_job_registry
+        wait_until(lambda: redis_server.client().llen("rq:queue:dreamlayer-img2img") == 0
+                   and ahead in started.get_job_ids(), what="the third job taken from the queue ahead")
+        assert client.post(f"/api/img2img/jobs/{ahead}/cancel").get_json()["status"] == "cancelled"
+        assert [len(f.prompts) for f in fakes] == [1, 1]
+        assert all(f.running_prompt_id() for f in fakes), "the running jobs go on"
+        for job in long:
+            assert client.post(f"/api/img2img/jobs/{job}/cancel").get_json()["status"] == "cancelled"
+        assert [len(f.prompts) for f in fakes] == [1, 1]  # the cancelled job never ran
+    finally:
+        shutdown(app)
+
+
 def test_a_slot_lent_after_redis_was_away_is_not_used_once_another_replica_holds_it(redis_server):
     """Redis away longer than a lease: an idle worker's slot may have expired meanwhile and been
     taken by another replica. A job here that borrows it (RedisSlots.acquire, a request run at

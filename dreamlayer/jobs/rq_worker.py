@@ -253,6 +253,8 @@ class QueueWorker(SimpleWorker):
         between two prompts on the backend)."""
         current.runtime, current.worker, slot_mod.held.slot = self.runtime, self, self.slot
         slot_mod.held.give_up = self._give_up_slot  # the job's last prompt has ended (Lease.release)
+        # a job waiting for a slot (taken ahead, or a retry) stops waiting when it is cancelled
+        slot_mod.held.cancelled = lambda: self.runtime.service.active.cancelled(job.id)
         keep = False
         try:
             execution = self.prepare_execution(job)
@@ -264,6 +266,7 @@ class QueueWorker(SimpleWorker):
         finally:
             self.running = None
             current.runtime = current.worker = slot_mod.held.slot = slot_mod.held.give_up = None
+            slot_mod.held.cancelled = None
             if not keep:
                 self.release_slot()
 

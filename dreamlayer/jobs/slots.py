@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import LockError
 
+from dreamlayer.comfyui.errors import ComfyInterrupted
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
 from dreamlayer.jobs.records import PREFIX
 
@@ -128,8 +129,9 @@ class RedisSlots:
                     return slot
         return None
 
-    def acquire(self, *, timeout: float, exclude=()) -> Slot:
-        """Wait for a free slot; TimeoutError after ``timeout``. Used by a job that has none from
+    def acquire(self, *, timeout: float, exclude=(), cancelled=None) -> Slot:
+        """Wait for a free slot; TimeoutError after ``timeout``; ComfyInterrupted once
+        ``cancelled()`` is true (a cancel wakes it: wake()). Used by a job that has none from
         its worker: a retry on another backend, or a job taken from the queue while every backend
         was busy (QueueWorker: taken and prepared ahead, it starts the moment a slot frees here).
         An idle local worker's slot is borrowed first; a slot released here wakes it at once.
@@ -145,6 +147,8 @@ class RedisSlots:
             while True:
                 with self._freed:
                     changes = self._changes
+                if cancelled is not None and cancelled():  # never holds a slot for a cancelled job
+                    raise ComfyInterrupted(message="The generation was interrupted")
                 slot = self.borrow(exclude) or self.try_acquire(exclude, waiting=True)
                 if slot is not None:
                     return slot
@@ -197,6 +201,10 @@ class RedisSlots:
 
     def offer(self) -> None:
         """An idle worker here holds a slot it would lend: wake the jobs waiting for one."""
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the jobs here waiting for a slot: one may be free to them, or cancelled."""
         with self._freed:
             self._changes += 1
             self._freed.notify_all()
@@ -254,7 +262,8 @@ class SharedBackendPool(BackendPool):
         slot = getattr(held, "slot", None)
         own = slot is None or slot.backend in exclude
         if own:
-            slot = self.shared.acquire(timeout=timeout if timeout is not None else 3600, exclude=exclude)
+            slot = self.shared.acquire(timeout=timeout if timeout is not None else 3600, exclude=exclude,
+                                       cancelled=getattr(held, "cancelled", None))
         backend = slot.backend
         with self._cond:
             backend.busy += 1

@@ -218,6 +218,8 @@ class QueueWorkers:
                 log.info("job %s cancel: %s", message["cancel"], outcome)
         elif message.get("interrupt"):
             self.service.interrupt()
+        if self.slots is not None:
+            self.slots.wake()  # a job here waiting for a slot (taken ahead) that is cancelled stops waiting
 
     # -- one job -------------------------------------------------------------------------------
     def _claim_slot(self):
