@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 import requests
 
 from dreamlayer.img2img.app import create_app, shutdown
@@ -483,3 +484,70 @@ def test_a_slot_lent_after_redis_was_away_is_not_used_once_another_replica_holds
     assert redis_server.client().get(idle.lock.name) == theirs.lock.local.token  # theirs still
     fresh = elsewhere.try_acquire()
     assert fresh is None  # both slots held, one by each
+
+
+def test_a_slot_released_while_the_lease_keeper_renews_it_is_not_taken_again(redis_server):
+    """The lease keeper renews a list of slots read before a worker released one of them: its
+    renewal must not take that slot again (the "expired, taken again" path), or the slot is held
+    by nobody until its lease runs out and its backend stands idle while jobs wait."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a = Backend("http://127.0.0.1:1", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 2.0)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 2.0)
+    slot = here.try_acquire()
+    assert slot is not None and here.all_held_here()
+    read_by_the_keeper = [slot]
+    here.release(slot)  # the worker's job ended
+    assert [s.renew() for s in read_by_the_keeper] == [False]
+    assert redis_server.client().get(slot.lock.name) is None
+    assert elsewhere.try_acquire() is not None  # free for every replica at once
+
+
+def test_a_slot_lost_to_another_replica_no_longer_counts_as_held_here(redis_server):
+    """A slot whose lease ran out and that another replica took is forgotten by the lease keeper,
+    so this replica no longer believes it holds every slot (it would then take jobs ahead to wait
+    for its own releases while the other backend is free)."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a, b = Backend("http://127.0.0.1:1", client=None), Backend("http://127.0.0.1:2", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), 2.0)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), 2.0)
+    first, second = here.try_acquire(), here.try_acquire()
+    assert first is not None and second is not None and here.all_held_here()
+    redis_server.client().delete(first.lock.name)  # its lease ran out ...
+    theirs = elsewhere.try_acquire()  # ... and another replica took it
+    assert theirs is not None and theirs.backend is first.backend
+    here.renew_all()
+    assert not here.all_held_here()
+    assert redis_server.client().get(first.lock.name) == theirs.lock.local.token
+    assert second.renew()  # the other one is still ours
+
+
+def test_a_queue_worker_stopped_while_redis_is_away_leaves_no_thread_listening(redis_server):
+    """RQ's worker listens for commands on a thread of its own; stopped while Redis is away it
+    skipped stopping that thread (its teardown failed first), which then retried every 2 s for as
+    long as Redis stayed away, and closed its connection twice with ours (an error in its thread)."""
+    import threading
+
+    from dreamlayer.jobs.rq_worker import QueueWorker, WorkerQueue
+
+    errors = []
+    previous, threading.excepthook = threading.excepthook, errors.append
+    try:
+        connection = redis_server.client()
+        worker = QueueWorker([WorkerQueue("img2img-test", connection=connection)], connection=connection,
+                             runtime=None, name="img2img-test-worker")
+        worker.subscribe()
+        listening = worker.pubsub_thread
+        wait_until(lambda: listening.pubsub.subscribed, what="the command channel subscribed")
+        redis_server.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            worker.teardown()  # its first step (register_death) fails
+        wait_until(lambda: not listening.is_alive(), what="the listening thread ended")
+        assert errors == []
+    finally:
+        threading.excepthook = previous
+        redis_server.start()

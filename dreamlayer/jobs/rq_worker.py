@@ -130,6 +130,31 @@ class QueueWorker(SimpleWorker):
     def _install_signal_handlers(self):
         """Not the main thread: the process keeps its own handlers (waitress, Ctrl-C)."""
 
+    def teardown(self):
+        """As RQ's (no scheduler here), but the command channel is left even when Redis is away
+        (RQ's skips it when its register_death fails, leaving the listening thread behind)."""
+        try:
+            self.register_death()
+        except REDIS_DOWN:
+            self.unsubscribe(reachable=False)
+            raise
+        self.unsubscribe()
+
+    def unsubscribe(self, reachable: bool = True):
+        """Stop the thread listening on the command channel; the thread closes its connection
+        as it ends. (RQ's closes it too, after a 1 s join; when Redis is away the thread sleeps 2 s
+        between tries, and both closed it at once: an AttributeError in redis-py's thread.)"""
+        thread, self.pubsub_thread = self.pubsub_thread, None
+        if thread is None:
+            return
+        thread.stop()
+        if reachable:
+            try:
+                self.pubsub.unsubscribe()  # ends its wait for a message at once
+            except REDIS_DOWN:
+                return  # it ends after its next try
+            thread.join(timeout=1)
+
     def heartbeat(self, *args, **kwargs):
         """Also where a stop request ends a wait: RQ's own dequeue loop retries a lost Redis
         forever and calls this first in every round. RQ's plain heartbeats (before and after each
@@ -225,7 +250,7 @@ class QueueWorker(SimpleWorker):
                 if self.idle_since is None:
                     self.idle_since = time.monotonic()
             if self.lendable and shared.waiting:
-                shared.offer()  # a job here waits for a slot (taken ahead): it borrows this one
+                shared.wake()  # a job here waits for a slot (taken ahead): it borrows this one
             try:
                 result = super().dequeue_job_and_maintain_ttl(DEQUEUE_SLICE_S, max_idle_time=DEQUEUE_SLICE_S)
             finally:

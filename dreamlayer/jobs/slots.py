@@ -39,19 +39,25 @@ class Slot:
     backend: Backend
     lock: object  # redis.lock.Lock
     renewed_at: float = field(default_factory=time.monotonic)  # the last time it was known ours
+    released: bool = False
+    #: renew() and release() one at a time: a renewal racing a release must not take it again
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def renew(self) -> bool:
         """Extend the lease; if it ran out (Redis was away longer than the lease), take the slot
-        again when nobody else has. False: someone else holds it now."""
-        try:
-            self.lock.reacquire()
-        except LockError:
-            if not self.lock.acquire(blocking=False):
-                log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
+        again when nobody else has. False: released here, or someone else holds it now."""
+        with self._guard:
+            if self.released:  # the keeper's list was read before the release: not ours to take
                 return False
-            log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
-        self.renewed_at = time.monotonic()
-        return True
+            try:
+                self.lock.reacquire()
+            except LockError:
+                if not self.lock.acquire(blocking=False):
+                    log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
+                    return False
+                log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
+            self.renewed_at = time.monotonic()
+            return True
 
     def surely_ours(self, lease_s: float) -> bool:
         """Renewed within half a lease (the keeper renews it five times a lease): still ours
@@ -59,10 +65,12 @@ class Slot:
         return time.monotonic() - self.renewed_at < lease_s / 2 or self.renew()
 
     def release(self) -> None:
-        try:
-            self.lock.release()
-        except LockError:
-            pass  # expired already: someone else may hold it now
+        with self._guard:
+            self.released = True
+            try:
+                self.lock.release()
+            except LockError:
+                pass  # expired already: someone else may hold it now
 
 
 class RedisSlots:
@@ -199,12 +207,9 @@ class RedisSlots:
         except Exception:  # noqa: BLE001 - Redis away: its lease runs out
             pass
 
-    def offer(self) -> None:
-        """An idle worker here holds a slot it would lend: wake the jobs waiting for one."""
-        self.wake()
-
     def wake(self) -> None:
-        """Wake the jobs here waiting for a slot: one may be free to them, or cancelled."""
+        """Wake the jobs here waiting for a slot: an idle worker here offers one to lend, or
+        one of them is cancelled."""
         with self._freed:
             self._changes += 1
             self._freed.notify_all()
@@ -241,7 +246,9 @@ class RedisSlots:
         with self._lock:
             slots = list(self._held)
         for slot in slots:
-            slot.renew()
+            if not slot.renew() and not slot.released:
+                with self._lock:  # lost to another replica: this process no longer holds every slot
+                    self._held.discard(slot)
 
 
 class SharedBackendPool(BackendPool):
