@@ -550,4 +550,3 @@ def test_a_queue_worker_stopped_while_redis_is_away_leaves_no_thread_listening(r
         assert errors == []
     finally:
         threading.excepthook = previous
-        redis_server.start()
