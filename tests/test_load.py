@@ -77,11 +77,13 @@ class Probe:
 
     def snapshot(self, fake) -> dict:
         """Counts and traced memory, without what the fake ComfyUI (in this process) keeps of
-        every prompt: its record for tests and its history (cleared as a ComfyUI user could)."""
+        every prompt: its records for tests (prompts, node runs) and its history (cleared as a
+        ComfyUI user could)."""
         fake.wait_idle()  # the last prompts' /history entries are written (the service did not wait)
         wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith(CLIENT_THREADS)],
                    what="the ComfyUI client's short-lived threads to end")
         fake.prompts.clear()
+        fake.node_runs.clear()  # about 1 KB a request: a third of the budget below, not the service's
         requests.post(f"{fake.url}/history", json={"clear": True}, timeout=5).raise_for_status()
         gc.collect()
         names = sorted(t.name for t in threading.enumerate())
