@@ -265,6 +265,13 @@ def test_cancel_reaches_only_the_backend_running_the_job(service_config, fake_co
             assert resp.status_code == 202, resp.text
             jobs.append(resp.json())
         wait_until(lambda: fake_comfy.running_prompt_id() and second.running_prompt_id(), what="both running")
+        def prompt_ids() -> set:
+            """A job's status names its prompt once ComfyUI's answer to POST /prompt is read, which
+            may come after the prompt has started running."""
+            return {requests.get(j["status_url"], timeout=5).json().get("prompt_id") for j in jobs}
+
+        wait_until(lambda: prompt_ids() == {fake_comfy.running_prompt_id(), second.running_prompt_id()},
+                   what="each job's status to name the prompt running on its backend")
         on_b = [j for j in jobs if requests.get(j["status_url"], timeout=5).json().get("prompt_id")
                 == second.running_prompt_id()]
         assert len(on_b) == 1
