@@ -408,6 +408,8 @@ def test_a_job_queued_while_every_backend_is_busy_is_taken_ahead_and_runs_on_the
         long = [post(client, {**PARAMS, "steps": 150, "seed": 20 + i, "async": True}).get_json()["job_id"]
                 for i in range(2)]
         wait_until(lambda: all(len(f.prompts) == 1 for f in fakes), what="both backends running a long job")
+        wait_until(lambda: all(client.get(f"/api/img2img/jobs/{j}").get_json()["prompt_id"] for j in long),
+                   what="the long jobs' records to name their prompts")  # ComfyUI's answer is read after
         ahead = post(client, {**PARAMS, "seed": 30, "async": True}).get_json()["job_id"]
         started = __import__("rq").Queue("dreamlayer-img2img", connection=redis_server.client()).started_job_registry
         wait_until(lambda: redis_server.client().llen("rq:queue:dreamlayer-img2img") == 0
@@ -550,3 +552,25 @@ def test_a_queue_worker_stopped_while_redis_is_away_leaves_no_thread_listening(r
         assert errors == []
     finally:
         threading.excepthook = previous
+
+
+def test_a_job_whose_prompt_waits_in_comfyuis_queue_is_not_counted_as_waiting_for_a_backend(
+        service_config, redis_server, fake_comfy):
+    """Two prompts per backend: the second job's prompt waits in ComfyUI's own queue, its status
+    "queued" with a prompt id. It has its backend: /health's `queued` (jobs waiting for a backend)
+    leaves it out; counted, it would read as waiting for as long as the first job runs."""
+    app = create_app(service_config.replace(redis_url=redis_server.url, comfy_api_urls=(fake_comfy.url,),
+                                            prompts_per_backend=2, queue_workers=2))
+    try:
+        client = app.test_client()
+        fake_comfy.hang_next()
+        jobs = [post(client, {**PARAMS, "seed": 40 + i, "async": True}).get_json()["job_id"] for i in range(2)]
+        snaps = lambda: [client.get(f"/api/img2img/jobs/{j}").get_json() for j in jobs]  # noqa: E731
+        wait_until(lambda: sorted(s["status"] for s in snaps()) == ["queued", "running"]
+                   and all(s["prompt_id"] for s in snaps()), what="one job running, the other queued on ComfyUI")
+        assert len(fake_comfy.prompts) == 2
+        assert client.get("/health").get_json()["queue"]["queued"] == 0
+        for job in jobs:
+            client.post(f"/api/img2img/jobs/{job}/cancel")
+    finally:
+        shutdown(app)

@@ -217,14 +217,18 @@ class RedisJobStore:
             return {"redis": describe(self.url), "reachable": False, "error": str(exc)}
 
     def _taken_ahead(self, started: list) -> int:
-        """How many of RQ's started jobs are still waiting for a backend (status "queued"): taken
-        from the queue ahead by a replica holding every slot, so no longer in RQ's queue."""
+        """How many of RQ's started jobs are still waiting for a backend (status "queued", no
+        prompt): taken from the queue ahead by a replica holding every slot, so no longer in RQ's
+        queue, or waiting for a retry. A job whose prompt waits in ComfyUI's queue (its status is
+        "queued" too, with a prompt id) has its backend."""
         if not started:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in started:
-                pipe.hget(self.records.key(job_id), "status")
-            return sum(1 for status in pipe.execute() if status is not None and json.loads(status) == "queued")
+                pipe.hmget(self.records.key(job_id), "status", "prompt_id")
+            return sum(1 for status, prompt_id in pipe.execute()
+                       if status is not None and json.loads(status) == "queued"
+                       and (prompt_id is None or json.loads(prompt_id) is None))
 
     def shutdown(self) -> None:
         self.changes.close()
