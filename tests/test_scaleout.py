@@ -371,9 +371,13 @@ def test_events_status_and_images_of_a_job_from_either_replica(replicas, backend
     assert snap["status"] == "succeeded" and snap["result"]["run_id"] == result["run_id"] == job
     assert snap["progress"]["value"] == 6
 
-    # the image URL names the replica that was asked; every replica serves it (it is in Redis)
+    # the image URL is made by the replica whose worker ran the job, from its PUBLIC_BASE_URL (here
+    # each replica has its own; docs/scaling.md); every replica serves the image (it is in Redis)
     [name] = image_names(result)
-    assert result["comfy_response"]["generated_images"][0]["url"].startswith(r1.url)
+    queued = f"queued prompt {result['comfy_response']['prompt_id']} "
+    ran = wait_until(lambda: [r for r in (r1, r2) if queued in r.log()], what="the runner's log to name the prompt")
+    assert len(ran) == 1
+    assert result["comfy_response"]["generated_images"][0]["url"].startswith(ran[0].url + "/")
     assert image(r1, name) == image(r2, name)
     assert not list((r1.folder / "served").rglob("*.png")) and not list((r2.folder / "served").rglob("*.png"))
     missing = requests.get(f"{r2.url}/api/images/img2img_{uuid.uuid4().hex}.png", timeout=10)
