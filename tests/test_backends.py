@@ -265,15 +265,15 @@ def test_cancel_reaches_only_the_backend_running_the_job(service_config, fake_co
             assert resp.status_code == 202, resp.text
             jobs.append(resp.json())
         wait_until(lambda: fake_comfy.running_prompt_id() and second.running_prompt_id(), what="both running")
-        def prompt_ids() -> set:
-            """A job's status names its prompt once ComfyUI's answer to POST /prompt is read, which
-            may come after the prompt has started running."""
-            return {requests.get(j["status_url"], timeout=5).json().get("prompt_id") for j in jobs}
 
-        wait_until(lambda: prompt_ids() == {fake_comfy.running_prompt_id(), second.running_prompt_id()},
+        def prompt_of(job: dict):
+            return requests.get(job["status_url"], timeout=5).json().get("prompt_id")
+
+        # a job's status names its prompt once ComfyUI's answer to POST /prompt is read, which may
+        # come after the prompt has started running
+        wait_until(lambda: {prompt_of(j) for j in jobs} == {fake_comfy.running_prompt_id(), second.running_prompt_id()},
                    what="each job's status to name the prompt running on its backend")
-        on_b = [j for j in jobs if requests.get(j["status_url"], timeout=5).json().get("prompt_id")
-                == second.running_prompt_id()]
+        on_b = [j for j in jobs if prompt_of(j) == second.running_prompt_id()]
         assert len(on_b) == 1
         requests.post(on_b[0]["cancel_url"], timeout=10)
         wait_until(lambda: requests.get(on_b[0]["status_url"], timeout=5).json()["status"] == "cancelled",

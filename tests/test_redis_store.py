@@ -566,8 +566,8 @@ def test_a_job_whose_prompt_waits_in_comfyuis_queue_is_not_counted_as_waiting_fo
         fake_comfy.hang_next()
         jobs = [post(client, {**PARAMS, "seed": 40 + i, "async": True}).get_json()["job_id"] for i in range(2)]
         snaps = lambda: [client.get(f"/api/img2img/jobs/{j}").get_json() for j in jobs]  # noqa: E731
-        wait_until(lambda: sorted(s["status"] for s in snaps()) == ["queued", "running"]
-                   and all(s["prompt_id"] for s in snaps()), what="one job running, the other queued on ComfyUI")
+        wait_until(lambda: (now := snaps()) and sorted(s["status"] for s in now) == ["queued", "running"]
+                   and all(s["prompt_id"] for s in now), what="one job running, the other queued on ComfyUI")
         assert len(fake_comfy.prompts) == 2
         assert client.get("/health").get_json()["queue"]["queued"] == 0
         for job in jobs:
