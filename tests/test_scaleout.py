@@ -577,37 +577,43 @@ def test_a_synchronous_request_run_at_once_whose_replica_is_killed_is_finished_b
     from redis import Redis
 
     a, b = backends
-    r1, r2 = replicas.start(), replicas.start()
+    pair = [replicas.start(), replicas.start()]
+    tried = set()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for attempt in range(3):
+        for attempt in range(6):
+            # a replica lends only its own idle workers' slots: when the other replica's workers
+            # hold every slot (they keep one after a job), the request is queued and run there —
+            # so the replicas take turns receiving it
+            target, survivor = pair[attempt % 2], pair[1 - attempt % 2]
             a.step_delay = b.step_delay = 0.2
-            answer = pool.submit(submit, r1, {"steps": 50, "seed": 100 + attempt}, sync=True)
+            answer = pool.submit(submit, target, {"steps": 50, "seed": 100 + attempt}, sync=True)
             with Redis.from_url(redis_server.url, socket_timeout=5) as redis:
-                [job] = wait_until(lambda: [m.decode() for m in redis.smembers("dreamlayer:img2img:live")],
-                                   what="the request's job record")
+                [job] = wait_until(lambda: [m.decode() for m in redis.smembers("dreamlayer:img2img:live")
+                                            if m.decode() not in tried], what="the request's job record")
                 worker_name = wait_until(lambda: redis.hget(f"rq:job:{job}", "worker_name"),
                                          what="RQ's record of the job, started").decode()
-            if worker_name.endswith(f"-{r1.pid}-at-once"):  # run by r1 itself, not queued
+            tried.add(job)
+            if worker_name.endswith(f"-{target.pid}-at-once"):  # run by the target itself, not queued
                 break
-            # it came while the queue worker holding a free slot was between two of its waits for a
-            # job (its slot not lendable for that moment) and was queued: let it finish, try again
+            # queued (see above, or it came while the worker holding a free slot was between two
+            # of its waits for a job, its slot not lendable for that moment): let it finish, try again
             a.step_delay = b.step_delay = 0.0
             assert answer.result(timeout=60).status_code == 200
         else:
             pytest.fail(f"the request was never run at once (last run by {worker_name})")
-        first = wait_status(r2, job, lambda s: s["prompt_id"] is not None, "the job to queue its prompt")
+        first = wait_status(survivor, job, lambda s: s["prompt_id"] is not None, "the job to queue its prompt")
         first_backend = running_on(backends, first)
-        r1.kill()
+        target.kill()
         with pytest.raises(requests.ConnectionError):
             answer.result(timeout=60)
-    wait_runner(redis_server.url, job, [r2], "the survivor to run the job again")
+    wait_runner(redis_server.url, job, [survivor], "the survivor to run the job again")
     wait_until(lambda: first_backend.running_prompt_id() != first["prompt_id"],
                what="the first run's prompt to be cancelled")
     a.step_delay = b.step_delay = 0.0
-    snap = finished(r2, job)
+    snap = finished(survivor, job)
     assert snap["status"] == "succeeded" and snap["prompt_id"] != first["prompt_id"], snap
     [name] = image_names(snap["result"])
-    image(r2, name)
+    image(survivor, name)
 
 
 def test_a_job_whose_worker_is_killed_twice_fails_with_worker_lost(replicas, backends, redis_server):
