@@ -528,6 +528,82 @@ def test_a_slot_lost_to_another_replica_no_longer_counts_as_held_here(redis_serv
     assert second.renew()  # the other one is still ours
 
 
+def _waiting_for_a_slot(slots, **kwargs):
+    """RedisSlots.acquire in a thread of its own, once it waits: (future, executor)."""
+    pool = ThreadPoolExecutor(1)
+    before = slots.waiting
+    future = pool.submit(slots.acquire, **kwargs)
+    wait_until(lambda: slots.waiting > before or future.done(), what="the job waiting for a slot")
+    assert not future.done(), future.result()
+    return future, pool
+
+
+def test_a_slot_released_while_a_job_here_waits_for_one_goes_to_it_without_leaving_redis(redis_server):
+    """Between two prompts on a backend, a job here waiting for a slot (taken ahead, a retry) gets
+    the slot its backend's last job released directly, still held: it is never free in Redis in
+    between, where another replica could take it and this job would wait on."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a = Backend("http://127.0.0.1:1", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 5.0)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 5.0)
+    slot = here.try_acquire()
+    token = slot.lock.local.token
+    future, pool = _waiting_for_a_slot(here, timeout=30)
+    try:
+        here.release(slot)  # the running job's prompt ended
+        got = future.result(timeout=30)
+    finally:
+        pool.shutdown()
+    assert got is slot and not got.released
+    assert redis_server.client().get(slot.lock.name) == token  # held all along, by the same lock
+    assert here.all_held_here() and elsewhere.try_acquire() is None
+    here.release(got)  # nobody waits now: free for every replica
+    assert redis_server.client().get(slot.lock.name) is None
+    assert not here.all_held_here() and elsewhere.try_acquire() is not None
+
+
+def test_a_slot_released_for_a_job_that_cannot_use_it_or_stops_waiting_is_freed_in_redis(redis_server):
+    """A slot goes to a waiting job here only if its backend is one the job may use (a retry
+    excludes the backend that failed), and one that job leaves untaken (cancelled as it was handed
+    over) is freed in Redis: never a slot held for nobody while its backend stands idle."""
+    from dreamlayer.comfyui.errors import ComfyInterrupted
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    lease = 60.0  # no lease runs out during the test: a slot freed in Redis was released
+    a, b = Backend("http://127.0.0.1:1", client=None), Backend("http://127.0.0.1:2", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), lease)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a, b], slots=1), lease)
+    on_a, on_b = here.try_acquire(exclude=(b,)), here.try_acquire(exclude=(a,))
+    assert on_a.backend is a and on_b.backend is b
+    retry, pool = _waiting_for_a_slot(here, timeout=30, exclude=(a,))  # its prompt failed on a
+    try:
+        here.release(on_a)
+        assert redis_server.client().get(on_a.lock.name) is None  # not for the retry: free at once
+        assert elsewhere.try_acquire(exclude=(b,)) is not None
+        here.release(on_b)
+        got = retry.result(timeout=30)
+        assert got is on_b and redis_server.client().get(on_b.lock.name) == on_b.lock.local.token
+    finally:
+        pool.shutdown()
+
+    c = Backend("http://127.0.0.1:3", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([c], slots=1), lease)
+    slot, cancelled = here.try_acquire(), []
+    ahead, pool = _waiting_for_a_slot(here, timeout=30, cancelled=lambda: bool(cancelled))
+    try:
+        cancelled.append(True)  # cancelled just as the slot is released for it
+        here.release(slot)
+        with pytest.raises(ComfyInterrupted):
+            ahead.result(timeout=30)
+    finally:
+        pool.shutdown()
+    assert redis_server.client().get(slot.lock.name) is None
+    assert not here.all_held_here() and here.try_acquire() is not None
+
+
 def test_a_queue_worker_stopped_while_redis_is_away_leaves_no_thread_listening(redis_server):
     """RQ's worker listens for commands on a thread of its own; stopped while Redis is away it
     skipped stopping that thread (its teardown failed first), which then retried every 2 s for as

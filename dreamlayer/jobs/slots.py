@@ -40,6 +40,7 @@ class Slot:
     lock: object  # redis.lock.Lock
     renewed_at: float = field(default_factory=time.monotonic)  # the last time it was known ours
     released: bool = False
+    lost: bool = False  # taken by another worker after its lease ran out (renew)
     #: renew() and release() one at a time: a renewal racing a release must not take it again
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -54,14 +55,17 @@ class Slot:
             except LockError:
                 if not self.lock.acquire(blocking=False):
                     log.warning("lost the slot of %s to another worker (its lease ran out)", self.backend.url)
+                    self.lost = True
                     return False
                 log.info("the slot of %s had expired (Redis away?); taken again", self.backend.url)
-            self.renewed_at = time.monotonic()
+            self.renewed_at, self.lost = time.monotonic(), False
             return True
 
     def surely_ours(self, lease_s: float) -> bool:
         """Renewed within half a lease (the keeper renews it five times a lease): still ours
         without asking Redis; otherwise (Redis was away) renewed now, or False when lost."""
+        if self.lost:
+            return False
         return time.monotonic() - self.renewed_at < lease_s / 2 or self.renew()
 
     def release(self) -> None:
@@ -86,6 +90,10 @@ class RedisSlots:
         self._last_freed = None  # the backend of the last slot released here: tried first
         #: jobs of this process waiting in acquire() for a slot; a worker holding one idle gives it
         self.waiting = 0
+        #: the backends each of them must not use (acquire's ``exclude``), by waiter
+        self._waiters: dict = {}
+        #: slots released here while a job here waited for one: still held, theirs to take (release)
+        self._offers: list = []
         #: (usable: backend -> bool, idle_before) -> an idle local worker's slot, or None
         #: (QueueWorkers._lend)
         self.lend = None
@@ -142,22 +150,25 @@ class RedisSlots:
         ``cancelled()`` is true (a cancel wakes it: wake()). Used by a job that has none from
         its worker: a retry on another backend, or a job taken from the queue while every backend
         was busy (QueueWorker: taken and prepared ahead, it starts the moment a slot frees here).
-        An idle local worker's slot is borrowed first; a slot released here wakes it at once.
+        A slot released here is handed to it at once, still held (release); else an idle local
+        worker's slot is borrowed, else a free one taken in Redis.
         When this process holds every slot only its own releases can free one: nothing to poll.
         Otherwise others' releases are polled, and the backends it may use are marked wanted, so
         that idle queue workers elsewhere (which take a free slot again at once after each empty
         wait for a job) leave the next free slot to this job."""
         deadline = time.monotonic() + timeout
         marked: list = []
+        waiter = object()
         with self._freed:
             self.waiting += 1
+            self._waiters[waiter] = frozenset(exclude)
         try:
             while True:
                 with self._freed:
                     changes = self._changes
                 if cancelled is not None and cancelled():  # never holds a slot for a cancelled job
                     raise ComfyInterrupted(message="The generation was interrupted")
-                slot = self.borrow(exclude) or self.try_acquire(exclude, waiting=True)
+                slot = self._take_offer(exclude) or self.borrow(exclude) or self.try_acquire(exclude, waiting=True)
                 if slot is not None:
                     return slot
                 left = deadline - time.monotonic()
@@ -177,8 +188,34 @@ class RedisSlots:
         finally:
             with self._freed:
                 self.waiting -= 1
+                del self._waiters[waiter]
+                unwanted = [s for s in self._offers if not self._wanted_here(s.backend)]
+                for slot in unwanted:  # offered to this job alone: back to every replica
+                    self._offers.remove(slot)
+            for slot in unwanted:
+                self._drop(slot)
             if marked:
                 self.redis.delete(*[self._wanted(b) for b in marked])
+
+    def _wanted_here(self, backend: Backend) -> bool:
+        """Whether a job here waits for a slot and may use ``backend`` (under _freed)."""
+        return any(backend not in exclude for exclude in self._waiters.values())
+
+    def _take_offer(self, exclude) -> Slot | None:
+        """A slot released here for the waiting jobs (release), of a backend not in ``exclude``;
+        used only when surely still ours (as a lent one: see borrow)."""
+        with self._freed:
+            slot = next((s for s in self._offers if s.backend not in exclude), None)
+            if slot is None:
+                return None
+            self._offers.remove(slot)
+        ours = False
+        try:
+            ours = slot.surely_ours(self.lease_s)
+        finally:
+            if not ours:
+                self._drop(slot)
+        return slot if ours else None
 
     def borrow(self, exclude=(), idle_before: float | None = None) -> Slot | None:
         """An idle local worker's slot (``lend``; for a job here waiting for one, or a request run
@@ -201,9 +238,10 @@ class RedisSlots:
                 return slot
 
     def _drop(self, slot: Slot) -> None:
-        """Forget a slot that is no longer surely ours (releasing it if it still is)."""
+        """Forget a slot that is no longer surely ours, or that no job here wants any more
+        (releasing it in Redis if it is still ours)."""
         try:
-            self.release(slot)
+            self._give_back(slot)
         except Exception:  # noqa: BLE001 - Redis away: its lease runs out
             pass
 
@@ -219,6 +257,21 @@ class RedisSlots:
         pipe.exists(self._wanted(backend))
 
     def release(self, slot: Slot) -> None:
+        """Hand the slot back. When a job here waits for a slot of its backend (acquire: a job
+        taken ahead, a retry), it goes to that job directly, still held: no release and new
+        acquisition in Redis between two prompts on the backend (two round trips and the waiter's
+        search; docs/scaling.md, "Cost"). Otherwise, to every replica."""
+        with self._freed:
+            if not (slot.released or slot.lost) and self._wanted_here(slot.backend):
+                self._offers.append(slot)
+                self._last_freed = slot.backend
+                self._changes += 1
+                self._freed.notify_all()
+                return
+        self._give_back(slot)
+
+    def _give_back(self, slot: Slot) -> None:
+        """Release the slot in Redis, for every replica."""
         with self._lock:
             self._held.discard(slot)
         slot.release()
