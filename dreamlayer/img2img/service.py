@@ -124,6 +124,16 @@ def _finishing(plan, keep) -> dict:
 
 
 @dataclass
+class InputFiles:
+    """The files a run stages on its backend, encoded before it waits for one: no backend stands
+    idle while they are encoded, and a retry on another backend stages the same bytes."""
+
+    image: bytes
+    mask: bytes | None
+    controls: list  # bytes or None, per ControlNet unit
+
+
+@dataclass
 class Batches:
     """What the runs of one request produced, in batch order."""
 
@@ -284,7 +294,7 @@ class Img2ImgService:
         whatever happens. ``run_id`` lets a caller cancel the run (``cancel_run``)."""
         params, plan, listener = job.params, job.plan, listener or Listener()
         run_id = run_id or uuid.uuid4().hex
-        gen_image, gen_keep = inpainting.prepare(job.image, job.keep, plan)
+        files = self._input_files(job, *inpainting.prepare(job.image, job.keep, plan))
         self.active.start(run_id)
         tried: list = []
         try:
@@ -293,7 +303,7 @@ class Img2ImgService:
                     # a retry never goes back to a backend already tried
                     with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried) as lease:
                         tried.append(lease.backend)
-                        batches = self._execute_on(lease, job, run_id, listener, gen_image, gen_keep)
+                        batches = self._execute_on(lease, job, run_id, listener, files)
                     break
                 except NoBackendLeft:
                     raise ApiError("No ComfyUI backend is left in rotation (none answers): "
@@ -330,24 +340,31 @@ class Img2ImgService:
             "workflow": batches.workflows[0],
         }
 
-    def _execute_on(self, lease, job: Prepared, run_id, listener, gen_image, gen_keep) -> Batches:
+    @staticmethod
+    def _input_files(job: Prepared, gen_image, gen_keep) -> InputFiles:
+        """The PNG files of the generation's image, its mask and its ControlNet images."""
+        plan, mask = job.plan, None
+        if gen_keep is not None:
+            weight = None
+            if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
+                weight = inpainting.paste_weight(job.keep, plan)
+            mask = comfy_mask_png(gen_keep, weight)
+        controls = [None if control is None else png_bytes(inpainting.prepare_extra(control, job.image.size, plan))
+                    for control in job.control_images]
+        return InputFiles(png_bytes(gen_image), mask, controls)
+
+    def _execute_on(self, lease, job: Prepared, run_id, listener, files: InputFiles) -> Batches:
         """Stage the inputs on the leased backend and run every batch there; inputs are removed
         whatever happens."""
-        params, plan, backend = job.params, job.plan, lease.backend
+        backend = lease.backend
         with InputStager(backend.client, backend.input_dir) as stager:
-            image_ref = stager.put(f"img2img_{run_id}_image.png", png_bytes(gen_image))
+            image_ref = stager.put(f"img2img_{run_id}_image.png", files.image)
             mask_ref = None
-            if gen_keep is not None:
-                weight = None
-                if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
-                    weight = inpainting.paste_weight(job.keep, plan)
-                mask_ref = stager.put(f"img2img_{run_id}_mask.png", comfy_mask_png(gen_keep, weight))
+            if files.mask is not None:
+                mask_ref = stager.put(f"img2img_{run_id}_mask.png", files.mask)
             units = []
-            for i, (unit, control) in enumerate(zip(params.controlnet_units, job.control_images)):
-                ref = None
-                if control is not None:
-                    shaped = inpainting.prepare_extra(control, job.image.size, plan)
-                    ref = stager.put(f"img2img_{run_id}_control{i}.png", png_bytes(shaped))
+            for i, (unit, control) in enumerate(zip(job.params.controlnet_units, files.controls)):
+                ref = None if control is None else stager.put(f"img2img_{run_id}_control{i}.png", control)
                 units.append({**unit, "image": ref})
             return self._run_batches(job, run_id, listener, image_ref, mask_ref, units, lease)
 
