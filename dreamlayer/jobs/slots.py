@@ -209,6 +209,10 @@ class RedisSlots:
             if slot is None:
                 return None
             self._offers.remove(slot)
+        return self._if_ours(slot)
+
+    def _if_ours(self, slot: Slot) -> Slot | None:
+        """``slot`` when surely still ours (Slot.surely_ours), else None, the slot dropped."""
         ours = False
         try:
             ours = slot.surely_ours(self.lease_s)
@@ -228,13 +232,7 @@ class RedisSlots:
             slot = self.lend(lambda backend: backend in up, idle_before)
             if slot is None:
                 return None
-            ours = False
-            try:
-                ours = slot.surely_ours(self.lease_s)
-            finally:
-                if not ours:
-                    self._drop(slot)
-            if ours:
+            if self._if_ours(slot) is not None:
                 return slot
 
     def _drop(self, slot: Slot) -> None:
