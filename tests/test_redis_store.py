@@ -604,6 +604,34 @@ def test_a_slot_released_for_a_job_that_cannot_use_it_or_stops_waiting_is_freed_
     assert not here.all_held_here() and here.try_acquire() is not None
 
 
+def test_a_slot_found_lost_is_never_handed_to_a_job_waiting_here(redis_server):
+    """Redis lost the slot (restarted, or away longer than a lease) and another replica took it:
+    once the lease keeper has found that out, the worker's release of it must not hand it to a job
+    waiting here, though it was renewed less than half a lease ago (which otherwise passes for
+    "surely still ours") — two prompts would then run on one backend."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a = Backend("http://127.0.0.1:1", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 60.0)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 60.0)
+    slot = here.try_acquire()
+    redis_server.client().delete(slot.lock.name)  # Redis forgot it ...
+    theirs = elsewhere.try_acquire()  # ... and another replica took it
+    assert theirs is not None
+    here.renew_all()  # the keeper finds it lost
+    waiting, pool = _waiting_for_a_slot(here, timeout=30)
+    try:
+        here.release(slot)  # the job on it ends
+        assert not waiting.done()
+        assert redis_server.client().get(slot.lock.name) == theirs.lock.local.token
+        elsewhere.release(theirs)  # free for real now: the waiting job gets it
+        got = waiting.result(timeout=30)
+    finally:
+        pool.shutdown()
+    assert got is not slot and redis_server.client().get(slot.lock.name) == got.lock.local.token
+
+
 def test_a_queue_worker_stopped_while_redis_is_away_leaves_no_thread_listening(redis_server):
     """RQ's worker listens for commands on a thread of its own; stopped while Redis is away it
     skipped stopping that thread (its teardown failed first), which then retried every 2 s for as
