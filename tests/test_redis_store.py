@@ -678,3 +678,41 @@ def test_a_job_whose_prompt_waits_in_comfyuis_queue_is_not_counted_as_waiting_fo
             client.post(f"/api/img2img/jobs/{job}/cancel")
     finally:
         shutdown(app)
+
+
+def test_idle_workers_with_no_slot_look_for_one_rarely_until_a_job_is_queued(service_config, redis_server,
+                                                                               fake_comfy, second_comfy):
+    """Every slot held by another replica's idle workers and nothing queued: this replica's workers
+    look for a slot less and less often, down to once a second (two idle replicas had each spent
+    5 % of a core looking 20 times a second per worker). A job queued brings them back to looking
+    every 50 ms, and it runs on the first slot the other replica frees."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.rq_worker import IDLE_POLL_MAX_S, POLL_S
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    fakes = (fake_comfy, second_comfy)
+    elsewhere = RedisSlots(redis_server.client(), SharedBackendPool([Backend(f.url, client=None) for f in fakes],
+                                                                    slots=1), lease_s=120)
+    theirs = [elsewhere.try_acquire(), elsewhere.try_acquire()]  # the other replica's idle workers
+    assert None not in theirs
+    app = create_app(service_config.replace(redis_url=redis_server.url, comfy_api_urls=tuple(f.url for f in fakes)))
+    workers = app.extensions["img2img_workers"]
+    try:
+        wait_until(lambda: len(workers.workers) == 3 and all(w.poll_wait == IDLE_POLL_MAX_S for w in workers.workers),
+                   what="every worker looking for a slot once a second")
+        client = app.test_client()
+        job = post(client, {**PARAMS, "async": True}).get_json()["job_id"]
+        wait_until(lambda: all(w.poll_wait == POLL_S for w in workers.workers),
+                   what="the workers looking every 50 ms again, a job being queued")
+        assert client.get(f"/api/img2img/jobs/{job}").get_json()["status"] == "queued"
+        assert [len(f.prompts) for f in fakes] == [0, 0]
+        freed = theirs.pop(0)
+        elsewhere.release(freed)
+        status = lambda: client.get(f"/api/img2img/jobs/{job}").get_json()["status"]  # noqa: E731
+        wait_until(lambda: status() in ("succeeded", "failed"), what="the job to run on the freed slot")
+        assert status() == "succeeded"
+        assert [len(f.prompts) for f in fakes] == [1 if f.url == freed.backend.url else 0 for f in fakes]
+    finally:
+        for slot in theirs:
+            elsewhere.release(slot)
+        shutdown(app)

@@ -37,6 +37,14 @@ DEQUEUE_SLICE_S = 1
 #: RQ's plain worker heartbeats, at most this often (QueueWorker.heartbeat).
 HEARTBEAT_EVERY_S = 1.0
 
+#: A worker with no slot looks for one this often while jobs wait in the queue (a slot another
+#: replica frees goes to them at once)...
+POLL_S = 0.05
+#: ...and, once that many looks in a row found none, checks the queue: while it is empty it looks
+#: half as often each time, down to once every IDLE_POLL_MAX_S (QueueWorker._poll_wait).
+QUIET_AFTER = 4
+IDLE_POLL_MAX_S = 1.0
+
 #: The runtime and worker of the thread running a job (set by QueueWorker.execute_job, read by
 #: worker.perform, the function RQ calls).
 current = threading.local()
@@ -126,6 +134,8 @@ class QueueWorker(SimpleWorker):
         #: True while it waits for a job with no slot, to take it ahead (QueueWorkers.may_take_ahead)
         self.ahead = False
         self.slot_lock = threading.Lock()
+        self.misses = 0  # looks for a slot in a row that found none (_poll_wait)
+        self.poll_wait = POLL_S  # the wait before the next look
 
     def _install_signal_handlers(self):
         """Not the main thread: the process keeps its own handlers (waitress, Ctrl-C)."""
@@ -241,10 +251,12 @@ class QueueWorker(SimpleWorker):
                         self.heartbeat()
                         if self.should_run_maintenance_tasks:
                             self.run_maintenance_tasks()
+                        self.poll_wait = self._poll_wait()
                     except REDIS_DOWN:
                         self.runtime.stopping.wait(1.0)
-                    shared.wait_freed(0.05)
+                    shared.wait_freed(self.poll_wait)
                     continue
+                self.misses, self.poll_wait = 0, POLL_S
             with self.slot_lock:
                 self.lendable = self.slot is not None
                 if self.idle_since is None:
@@ -270,6 +282,22 @@ class QueueWorker(SimpleWorker):
                 self.slot = None
         self.release_slot()  # one kept from its last job
         raise StopRequested()
+
+    def _poll_wait(self) -> float:
+        """How long to wait before looking for a slot again, every slot being held — by running
+        jobs, or by idle workers of other replicas, which take theirs again after each empty wait
+        for a job. While jobs wait in the queue: POLL_S, so that a slot freed elsewhere goes to
+        them at once. While the queue is empty a free slot is of no use yet: looks get rarer, down
+        to one a second (idle replicas that share the slots had each spent 5 % of a core looking
+        20 times a second per worker; docs/scaling.md). A release in this process still wakes it at
+        once (wait_freed)."""
+        self.misses += 1
+        if self.misses < QUIET_AFTER:
+            return POLL_S
+        if self.runtime.queue.count:
+            self.misses = 0
+            return POLL_S
+        return min(IDLE_POLL_MAX_S, POLL_S * 2 ** (self.misses - QUIET_AFTER + 1))
 
     def execute_job(self, job, queue):
         """RQ's, keeping the backend slot for the next job when the job succeeded, its backend
