@@ -106,31 +106,23 @@ def plan(original_size: tuple, keep: Image.Image | None, *, area: str = "whole",
                 paste_back, mask_blur)
 
 
-def _shape(im: Image.Image, p: Plan, resample) -> Image.Image:
-    region = im if p.whole else im.crop(p.box)
-    if region.size != p.work_size:
-        region = region.resize(p.work_size, resample)
-    return pad_to_multiple(region, p.padded_size)
-
-
-def prepare_image(image: Image.Image, p: Plan) -> Image.Image:
-    """The image as ComfyUI should receive it under plan ``p``."""
-    return _shape(image, p, Image.LANCZOS)
-
-
-def prepare_keep(keep: Image.Image, p: Plan) -> Image.Image:
-    """The keep mask as ComfyUI should receive it under plan ``p`` (the padding is never inpainted)."""
-    gen_keep = _shape(keep, p, Image.BILINEAR)
-    if p.padded_size != p.work_size:
-        white = Image.new("L", p.padded_size, 255)
-        white.paste(gen_keep.crop((0, 0, *p.work_size)), (0, 0))
-        gen_keep = white
-    return gen_keep
-
-
 def prepare(image: Image.Image, keep: Image.Image | None, p: Plan) -> tuple:
     """(image, keep mask) as ComfyUI should receive them under plan ``p``."""
-    return prepare_image(image, p), None if keep is None else prepare_keep(keep, p)
+    def shape(im, fill_resample):
+        region = im if p.whole else im.crop(p.box)
+        if region.size != p.work_size:
+            region = region.resize(p.work_size, fill_resample)
+        return pad_to_multiple(region, p.padded_size)
+
+    gen_image = shape(image, Image.LANCZOS)
+    gen_keep = None
+    if keep is not None:
+        gen_keep = shape(keep, Image.BILINEAR)
+        if p.padded_size != p.work_size:  # the padding is never inpainted
+            white = Image.new("L", p.padded_size, 255)
+            white.paste(gen_keep.crop((0, 0, *p.work_size)), (0, 0))
+            gen_keep = white
+    return gen_image, gen_keep
 
 
 def prepare_extra(image: Image.Image, original_size: tuple, p: Plan) -> Image.Image:
@@ -138,7 +130,7 @@ def prepare_extra(image: Image.Image, original_size: tuple, p: Plan) -> Image.Im
     and scaled like the input when it has the input's size, else scaled to the generation size."""
     image = image.convert("RGB")
     if image.size == tuple(original_size):
-        return prepare_image(image, p)
+        return prepare(image, None, p)[0]
     return image.resize(p.padded_size, Image.LANCZOS)
 
 

@@ -1,8 +1,6 @@
 """What ComfyUI generates for a request, and at which sizes: the output size and resize mode,
 the "only masked" crop, the hires fix's upscale, and whether the workflow itself makes the final
-image (paste-back, crop). Pure: the input's size, its keep mask and the parameters in, (keep mask,
-Plan, resize) out; the input's pixels are not needed (``resize_source`` applies the resize), so
-the plan can be made while they are still being decoded.
+image (paste-back, crop). Pure: images and parameters in, (image, keep mask, Plan) out.
 """
 from __future__ import annotations
 
@@ -19,10 +17,9 @@ FINISHING_NODES = ("ImageCompositeMasked", "ImageCrop", "ImageToMask")
 SCALING_NODES = ("ImageScale", "MaskToImage", "ImageToMask", "LatentUpscale")
 
 
-def plan_generation(params, size: tuple, keep, *, comfy_nodes, max_output_pixels: int) -> tuple:
-    """(keep, plan, resize_to) for a validated request whose input is ``size`` (w, h): ``keep``
-    resized by the resize mode when the output size differs from the input, and the size the
-    input must be resized to in the same way (``resize_source``), or None.
+def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int) -> tuple:
+    """(image, keep, plan) for a validated request: ``image`` / ``keep`` resized by the resize
+    mode when the output size differs from the input (the mask follows the image).
 
     ``comfy_nodes``: the node classes ComfyUI has. Combinations that cannot work raise
     InvalidParameter (400) saying why.
@@ -38,22 +35,21 @@ def plan_generation(params, size: tuple, keep, *, comfy_nodes, max_output_pixels
         raise InvalidParameter("hires_fix", "The hires fix cannot be combined with inpaint_area 'only masked': "
                                "that crop is pasted back at the input's resolution; use 'whole'",
                                code="unsupported_combination")
-    latent_resize = resize_to = None
+    latent_resize = None
     width, height = params.width, params.height
-    size = tuple(size)
     if (width or height) and not only_masked:
-        asked = (width or size[0], height or size[1])
+        size = (width or image.size[0], height or image.size[1])
         if adv.resize_mode == LATENT_UPSCALE:
             if custom:
                 raise InvalidParameter("resize_mode", "resize_mode 3 (latent upscale) applies to the built-in "
                                        "workflow, not to a custom_workflow", code="unsupported_combination")
-            if asked != size:
-                latent_resize = (passes.round8(asked[0]), passes.round8(asked[1]))
-        elif asked != size:
-            resize_to = size = asked
+            if size != tuple(image.size):
+                latent_resize = (passes.round8(size[0]), passes.round8(size[1]))
+        else:
+            image = resize_image(adv.resize_mode, image, size)
             keep = resize_image(adv.resize_mode, keep, size) if keep is not None else None
         width = height = None
-    plan = inpainting.plan(size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
+    plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                            width=width, height=height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
     steps, output, hires_size = [], None, None
@@ -82,12 +78,7 @@ def plan_generation(params, size: tuple, keep, *, comfy_nodes, max_output_pixels
         # final image and the service serves it without decoding it (docs/performance.md)
         plan = dataclasses.replace(plan, final_from_comfyui=True, latent_resize=latent_resize,
                                    hires_size=hires_size, scale_steps=tuple(steps), output_size=output)
-    return keep, plan, resize_to
-
-
-def resize_source(params, image, resize_to):
-    """The input image resized as ``plan_generation`` resized its mask (``resize_to`` from it)."""
-    return image if resize_to is None else resize_image(params.advanced.resize_mode, image, resize_to)
+    return image, keep, plan
 
 
 def finishing(plan, keep) -> dict:

@@ -27,8 +27,7 @@ from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
 from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
-from dreamlayer.img2img.side_work import side_work
-from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask, upright_size
+from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +116,6 @@ class Prepared:
     keep: object           # PIL L keep-mask or None
     control_images: list   # PIL images or None, per ControlNet unit
     plan: object
-    warnings: list
-    #: The mask's file for ComfyUI (made with the plan; None without a mask, or in a job pickled
-    #: before it was kept here: then it is made when the job runs).
-    mask_file: bytes | None = None
-
-
-@dataclass
-class Planned:
-    """What ``Img2ImgService._plan`` works out from everything but the input image's pixels."""
-
-    params: object
-    keep: object           # PIL L keep-mask, shaped and resized, or None
-    control_images: list
-    plan: object
-    resize_to: tuple | None  # the size the input image is resized to (planning.resize_source)
-    mask_file: bytes | None
     warnings: list
 
 
@@ -275,50 +258,20 @@ class Img2ImgService:
 
     def prepare(self, request: Img2ImgRequest) -> Prepared:
         """Everything that can reject a request (4xx, or 503 when ComfyUI is down), before any
-        file is written or any prompt queued.
-
-        With a mask, the part that needs only the image's size (the mask, the parameters that
-        need ComfyUI, the plan, the mask's file) is made on a side thread while this one decodes
-        the image (Pillow decodes without the GIL); the errors still come in the same order,
-        the image's first."""
+        file is written or any prompt queued."""
         params = parse_params(request.params)
+        parsed_warnings = params.warnings
         warnings = list(request.warnings) + list(params.warnings)
-        guess = side = None
-        if request.mask is not None:
-            guess = upright_size(request.image, max_pixels=self.config.max_image_pixels)
-            side = side_work().submit(self._plan, params, guess, request) if guess else None
-        try:
-            image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
-        except BaseException:
-            if side is not None:
-                side.cancel()
-            raise
+        image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
         warnings += image.warnings
-        if side is not None and guess == image.image.size:
-            planned = side.result()
-        else:  # no side work, or an EXIF turn the header did not show: its result is for another size
-            if side is not None:
-                side.cancel()
-            planned = self._plan(params, image.image.size, request)
-        source = image.image
-        if planned.params.outpaint is not None:
-            source = mask_shaping.pad_image(source, planned.params.outpaint)
-        source = planning.resize_source(planned.params, source, planned.resize_to)
-        return Prepared(planned.params, source, planned.keep, planned.control_images, planned.plan,
-                        warnings + planned.warnings, planned.mask_file)
-
-    def _plan(self, params, size: tuple, request: Img2ImgRequest) -> Planned:
-        """What a request's input image of ``size`` (w, h) will become, from everything but its
-        pixels: the mask decoded and shaped, the ControlNet images, the names resolved against
-        ComfyUI, the plan and the mask's file for ComfyUI."""
-        parsed_warnings, warnings, keep = params.warnings, [], None
+        keep = None
         if request.mask is not None:
-            mask = decode_mask(request.mask, size=size, max_bytes=self.config.max_mask_bytes,
+            mask = decode_mask(request.mask, size=image.image.size, max_bytes=self.config.max_mask_bytes,
                                max_pixels=self.config.max_image_pixels, invert=params.mask_invert)
             warnings += mask.warnings
             keep = mask.image
         control_images = [self._control_image(unit) for unit in params.controlnet_units]
-        size, keep, control_images, params = self._shape(params, size, keep, control_images, warnings)
+        source, keep, control_images, params = self._shape(params, image.image, keep, control_images, warnings)
         self._check_catalog()
         params = self._resolve(params)
         if keep is not None and params.inpaint_mode == "fill" and params.denoising_strength < 1.0:
@@ -332,17 +285,16 @@ class Img2ImgService:
             warnings.append(f"tiling: ComfyUI's tiled VAE decoder uses an overlap of tile_size // 4 = "
                             f"{tiling.tile_size // 4} px when tile_overlap is more than a quarter of tile_size")
         warnings += params.warnings[len(parsed_warnings):]  # what resolving the names added
-        keep, plan, resize_to = planning.plan_generation(params, size, keep, comfy_nodes=self.client.object_info(),
-                                                         max_output_pixels=self.config.max_output_pixels)
-        mask_file = None if keep is None else self._mask_file(keep, plan)
-        return Planned(params, keep, control_images, plan, resize_to, mask_file, warnings)
+        source, keep, plan = planning.plan_generation(params, source, keep, comfy_nodes=self.client.object_info(),
+                                                      max_output_pixels=self.config.max_output_pixels)
+        return Prepared(params, source, keep, control_images, plan, warnings)
 
     def execute(self, job: Prepared, *, run_id: str | None = None, listener: Listener | None = None) -> dict:
         """Stage the inputs, run every batch on ComfyUI, serve the results; inputs are removed
         whatever happens. ``run_id`` lets a caller cancel the run (``cancel_run``)."""
         params, plan, listener = job.params, job.plan, listener or Listener()
         run_id = run_id or uuid.uuid4().hex
-        files = self._input_files(job, inpainting.prepare_image(job.image, plan))
+        files = self._input_files(job, *inpainting.prepare(job.image, job.keep, plan))
         self.active.start(run_id)
         tried: list = []
         try:
@@ -388,25 +340,18 @@ class Img2ImgService:
             "workflow": batches.workflows[0],
         }
 
-    @classmethod
-    def _input_files(cls, job: Prepared, gen_image) -> InputFiles:
+    @staticmethod
+    def _input_files(job: Prepared, gen_image, gen_keep) -> InputFiles:
         """The PNG files of the generation's image, its mask and its ControlNet images."""
-        mask = job.mask_file
-        if mask is None and job.keep is not None:
-            mask = cls._mask_file(job.keep, job.plan)
-        controls = [None if control is None else png_bytes(inpainting.prepare_extra(control, job.image.size,
-                                                                                    job.plan))
+        plan, mask = job.plan, None
+        if gen_keep is not None:
+            weight = None
+            if _finishing(plan, job.keep).get("paste_back"):  # the workflow's composite reads it
+                weight = inpainting.paste_weight(job.keep, plan)
+            mask = comfy_mask_png(gen_keep, weight)
+        controls = [None if control is None else png_bytes(inpainting.prepare_extra(control, job.image.size, plan))
                     for control in job.control_images]
         return InputFiles(png_bytes(gen_image), mask, controls)
-
-    @staticmethod
-    def _mask_file(keep, plan) -> bytes:
-        """The mask's file for ComfyUI: the keep mask at the generation's size and, where the
-        workflow pastes back, the paste-back weights beside it."""
-        weight = None
-        if _finishing(plan, keep).get("paste_back"):  # the workflow's composite reads it
-            weight = inpainting.paste_weight(keep, plan)
-        return comfy_mask_png(inpainting.prepare_keep(keep, plan), weight)
 
     def _execute_on(self, lease, job: Prepared, run_id, listener, files: InputFiles) -> Batches:
         """Stage the inputs on the leased backend and run every batch there; inputs are removed
@@ -454,11 +399,10 @@ class Img2ImgService:
             raise
         return batches
 
-    def _shape(self, params, size, keep, control_images, warnings) -> tuple:
+    def _shape(self, params, image, keep, control_images, warnings) -> tuple:
         """Mask shaping (threshold, grow) and the outpainting canvas, done once here so that
-        ComfyUI's mask and the paste-back weights agree. ``size``: the input image's. Returns
-        (the size after outpainting, keep, control images, params); the image itself is padded
-        by the caller (mask_shaping.pad_image)."""
+        ComfyUI's mask and the paste-back weights agree. Returns (image, keep, control images,
+        params)."""
         if keep is None and (params.mask_grow or params.mask_threshold is not None):
             warnings.append("mask_grow and mask_threshold apply to a mask; none was sent")
         if keep is not None and params.mask_threshold is not None:
@@ -472,13 +416,13 @@ class Img2ImgService:
         if out is None:
             if keep is None and params.soft_inpainting:
                 warnings.append("soft_inpainting applies to a mask or outpainting; neither was sent")
-            return size, keep, control_images, params
+            return image, keep, control_images, params
         limit = self.config.max_outpaint_px
         for side in ("left", "top", "right", "bottom"):
             if getattr(out, side) > limit:
                 raise InvalidParameter(f"outpaint.{side}", f"'outpaint.{side}' is {getattr(out, side)} px; the "
                                        f"limit is {limit} (MAX_OUTPAINT_PX)", maximum=limit)
-        image_size, size = size, out.padded_size(size)
+        size = out.padded_size(image.size)
         if size[0] * size[1] > self.config.max_output_pixels:
             raise InvalidParameter("outpaint", f"The outpainted image would be {size[0]}x{size[1]} = "
                                    f"{size[0] * size[1]:,} pixels; the limit is {self.config.max_output_pixels:,} "
@@ -491,11 +435,12 @@ class Img2ImgService:
                                    f"width x height asks for {asked[0]}x{asked[1]}: leave them out or match it",
                                    code="unsupported_combination")
         controls = [None if c is None else mask_shaping.pad_image(
-            c if c.size == image_size else c.resize(image_size, Image.LANCZOS), out) for c in control_images]
-        keep = mask_shaping.pad_keep(keep, image_size, out)
+            c if c.size == image.size else c.resize(image.size, Image.LANCZOS), out) for c in control_images]
+        keep = mask_shaping.pad_keep(keep, image.size, out)
+        image = mask_shaping.pad_image(image, out)
         if only_masked:
-            return size, keep, controls, params
-        return size, keep, controls, dataclasses.replace(params, width=None, height=None)
+            return image, keep, controls, params
+        return image, keep, controls, dataclasses.replace(params, width=None, height=None)
 
     def _control_image(self, unit):
         """A ControlNet unit's own image, decoded and checked like the input image (or None)."""

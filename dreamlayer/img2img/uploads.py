@@ -30,8 +30,6 @@ MASK_MIME_TYPES = {"image/png"}
 
 #: EXIF orientations that exif_transpose turns or flips (1 = upright).
 _TURNED = frozenset(range(2, 9))
-#: The orientations among them that swap width and height.
-_SIDEWAYS = frozenset(range(5, 9))
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.I)
 
@@ -175,26 +173,6 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
         else:
             im = im.convert("RGB")
     return Decoded(im, warnings, fmt)
-
-
-def upright_size(data: bytes, *, max_pixels: int) -> tuple | None:
-    """The size ``decode_image`` will give ``data``, read from its header without decoding it
-    (EXIF orientation included when the header holds it); None when the header does not tell,
-    or tells that the upload will be rejected. A guess only: what depends on it is checked
-    against the decoded size."""
-    try:
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            if IMAGE_FORMATS.get(im.format or "") is None or width * height > max_pixels:
-                return None
-            # a PNG's getexif() decodes the image unless its EXIF came before the pixels
-            if "exif" in im.info and im.getexif().get(ExifTags.Base.Orientation, 1) in _SIDEWAYS:
-                return height, width
-            return width, height
-    except Exception:  # noqa: BLE001 - the decoding that follows reports what is wrong with it
-        return None
 
 
 def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, invert: bool = False) -> Decoded:
