@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 from typing import Optional
 
-from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
+from PIL import Image, ImageChops, ImageFilter, PngImagePlugin
 
 from dreamlayer.img2img.png_writer import png_bytes
 
@@ -70,7 +70,7 @@ def pad_to_multiple(im: Image.Image, size: tuple) -> Image.Image:
 
 def inpaint_region(keep: Image.Image) -> tuple | None:
     """Bounding box of the pixels to (partly) inpaint, or None when there are none."""
-    return ImageOps.invert(keep).getbbox()
+    return ImageChops.invert(keep).getbbox()
 
 
 def crop_box_for(keep: Image.Image, padding: int, aspect: float) -> tuple:
@@ -145,7 +145,7 @@ def paste_mask(keep: Image.Image, blur: int) -> Image.Image:
 
     Only the inpainted area plus the blur's reach is blurred: everywhere else the alpha is 0 and
     stays 0 (the result is the same as blurring the whole image, pixel for pixel)."""
-    alpha = ImageOps.invert(keep)
+    alpha = ImageChops.invert(keep)
     if blur > 0:
         box = alpha.getbbox()
         if box is None:
@@ -194,7 +194,7 @@ def paste_weight(keep: Image.Image, p: Plan) -> Image.Image:
     """How much of the input to keep at each pixel when pasting back (255 outside the inpainted
     area, 0 inside, the blurred edge between), at the size ComfyUI receives; the padding keeps.
     The inverse of ``paste_mask``: ComfyUI pastes the input over the generated image."""
-    weight = ImageOps.invert(paste_mask(keep, p.mask_blur))
+    weight = ImageChops.invert(paste_mask(keep, p.mask_blur))
     if weight.size != p.padded_size:
         padded = Image.new("L", p.padded_size, 255)
         padded.paste(weight, (0, 0))

@@ -13,7 +13,7 @@ import sys
 import warnings as _warnings
 from dataclasses import dataclass, field
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, UnidentifiedImageError
 
 try:
     import pybase64  # SIMD base64; requirements.txt installs it, the standard library is the fallback
@@ -198,14 +198,14 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
         rgba = im.convert("RGBA")
         # 16-bit grey: RGBA conversion clips the values; the luminance is scaled instead
         lum = _to_8bit(im).convert("L") if im.mode.startswith("I") else rgba.convert("L")
-        keep = Image.composite(ImageOps.invert(lum) if invert else lum, Image.new("L", im.size, 255),
+        keep = Image.composite(ImageChops.invert(lum) if invert else lum, Image.new("L", im.size, 255),
                                rgba.getchannel("A"))
     else:
         keep = _to_8bit(im)
         if keep.mode != "L":  # convert() would copy an L mask for nothing
             keep = keep.convert("L")
         if invert:
-            keep = ImageOps.invert(keep)
+            keep = ImageChops.invert(keep)
     if keep.size != tuple(size):
         iw, ih = size
         mw, mh = keep.size
