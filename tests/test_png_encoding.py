@@ -53,6 +53,22 @@ def test_stored_blocks_across_bands(monkeypatch):
     assert len(data) == 8 + 25 + 12 + png_writer._stored_idat_size(261_290) + 12
 
 
+def test_zlib_ng_and_the_standard_zlib_write_the_same_images(monkeypatch):
+    """zlib-ng (requirements.txt) writes the files; the standard library's zlib, the fallback,
+    gives the same pixels (stored images: the same bytes; deflated masks may differ in bytes)."""
+    assert png_writer.zlib.__name__ == "zlib_ng.zlib_ng"  # installed: the fast one is used
+    keep = noisy("L", (70, 40))
+    weight = ImageOps.invert(keep)
+    image = noisy("RGB", (70, 40))
+    fast = png_writer.png_bytes(image), png_writer.comfy_mask_png(keep, weight), png_writer.png_bytes(image, level=6)
+    monkeypatch.setattr(png_writer, "zlib", zlib)
+    plain = png_writer.png_bytes(image), png_writer.comfy_mask_png(keep, weight), png_writer.png_bytes(image, level=6)
+    assert fast[0] == plain[0]
+    for a, b in zip(fast[1:], plain[1:]):
+        assert reopen(a).tobytes() == reopen(b).tobytes()
+    assert reopen(fast[1]).tobytes() == Image.merge("LA", (weight, keep)).tobytes()
+
+
 def test_chunks_after_idat():
     data = png_writer.png_bytes(gradient(4, 4), chunks=[(b"prVt", b"abc", True), (b"tEXt", b"k\0v")])
     assert data.index(b"prVt") > data.index(b"IDAT") > data.index(b"tEXt")
