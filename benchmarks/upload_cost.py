@@ -7,7 +7,7 @@ Prints one JSON line: {"what", "seconds": [...], "peak_bytes", "decoded_bytes", 
 - ``service``: what Img2ImgService.generate() does to the uploads before it hands them to
   ComfyUI, with the service's own functions and a default request's parameters:
   uploads.decode_image, uploads.decode_mask, inpainting.plan, inpainting.prepare,
-  png_writer.png_bytes (the image), inpainting.paste_weight and png_writer.comfy_mask_png (the mask).
+  png_writer.png_bytes (the image, unless png_reader stored it already), inpainting.paste_weight and png_writer.comfy_mask_png (the mask).
 - ``pillow``: the floor: Pillow's bare Image.open().load() of both files and a PNG encode of each
   at the service's compression level (png_writer.PNG_COMPRESS_LEVEL), nothing else.
 - ``base64``: the extra step of the JSON (frontend) form: uploads.decode_base64_image of both
@@ -65,7 +65,9 @@ def service(image: bytes, mask: bytes) -> tuple:
                            width=params.width, height=params.height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
     gen_image, gen_keep = inpainting.prepare(decoded.image, keep, plan)
-    image_png = len(png_writer.png_bytes(gen_image))  # generate() hands each to the stager and drops it
+    # generate() hands each to the stager and drops it; an unchanged PNG upload is already stored
+    image_png = len(decoded.png if gen_image is decoded.image and decoded.png is not None
+                    else png_writer.png_bytes(gen_image))
     # the whole-image paste-back is done by ComfyUI: the mask file carries its weights too
     weight = inpainting.paste_weight(keep, plan) if plan.paste_back and plan.whole else None
     mask_png = len(png_writer.comfy_mask_png(gen_keep, weight))

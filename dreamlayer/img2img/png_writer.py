@@ -139,6 +139,23 @@ def encode_png(size: tuple, mode: str, bands, *, level: int, chunks=()) -> bytes
     return out.getvalue()
 
 
+def stored_png(size: tuple, color_type: int, rows) -> bytes:
+    """An 8-bit PNG of colour ``color_type`` whose one IDAT stores ``rows`` (scanlines with their
+    filter bytes, whatever the filters) without compression: what png_reader makes of a
+    validated upload, in one allocation."""
+    width, height = size
+    out = io.BytesIO()
+    total = len(PNG_SIGNATURE) + 12 + 13 + 12 + _stored_idat_size(len(rows)) + 12
+    out.seek(total - 1)
+    out.write(b"\0")
+    out.seek(0)
+    out.write(PNG_SIGNATURE)
+    _png_chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+    _write_stored_idat(out, (rows,), len(rows))
+    _png_chunk(out, b"IEND", b"")
+    return out.getvalue()
+
+
 def png_bytes(im: Image.Image, *, level: int = PNG_COMPRESS_LEVEL, chunks=()) -> bytes:
     """``im`` as a PNG (see encode_png); modes other than L, LA and RGB go through Pillow."""
     if im.mode not in _PNG_COLOR_TYPES or not (im.width and im.height):

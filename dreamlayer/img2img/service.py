@@ -117,6 +117,11 @@ class Prepared:
     control_images: list   # PIL images or None, per ControlNet unit
     plan: object
     warnings: list
+    #: ``image`` as a stored PNG (uploads.Decoded.png), when ComfyUI can be given it as it is
+    image_png: bytes | None = None
+
+    def __getstate__(self):  # the Redis store pickles jobs: the pixels travel once, not twice
+        return {**self.__dict__, "image_png": None}
 
 
 def _finishing(plan, keep) -> dict:
@@ -287,7 +292,8 @@ class Img2ImgService:
         warnings += params.warnings[len(parsed_warnings):]  # what resolving the names added
         source, keep, plan = planning.plan_generation(params, source, keep, comfy_nodes=self.client.object_info(),
                                                       max_output_pixels=self.config.max_output_pixels)
-        return Prepared(params, source, keep, control_images, plan, warnings)
+        return Prepared(params, source, keep, control_images, plan, warnings,
+                        image.png if source is image.image else None)
 
     def execute(self, job: Prepared, *, run_id: str | None = None, listener: Listener | None = None) -> dict:
         """Stage the inputs, run every batch on ComfyUI, serve the results; inputs are removed
@@ -351,7 +357,8 @@ class Img2ImgService:
             mask = comfy_mask_png(gen_keep, weight)
         controls = [None if control is None else png_bytes(inpainting.prepare_extra(control, job.image.size, plan))
                     for control in job.control_images]
-        return InputFiles(png_bytes(gen_image), mask, controls)
+        image = job.image_png if gen_image is job.image and job.image_png is not None else png_bytes(gen_image)
+        return InputFiles(image, mask, controls)
 
     def _execute_on(self, lease, job: Prepared, run_id, listener, files: InputFiles) -> Batches:
         """Stage the inputs on the leased backend and run every batch there; inputs are removed

@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
     pybase64 = None
 
 from dreamlayer.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
+from dreamlayer.img2img import png_reader
 from dreamlayer.img2img.png_writer import PNG_SIGNATURE
 
 #: Formats accepted for the input image (judged by content). MPO is what many cameras call JPEG.
@@ -41,6 +42,9 @@ class Decoded:
     image: Image.Image
     warnings: list = field(default_factory=list)
     format: str = ""
+    #: ``image`` as a stored PNG (png_reader), while ``image`` is the upload as it came: the
+    #: file for ComfyUI, already made; None when the upload took Pillow's way or was converted
+    png: bytes | None = None
 
 
 def decode_base64_image(value, field_name: str, *, mask: bool = False) -> bytes:
@@ -90,8 +94,13 @@ def _b64decode_strict(data) -> bytes:
     return base64.b64decode(bytes(data), validate=True)
 
 
-def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.Image:
-    """Open and fully decode ``data``; reject bombs before the pixels are decoded."""
+def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> tuple:
+    """Open and fully validate ``data``; reject bombs before the pixels are decoded.
+
+    Returns (image, stored PNG or None). Pillow judges the header and the chunks before the
+    pixels; the rest of a plain 8-bit PNG is validated by png_reader (CRCs, one inflate) and the
+    image is opened, lazily, from the stored PNG it made (upright: png_reader takes no file that
+    carries an orientation). Any other upload is decoded by Pillow here."""
     try:
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -102,6 +111,10 @@ def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.I
                     f"The {what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                     code="image_too_large" if what == "image" else "mask_too_large")
             if im.format == "PNG":
+                # Pillow has read the header and every chunk before the pixels (their CRCs too)
+                stored = png_reader.read(data, max_pixels=max_pixels)
+                if stored is not None:  # it checked every CRC, the data, and that nothing follows
+                    return Image.open(io.BytesIO(stored.png)), stored.png
                 im.verify()  # checks every chunk's CRC, which decoding alone does not
                 im = Image.open(io.BytesIO(data))
             im.load()
@@ -115,7 +128,7 @@ def _open(data: bytes, what: str, max_pixels: int, invalid_code: str) -> Image.I
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise BadRequest(f"The {what} could not be decoded ({_short(exc)}): it is truncated or corrupt",
                          code=invalid_code) from None
-    return im
+    return im, None
 
 
 def _short(exc: Exception) -> str:
@@ -157,22 +170,24 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
     """Decode the input image into RGB: EXIF orientation applied, first frame, 8 bits per channel."""
     if not data:
         raise BadRequest("The image file is empty", code="invalid_image")
-    im = _open(data, "image", max_pixels, "invalid_image")
+    im, stored = _open(data, "image", max_pixels, "invalid_image")
     fmt = IMAGE_FORMATS.get(im.format or "")
     if fmt is None:
         raise UnsupportedMediaType(
             f"The image is {im.format or 'of an unknown format'}; send PNG, JPEG or WebP",
             code="unsupported_image_type")
     warnings: list = []
-    im = _first_frame(im, "image", warnings)
-    im = _upright(im, "image", warnings)
-    im = _to_8bit(im)
+    if stored is None:
+        im = _first_frame(im, "image", warnings)
+        im = _upright(im, "image", warnings)
+        im = _to_8bit(im)
     if im.mode != "RGB":
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA").convert("RGB")
         else:
             im = im.convert("RGB")
-    return Decoded(im, warnings, fmt)
+        stored = None  # the stored PNG holds other samples than ``im`` now
+    return Decoded(im, warnings, fmt, stored)
 
 
 def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, invert: bool = False) -> Decoded:
@@ -187,10 +202,11 @@ def decode_mask(data: bytes, *, size: tuple, max_bytes: int, max_pixels: int, in
                               code="mask_too_large")
     if not data.startswith(PNG_SIGNATURE):
         raise UnsupportedMediaType("The mask must be a PNG file (its content is not PNG)", code="mask_not_png")
-    im = _open(data, "mask", max_pixels, "invalid_mask")
+    im, stored = _open(data, "mask", max_pixels, "invalid_mask")
     warnings: list = []
-    im = _first_frame(im, "mask", warnings)
-    im = _upright(im, "mask", warnings)
+    if stored is None:
+        im = _first_frame(im, "mask", warnings)
+        im = _upright(im, "mask", warnings)
     # an alpha channel, or tRNS colour-key transparency (P, and also L / RGB / 16-bit grey: PNG
     # optimisers store binary-alpha masks that way)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info

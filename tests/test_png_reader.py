@@ -1,0 +1,146 @@
+"""png_reader: the one-inflate validation of plain PNG uploads. It must keep every pixel, store
+the rows again without compression, and leave every file it does not fully check to Pillow —
+whose verdicts (400s, warnings, orientation) must stay exactly as they were."""
+import io
+import pickle
+import struct
+import zlib
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from dreamlayer.errors import ApiError
+from dreamlayer.img2img import png_reader, uploads
+from dreamlayer.img2img.service import Prepared
+from images import gradient, png
+
+MAXPIX = 10_000_000
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def build(width, height, color, rows: bytes, *, before=(), after=(), idat_size=None, depth=8, interlace=0) -> bytes:
+    """A PNG made by hand: IHDR, ``before`` chunks, the zlib stream of ``rows`` in IDATs of
+    ``idat_size`` bytes, ``after`` chunks, IEND."""
+    stream = zlib.compress(rows, 6)
+    size = idat_size or len(stream)
+    idats = b"".join(chunk(b"IDAT", stream[i:i + size]) for i in range(0, len(stream), size))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(k, b) for k, b in before)
+            + idats + b"".join(chunk(k, b) for k, b in after) + chunk(b"IEND", b""))
+
+
+def noisy_rows(width, height, channels, *, filters=(0, 1, 2, 3, 4)) -> bytes:
+    """Rows of varied samples, cycling through every filter type (any bytes unfilter to pixels)."""
+    stride = width * channels
+    return b"".join(bytes([filters[y % len(filters)]]) + bytes((x * 7 + y * 13) % 256 for x in range(stride))
+                    for y in range(height))
+
+
+def pixels(data: bytes) -> tuple:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.mode, im.size, im.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_pillow_written_pngs_are_stored_again_with_every_pixel(mode):
+    original = png(gradient(61, 37).convert(mode))
+    stored = png_reader.read(original, max_pixels=MAXPIX)
+    assert stored is not None and (stored.mode, stored.size) == (mode, (61, 37))
+    assert pixels(stored.png) == pixels(original)
+    assert len(stored.png) > len(original)  # no compression: ComfyUI inflates nothing
+
+
+@pytest.mark.parametrize("color,channels", [(0, 1), (2, 3), (4, 2), (6, 4)])
+def test_every_filter_type_and_small_idat_chunks_keep_their_pixels(color, channels):
+    data = build(23, 10, color, noisy_rows(23, 10, channels), idat_size=17,
+                 before=[(b"sRGB", b"\0"), (b"tEXt", b"parameters\0a photo, steps 20")])
+    stored = png_reader.read(data, max_pixels=MAXPIX)
+    assert stored is not None
+    assert pixels(stored.png) == pixels(data)
+
+
+def fallback_cases():
+    rgb = noisy_rows(8, 4, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    yield "palette", png(gradient(8, 4).convert("P"))
+    yield "16-bit grey", png(gradient(8, 4).convert("I;16"))
+    yield "tRNS colour key", build(8, 4, 2, rgb, before=[(b"tRNS", b"\0\1\0\2\0\3")])
+    yield "eXIf", build(8, 4, 2, rgb, before=[(b"eXIf", exif.tobytes())])
+    yield "EXIF in a text chunk", build(8, 4, 2, rgb, before=[(b"tEXt", b"Raw profile type exif\0x")])
+    yield "XMP", build(8, 4, 2, rgb, before=[(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x/>")])
+    yield "a chunk after the data", build(8, 4, 2, rgb, after=[(b"tEXt", b"Comment\0late")])
+    yield "an unknown chunk", build(8, 4, 2, rgb, before=[(b"prVt", b"1234")])
+    yield "interlaced", build(8, 4, 2, rgb, interlace=1)
+    yield "bit depth 16", build(4, 4, 2, noisy_rows(8, 4, 3, filters=(0,)), depth=16)
+    yield "filter type 5", build(8, 4, 2, rgb[:-25] + b"\5" + rgb[-24:])
+    yield "rows missing", build(8, 4, 2, rgb[:-1])
+    yield "rows in excess", build(8, 4, 2, rgb + b"\0")
+    good = build(8, 4, 2, rgb)
+    yield "bytes after IEND", good + b"\0"
+    yield "no IEND", good[:-12]
+    idat = good.index(b"IDAT")
+    bad_crc = bytearray(good)
+    bad_crc[idat + 4 + struct.unpack(">I", good[idat - 4:idat])[0]] ^= 1
+    yield "a bad CRC", bytes(bad_crc)
+    stream = zlib.compress(rgb)
+    yield "two zlib streams", (good[:idat - 4] + chunk(b"IDAT", stream + stream) + chunk(b"IEND", b""))
+    yield "adler32 wrong", (good[:idat - 4] + chunk(b"IDAT", stream[:-1] + bytes([stream[-1] ^ 1]))
+                            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("name,data", list(fallback_cases()), ids=[n for n, _ in fallback_cases()])
+def test_what_it_does_not_fully_check_is_left_to_pillow(name, data):
+    assert png_reader.read(data, max_pixels=MAXPIX) is None
+
+
+def test_more_pixels_than_allowed_is_left_to_pillow_before_any_inflate():
+    data = build(8, 4, 2, noisy_rows(8, 4, 3))
+    assert png_reader.read(data, max_pixels=31) is None
+    assert png_reader.read(data, max_pixels=32) is not None
+
+
+@pytest.mark.parametrize("name,data", [case for case in fallback_cases()
+                                       if case[0] in ("filter type 5", "rows missing", "a bad CRC", "adler32 wrong")])
+def test_corrupt_pngs_are_still_rejected_by_the_service(name, data):
+    with pytest.raises(ApiError) as info:
+        uploads.decode_image(data, max_pixels=MAXPIX)
+    assert (info.value.status, info.value.code) == (400, "invalid_image")
+
+
+def test_an_rgb_png_comes_with_its_stored_rows_for_comfyui():
+    original = png(gradient(64, 48))
+    decoded = uploads.decode_image(original, max_pixels=MAXPIX)
+    assert decoded.png == png_reader.read(original, max_pixels=MAXPIX).png
+    assert (decoded.image.mode, decoded.image.size) == ("RGB", (64, 48))
+    assert decoded.image.tobytes() == Image.open(io.BytesIO(original)).convert("RGB").tobytes()
+
+
+def test_converted_or_oriented_uploads_carry_no_stored_png():
+    rgba = uploads.decode_image(png(gradient(16, 8).convert("RGBA")), max_pixels=MAXPIX)
+    assert rgba.png is None and rgba.image.mode == "RGB"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees: the service applies it
+    turned = uploads.decode_image(build(8, 4, 2, noisy_rows(8, 4, 3), before=[(b"eXIf", exif.tobytes())]),
+                                  max_pixels=MAXPIX)
+    assert turned.png is None and turned.image.size == (4, 8)
+
+
+def test_text_chunks_of_comfyui_and_a1111_outputs_keep_the_fast_way():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", '{"3": {"class_type": "KSampler"}}')
+    info.add_text("parameters", "a photo\nSteps: 20, Sampler: Euler a")
+    decoded = uploads.decode_image(png(gradient(16, 8), pnginfo=info), max_pixels=MAXPIX)
+    assert decoded.png is not None and decoded.warnings == []
+
+
+def test_a_job_pickled_for_redis_carries_the_pixels_once():
+    decoded = uploads.decode_image(png(gradient(32, 16)), max_pixels=MAXPIX)
+    job = Prepared(None, decoded.image, None, [], None, [], decoded.png)
+    back = pickle.loads(pickle.dumps(job))
+    assert back.image_png is None and job.image_png is not None
+    assert back.image.tobytes() == decoded.image.tobytes()
