@@ -10,9 +10,11 @@ service need the pixels (a crop, a resize, a paste-back), at a fraction of the f
 cost.
 
 Anything unusual is not judged here: ``read`` answers None and the caller lets Pillow decode the
-upload as before, so this module can only accept files Pillow accepts (every check Pillow makes
-is made here, and more), never reject one. Only 8-bit, non-interlaced greyscale, RGB, grey+alpha
-and RGBA images, with no chunk that could change their pixels or orientation, take this way.
+upload as before, so this module never rejects a file. The caller has Pillow read the header and
+the chunks before the data first (uploads._open), and this module checks what Pillow would check
+after them (every CRC, the whole data, nothing after it but IEND), so it accepts only files that
+Pillow accepts too. Only 8-bit, non-interlaced greyscale, RGB, grey+alpha and RGBA images, with no
+chunk that could change their pixels or orientation, take this way.
 """
 from __future__ import annotations
 
