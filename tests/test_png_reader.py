@@ -138,9 +138,19 @@ def test_text_chunks_of_comfyui_and_a1111_outputs_keep_the_fast_way():
     assert decoded.png is not None and decoded.warnings == []
 
 
-def test_a_job_pickled_for_redis_carries_the_pixels_once():
-    decoded = uploads.decode_image(png(gradient(32, 16)), max_pixels=MAXPIX)
+def test_a_job_pickled_for_redis_carries_the_stored_png_not_the_pixels():
+    original = png(gradient(32, 16))
+    decoded = uploads.decode_image(original, max_pixels=MAXPIX)
+    job = Prepared(None, decoded.image, None, [], None, [], decoded.png)
+    data = pickle.dumps(job)
+    assert len(data) < len(decoded.png) + 1000  # one copy of the rows (1.5 KB), no pixels beside it
+    back = pickle.loads(data)
+    assert back.image_png == decoded.png
+    assert back.image.tobytes() == Image.open(io.BytesIO(original)).convert("RGB").tobytes()
+
+
+def test_a_job_without_a_stored_png_pickles_its_pixels():
+    decoded = uploads.decode_image(png(gradient(32, 16).convert("RGBA")), max_pixels=MAXPIX)
     job = Prepared(None, decoded.image, None, [], None, [], decoded.png)
     back = pickle.loads(pickle.dumps(job))
-    assert back.image_png is None and job.image_png is not None
-    assert back.image.tobytes() == decoded.image.tobytes()
+    assert back.image_png is None and back.image.tobytes() == decoded.image.tobytes()

@@ -8,6 +8,7 @@ every case.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import threading
 import time
@@ -120,8 +121,15 @@ class Prepared:
     #: ``image`` as a stored PNG (uploads.Decoded.png), when ComfyUI can be given it as it is
     image_png: bytes | None = None
 
-    def __getstate__(self):  # the Redis store pickles jobs: the pixels travel once, not twice
-        return {**self.__dict__, "image_png": None}
+    # The Redis store pickles jobs. With a stored PNG, that file is what travels (no decoding
+    # here, none on the worker, whose ComfyUI gets the same file); else the decoded pixels.
+    def __getstate__(self):
+        return {**self.__dict__, "image": None} if self.image_png is not None else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.image is None and self.image_png is not None:
+            self.image = Image.open(io.BytesIO(self.image_png))
 
 
 def _finishing(plan, keep) -> dict:
