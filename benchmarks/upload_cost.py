@@ -7,7 +7,8 @@ Prints one JSON line: {"what", "seconds": [...], "peak_bytes", "decoded_bytes", 
 - ``service``: what Img2ImgService.generate() does to the uploads before it hands them to
   ComfyUI, with the service's own functions and a default request's parameters:
   uploads.decode_image, uploads.decode_mask, inpainting.plan, inpainting.prepare,
-  png_writer.png_bytes (the image, unless png_reader stored it already), inpainting.paste_weight and png_writer.comfy_mask_png (the mask).
+  png_writer.png_bytes (the image, unless png_reader stored it already), inpainting.paste_weight
+  and png_writer.comfy_mask_png (the mask).
 - ``pillow``: the floor: Pillow's bare Image.open().load() of both files and a PNG encode of each
   at the service's compression level (png_writer.PNG_COMPRESS_LEVEL), nothing else.
 - ``base64``: the extra step of the JSON (frontend) form: uploads.decode_base64_image of both
