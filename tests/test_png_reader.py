@@ -154,3 +154,24 @@ def test_a_job_without_a_stored_png_pickles_its_pixels():
     job = Prepared(None, decoded.image, None, [], None, [], decoded.png)
     back = pickle.loads(pickle.dumps(job))
     assert back.image_png is None and back.image.tobytes() == decoded.image.tobytes()
+
+
+def test_the_service_hands_comfyui_the_stored_rows_only_when_the_image_is_unchanged(app):
+    from dreamlayer.img2img import inpainting
+    from dreamlayer.img2img.png_writer import png_bytes
+    from dreamlayer.img2img.service import Img2ImgRequest
+    service = app.extensions["img2img"]
+
+    def image_file(upload, **params):
+        job = service.prepare(Img2ImgRequest(upload, None, {"prompt": "p", "steps": 2, **params}))
+        return job, service._input_files(job, *inpainting.prepare(job.image, job.keep, job.plan)).image
+
+    upload = png(gradient(64, 48))
+    job, sent = image_file(upload)
+    assert sent == job.image_png == png_reader.read(upload, max_pixels=MAXPIX).png
+    # padded to a multiple of 8, or outpainted: ComfyUI gets the new pixels, written by the service
+    for upload, params in ((png(gradient(61, 37)), {}), (upload, {"outpaint": {"left": 8}})):
+        job, sent = image_file(upload, **params)
+        assert sent != png_reader.read(upload, max_pixels=MAXPIX).png
+        gen = inpainting.prepare(job.image, None, job.plan)[0]
+        assert sent == png_bytes(gen) and pixels(sent)[1] == gen.size
