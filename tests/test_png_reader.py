@@ -175,3 +175,19 @@ def test_the_service_hands_comfyui_the_stored_rows_only_when_the_image_is_unchan
         assert sent != png_reader.read(upload, max_pixels=MAXPIX).png
         gen = inpainting.prepare(job.image, None, job.plan)[0]
         assert sent == png_bytes(gen) and pixels(sent)[1] == gen.size
+
+
+def test_a_prepared_job_holds_no_lazy_image_but_its_own(app):
+    """The Redis store pickles a job in a writer thread while the request's thread runs it: only
+    ``image``, which travels as its stored PNG, may still be undecoded; a ControlNet unit's image
+    is decoded in prepare() (two threads loading one lazy image would race)."""
+    import base64
+    from dreamlayer.img2img.service import Img2ImgRequest
+    hint = "data:image/png;base64," + base64.b64encode(png(gradient(32, 24))).decode()
+    params = {"prompt": "p", "steps": 2, "controlnet": {"enabled": True, "units": [
+        {"enabled": True, "model": "tiny-controlnet-random.safetensors", "preprocessor": "none", "input_image": hint}]}}
+    job = app.extensions["img2img"].prepare(Img2ImgRequest(png(gradient(64, 48)), png(gradient(64, 48).convert("L")),
+                                                           params))
+    (control,) = job.control_images
+    assert job.image_png is not None and job.image.tile  # still lazy: never decoded so far
+    assert control.tile == [] and job.keep.tile == []  # decoded

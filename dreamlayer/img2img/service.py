@@ -113,7 +113,7 @@ class Prepared:
     """A validated request, ready to run: decoded images, resolved parameters, the plan."""
 
     params: object
-    image: object          # PIL RGB image, the original
+    image: object          # PIL RGB image, the original (opened lazily from image_png when that is set)
     keep: object           # PIL L keep-mask or None
     control_images: list   # PIL images or None, per ControlNet unit
     plan: object
@@ -462,7 +462,11 @@ class Img2ImgService:
         if unit["input_image"] is None:
             return None
         data = decode_base64_image(unit["input_image"], unit["where"] + ".input_image")
-        return decode_image(data, max_pixels=self.config.max_image_pixels).image
+        image = decode_image(data, max_pixels=self.config.max_image_pixels).image
+        # decoded now: a lazy image (uploads._open) must not be loaded by two threads at once, as
+        # the Redis store's writer thread (pickling the job) and the request's own could
+        image.load()
+        return image
 
     def _run(self, run_id: str, workflow: dict, index: int, listener: Listener, client):
         if self.active.cancelled(run_id):
