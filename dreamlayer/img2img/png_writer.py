@@ -110,10 +110,23 @@ def encode_png(size: tuple, mode: str, bands, *, level: int, chunks=()) -> bytes
     PIL.PngImagePlugin.PngInfo.chunks (text, for instance)."""
     width, height = size
     color_type, channels = _PNG_COLOR_TYPES[mode]
+    return _png_file(size, color_type, _scanlines(bands), (width * channels + 1) * height, level=level,
+                     chunks=chunks)
+
+
+def stored_png(size: tuple, color_type: int, rows) -> bytes:
+    """An 8-bit PNG of colour ``color_type`` whose one IDAT stores ``rows`` (scanlines with their
+    filter bytes, whatever the filters) without compression: what png_reader makes of a
+    validated upload, in one allocation."""
+    return _png_file(size, color_type, (rows,), len(rows), level=0)
+
+
+def _png_file(size: tuple, color_type: int, scanlines, raw_size: int, *, level: int, chunks=()) -> bytes:
+    """The PNG file of ``scanlines`` (raw_size bytes in all, filter bytes included)."""
+    width, height = size
     before = [(c[0], c[1]) for c in chunks if not (len(c) > 2 and c[2])]
     after = [(c[0], c[1]) for c in chunks if len(c) > 2 and c[2]]
     out = io.BytesIO()
-    raw_size = (width * channels + 1) * height
     if level == 0:  # allocate the whole file once: no growing, no copy in getvalue()
         total = (len(PNG_SIGNATURE) + 12 + 13 + sum(12 + len(d) for _, d in before + after)
                  + 12 + _stored_idat_size(raw_size) + 12)
@@ -125,33 +138,16 @@ def encode_png(size: tuple, mode: str, bands, *, level: int, chunks=()) -> bytes
     for kind, data in before:
         _png_chunk(out, kind, data)
     if level == 0:
-        _write_stored_idat(out, _scanlines(bands), raw_size)
+        _write_stored_idat(out, scanlines, raw_size)
     else:
         deflate = zlib.compressobj(level)
-        for piece in _scanlines(bands):
+        for piece in scanlines:
             data = deflate.compress(piece)
             if data:
                 _png_chunk(out, b"IDAT", data)
         _png_chunk(out, b"IDAT", deflate.flush())
     for kind, data in after:
         _png_chunk(out, kind, data)
-    _png_chunk(out, b"IEND", b"")
-    return out.getvalue()
-
-
-def stored_png(size: tuple, color_type: int, rows) -> bytes:
-    """An 8-bit PNG of colour ``color_type`` whose one IDAT stores ``rows`` (scanlines with their
-    filter bytes, whatever the filters) without compression: what png_reader makes of a
-    validated upload, in one allocation."""
-    width, height = size
-    out = io.BytesIO()
-    total = len(PNG_SIGNATURE) + 12 + 13 + 12 + _stored_idat_size(len(rows)) + 12
-    out.seek(total - 1)
-    out.write(b"\0")
-    out.seek(0)
-    out.write(PNG_SIGNATURE)
-    _png_chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
-    _write_stored_idat(out, (rows,), len(rows))
     _png_chunk(out, b"IEND", b"")
     return out.getvalue()
 
