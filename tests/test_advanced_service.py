@@ -196,6 +196,64 @@ def test_hires_upscale_by_1_keeps_the_size_and_the_whole_picture(client, fake_co
 
 
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("upscaler,size", [("Lanczos", (48, 48)), ("Latent", None), ("latent-bicubic", None)])
+def test_a_hires_fix_under_64_px_is_made_in_pixels_or_refused(client, fake_comfy, masked, upscaler, size):
+    """40 x 40 upscaled by 1.2 is 48 x 48. ComfyUI's LatentUpscale makes each side at least 64 px
+    whatever it is asked, so a latent upscaler would give 64 x 64 with the picture squeezed into
+    the crop: a 400 saying so, before anything is staged; a pixel upscaler gives 48 x 48."""
+    params = {**HIRES, "hires_fix_upscaler": upscaler, "hires_fix_upscale_factor": 1.2}
+    mask = box_mask((40, 40), (10, 10, 30, 30)) if masked else None
+    resp = post(client, params, src=gradient(40, 40), mask=mask)
+    if size is None:
+        body = refused(resp, 400, "unsupported_combination")
+        assert body["field"] == "hires_fix_upscaler" and "48x48" in body["message"] and "64" in body["message"]
+        assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+    else:
+        (out,) = download(client, ok(resp))
+        assert out.shape == (size[1], size[0], 3)
+        assert len(runs(fake_comfy, "KSampler")) == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("src,asked,canvas", [
+    (gradient(64, 48), (100, 70), (104, 72)),   # the latent's 8-px grid: covered, then cropped
+    (gradient(60, 44), (100, 70), (112, 80)),   # padded to 64 x 48 for the VAE: the padding scales along
+    (gradient(60, 44), (128, 96), (144, 112)),
+])
+def test_resize_mode_3_gives_exactly_the_size_asked(client, fake_comfy, masked, src, asked, canvas):
+    """Resize mode 3 stretches the (padded) latent to cover ``width`` x ``height`` and crops the
+    decoded image to exactly that size (ComfyUI's latent has whole 8-px cells)."""
+    mask = box_mask(src.size, (16, 12, 40, 30)) if masked else None
+    body = ok(post(client, {"resize_mode": 3, "width": asked[0], "height": asked[1], "inpaint_mode": "original"},
+                   src=src, mask=mask))
+    (out,) = download(client, body)
+    assert out.shape == (asked[1], asked[0], 3)
+    wf = received(fake_comfy)
+    assert [(n["inputs"]["width"], n["inputs"]["height"]) for n in of(wf, "LatentUpscale").values()] == [canvas]
+    # the picture covers the crop: canvas x (picture / padded) >= asked, on each side
+    padded = (-(-src.size[0] // 8) * 8, -(-src.size[1] // 8) * 8)
+    assert all(c * s / p >= a for c, s, p, a in zip(canvas, src.size, padded, asked))
+
+
+def test_resize_mode_3_to_a_side_under_64_px_is_refused(client, fake_comfy):
+    """Only the width asked: the height stays the input's 40 px, which ComfyUI's LatentUpscale
+    would make 64."""
+    body = refused(post(client, {"resize_mode": 3, "width": 96}, src=gradient(40, 40)), 400,
+                   "unsupported_combination")
+    assert body["field"] == "resize_mode" and "96x40" in body["message"]
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_a_latent_hires_fix_at_1x_under_64_px_upscales_nothing(client, fake_comfy):
+    """At 1x the second pass samples the first one's latent as it is: no LatentUpscale (which
+    would make 40 px 64)."""
+    out, _ = generate(client, {**HIRES, "hires_fix_upscaler": "Latent", "hires_fix_upscale_factor": 1},
+                      src=gradient(40, 40))
+    assert out.shape == (40, 40, 3)
+    assert not of(received(fake_comfy), "LatentUpscale") and len(runs(fake_comfy, "KSampler")) == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("params", [
     {"hires_fix_upscale_method": "resize-to", "hires_fix_resize_width": 8192, "hires_fix_resize_height": 8192},
     {"hires_fix_upscale_method": "upscale-by", "hires_fix_upscale_factor": 10, "width": 512, "height": 512},
@@ -748,6 +806,15 @@ def check_latent_resize(wf, fake, out):
             for n in of(wf, "LatentUpscale").values()] == [(96, 72, "disabled")]
 
 
+def check_latent_resize_off_the_grid(wf, fake, out):
+    # 100 x 70 is not on the latent's 8-px grid: the latent is stretched to cover it (104 x 72)
+    # and the decoded image cropped to exactly that size, right and bottom
+    assert [(n["inputs"]["width"], n["inputs"]["height"], n["inputs"]["crop"])
+            for n in of(wf, "LatentUpscale").values()] == [(104, 72, "disabled")]
+    assert [(n["inputs"]["width"], n["inputs"]["height"], n["inputs"]["x"], n["inputs"]["y"])
+            for n in of(wf, "ImageCrop").values()] == [(100, 70, 0, 0)]
+
+
 def check_crop_and_resize(wf, fake, out):
     assert not of(wf, "LatentUpscale")   # modes 0-2 are done by the service before the encode
     # denoise 0: the output is the resized input, 64 x 64 scaled to cover 96 x 72 (96 x 96) and
@@ -791,6 +858,8 @@ CONTROLS = {
     "resize_mode 3": ({"resize_mode": 3, "width": 96, "height": 72}, (), check_latent_resize, (96, 72)),
     "resize_mode label": ({"resize_mode": "Just resize (latent upscale)", "width": 96, "height": 72}, (),
                           check_latent_resize, (96, 72)),
+    "resize_mode 3 off the latent grid": ({"resize_mode": 3, "width": 100, "height": 70}, (),
+                                          check_latent_resize_off_the_grid, (100, 70)),
     "resize_mode 1": ({"resize_mode": 1, "width": 96, "height": 72, "denoising_strength": 0}, (),
                       check_crop_and_resize, (96, 72)),
     "resize_mode Crop and resize": ({"resize_mode": "Crop and resize", "width": 96, "height": 72,

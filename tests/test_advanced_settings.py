@@ -164,9 +164,12 @@ def test_hires_target_is_a1111s_rounded_to_multiples_of_8(method, factor, rw, rh
 
 
 def test_the_hires_canvas_carries_the_padding_along():
-    assert passes.hires_canvas((200, 120), (100, 60), (100, 60)) == (200, 120)
-    canvas = passes.hires_canvas((200, 120), (101, 61), (104, 64))
+    assert passes.canvas_for((200, 120), (100, 60), (100, 60)) == (200, 120)
+    canvas = passes.canvas_for((200, 120), (101, 61), (104, 64))
     assert canvas[0] >= 200 * 104 / 101 and canvas[1] >= 120 * 64 / 61 and canvas[0] % 8 == canvas[1] % 8 == 0
+    # off the 8-px grid (resize mode 3's exact sizes): covered, never rounded down into the padding
+    assert passes.canvas_for((100, 70), (64, 48), (64, 48)) == (104, 72)
+    assert passes.canvas_for((64, 64), (41, 41), (48, 48)) == (80, 80)   # 74.9 px: 80 (to the nearest 8: 72)
 
 
 @pytest.mark.parametrize("steps,denoise,switch,expected", [(20, 1.0, 0.8, (20, 0, 16)), (20, 0.5, 0.8, (40, 20, 36)),

@@ -87,16 +87,22 @@ def hires_target(hires, work_size: tuple) -> tuple:
     return round8(work_size[0] * hires.factor), round8(work_size[1] * hires.factor)
 
 
-def hires_canvas(target: tuple, work_size: tuple, padded_size: tuple) -> tuple:
-    """The size the padded first pass is upscaled to, so that after cropping the padding the
-    image is ``target``: the padding (at most 7 px, right and bottom) scales along."""
-    if tuple(work_size) == tuple(padded_size):
+#: ComfyUI's LatentUpscale makes each side at least this many pixels, whatever it is asked.
+LATENT_UPSCALE_MIN = 64
+
+
+def canvas_for(target: tuple, work_size: tuple, padded_size: tuple) -> tuple:
+    """The size (multiples of 8) an image of ``padded_size`` (``work_size`` of it the picture,
+    the rest its padding, right and bottom) is stretched to so that the picture covers
+    ``target``: cropping the right and bottom to ``target`` then leaves picture only. The hires
+    fix's upscale of the padded first pass; resize mode 3's stretch of the padded latent."""
+    if tuple(work_size) == tuple(padded_size) and target[0] % 8 == target[1] % 8 == 0:
         return tuple(target)
-    return (round8(math.ceil(target[0] * padded_size[0] / work_size[0])),
-            round8(math.ceil(target[1] * padded_size[1] / work_size[1])))
+    return tuple(max(8, -(-math.ceil(t * p / w) // 8) * 8) for t, w, p in zip(target, work_size, padded_size))
 
 
-def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denoise: float, seed: int) -> dict:
+def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denoise: float, seed: int,
+                    from_size: tuple | None = None) -> dict:
     """A second pass over every final sampler's result, upscaled to ``size`` (w, h).
 
     ``upscaler``: an advanced_params.Upscaler — "latent" upscales the latent (LatentUpscale, the
@@ -104,6 +110,8 @@ def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denois
     runs the upscale model (its native scale), scales to the exact size and re-encodes. The second
     KSampler uses the first pass's model, conditioning, sampler, scheduler and cfg, ``steps`` and
     ``denoise``; an inpainting mask limits it to the masked area as in the first pass.
+    ``from_size``: the first pass's size, when known; a latent upscale to that same size (1x) is
+    left out (ComfyUI's LatentUpscale would make a side under 64 px 64).
     """
     wf = copy_workflow(workflow)
     masks = [wf[n]["inputs"]["mask"] for n in nodes_of(wf, "SetLatentNoiseMask", "VAEEncodeForInpaint")]
@@ -114,7 +122,9 @@ def apply_hires_fix(workflow: dict, *, upscaler, size: tuple, steps: int, denois
         if first is None or first["class_type"] not in ("KSampler", "KSamplerAdvanced"):
             continue
         vae = wf[did]["inputs"]["vae"]
-        if upscaler.kind == "latent":
+        if upscaler.kind == "latent" and from_size is not None and tuple(size) == tuple(from_size):
+            latent = list(source)
+        elif upscaler.kind == "latent":
             latent = [add_node(wf, "LatentUpscale", {"samples": list(source), "upscale_method": upscaler.name,
                                                      "width": width, "height": height, "crop": "center"}), 0]
         else:

@@ -35,7 +35,7 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
         raise InvalidParameter("hires_fix", "The hires fix cannot be combined with inpaint_area 'only masked': "
                                "that crop is pasted back at the input's resolution; use 'whole'",
                                code="unsupported_combination")
-    latent_resize = None
+    stretched = None  # resize mode 3's output size
     width, height = params.width, params.height
     if (width or height) and not only_masked:
         size = (width or image.size[0], height or image.size[1])
@@ -44,7 +44,7 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
                 raise InvalidParameter("resize_mode", "resize_mode 3 (latent upscale) applies to the built-in "
                                        "workflow, not to a custom_workflow", code="unsupported_combination")
             if size != tuple(image.size):
-                latent_resize = (passes.round8(size[0]), passes.round8(size[1]))
+                stretched = size
         else:
             image = resize_image(adv.resize_mode, image, size)
             keep = resize_image(adv.resize_mode, keep, size) if keep is not None else None
@@ -52,14 +52,20 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
     plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                            width=width, height=height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
-    steps, output, hires_size = [], None, None
-    if latent_resize is not None:
+    steps, output, latent_resize, hires_size = [], None, None, None
+    if stretched is not None:
+        # the padded latent is stretched to cover the size (multiples of 8), the rest cropped
+        latent_resize = passes.canvas_for(stretched, plan.work_size, plan.padded_size)
+        _check_latent_upscale("resize_mode", "resize_mode 3 (latent upscale) stretches", latent_resize)
         steps.append((latent_resize, "disabled"))
-        output = latent_resize
+        output = stretched
     if adv.hires is not None:
-        base = latent_resize or plan.work_size
+        base = stretched or plan.work_size
         target = passes.hires_target(adv.hires, base)
-        hires_size = passes.hires_canvas(target, base, latent_resize or plan.padded_size)
+        hires_size = passes.canvas_for(target, base, latent_resize or plan.padded_size)
+        if getattr(adv.hires.upscaler, "kind", None) == "latent" and hires_size != (latent_resize or plan.padded_size):
+            _check_latent_upscale("hires_fix_upscaler", "the hires fix's latent upscaler "
+                                  f"({adv.hires.upscaler.name}) upscales", hires_size)
         for name, (w, h) in (("output", target), ("upscaled canvas", hires_size)):
             if w * h > max_output_pixels:
                 raise InvalidParameter("hires_fix", f"The hires fix's {name} would be {w}x{h} = {w * h:,} pixels; "
@@ -81,6 +87,16 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
     return image, keep, plan
 
 
+def _check_latent_upscale(field: str, what: str, size: tuple) -> None:
+    """ComfyUI's LatentUpscale makes each side at least 64 px, whatever it is asked: a smaller
+    size would come back larger, its picture squeezed into the crop. A 400 saying so instead."""
+    if min(size) < passes.LATENT_UPSCALE_MIN:
+        raise InvalidParameter(field, f"{what} the latent to {size[0]}x{size[1]}, and ComfyUI's LatentUpscale makes "
+                               f"each side at least {passes.LATENT_UPSCALE_MIN} px; use a larger size or factor, "
+                               "or an upscale in pixels (resize_mode 0, a pixel or model hires upscaler)",
+                               code="unsupported_combination")
+
+
 def finishing(plan, keep) -> dict:
     """build_img2img_workflow's finishing arguments for a plan the workflow finishes: the
     paste-back, the crop of the padding, and the scalings the paste-back must follow."""
@@ -89,4 +105,5 @@ def finishing(plan, keep) -> dict:
     scaled = plan.scale_steps[-1][0] if plan.scale_steps else plan.padded_size
     return {"paste_back": keep is not None and plan.paste_back,
             "crop_to": plan.final_size if tuple(scaled) != plan.final_size else None,
-            "scale_steps": plan.scale_steps, "latent_resize": plan.latent_resize, "hires_size": plan.hires_size}
+            "scale_steps": plan.scale_steps, "latent_resize": plan.latent_resize, "hires_size": plan.hires_size,
+            "hires_from": plan.latent_resize or plan.padded_size}

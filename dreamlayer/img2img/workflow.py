@@ -194,14 +194,16 @@ def _samplers_downstream(workflow: dict, node_id: str) -> list:
 def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, filename_prefix: str,
                            seed: int, inpaint_mode: str = "fill", controlnet_units=(),
                            paste_back: bool = False, crop_to: tuple | None = None, scale_steps=(),
-                           latent_resize: tuple | None = None, hires_size: tuple | None = None) -> dict:
+                           latent_resize: tuple | None = None, hires_size: tuple | None = None,
+                           hires_from: tuple | None = None) -> dict:
     """The whole workflow for one run: the core template (or the user's custom workflow), filled,
     with the mask injected, the LoRA and ControlNet nodes added, and the advanced settings
     (``params.advanced``: refiner, hires fix, VAE, tiling, face restoration) applied.
 
     ``controlnet_units``: the request's units with "image" set to a staged file name or None.
     ``latent_resize`` (w, h): resize mode 3, a LatentUpscale of the encoded input.
-    ``hires_size`` (w, h): the size the hires fix upscales the first pass to.
+    ``hires_size`` (w, h): the size the hires fix upscales the first pass to (from ``hires_from``,
+    when known: a latent upscale to the same size is left out).
     ``paste_back`` / ``crop_to`` / ``scale_steps``: let ComfyUI make the final image (see
     ``finish_outputs``).
     """
@@ -217,7 +219,7 @@ def build_img2img_workflow(params, *, image_name: str, mask_name: str | None, fi
                             crop_to=crop_to, scale_steps=scale_steps)
     wf = apply_loras(wf, getattr(params, "loras", ()))
     wf = apply_controlnets(wf, controlnet_units, input_loader=input_loader)
-    wf = apply_advanced(wf, params, seed=seed, hires_size=hires_size)
+    wf = apply_advanced(wf, params, seed=seed, hires_size=hires_size, hires_from=hires_from)
     if mask_name is not None and inpaint_mode == "original":
         wf = apply_inpaint_conditioning(wf)
     if mask_name is not None and getattr(params, "soft_inpainting", False):
@@ -277,7 +279,8 @@ def apply_differential_diffusion(workflow: dict) -> dict:
     return wf
 
 
-def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | None) -> dict:
+def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | None,
+                   hires_from: tuple | None = None) -> dict:
     """The Img2Img tab's advanced settings, in the order A1111 applies them: the refiner finishes
     the first pass, the hires fix adds the second, then the VAE, tiling and face restoration."""
     adv = getattr(params, "advanced", None)
@@ -289,8 +292,8 @@ def apply_advanced(workflow: dict, params, *, seed: int, hires_size: tuple | Non
                                   prompt=params.prompt, negative_prompt=params.negative_prompt,
                                   clip_skip=params.clip_skip)
     if adv.hires is not None and hires_size is not None:
-        wf = passes.apply_hires_fix(wf, upscaler=adv.hires.upscaler, size=hires_size, steps=adv.hires.steps,
-                                    denoise=adv.hires.denoise, seed=seed)
+        wf = passes.apply_hires_fix(wf, upscaler=adv.hires.upscaler, size=hires_size, from_size=hires_from,
+                                    steps=adv.hires.steps, denoise=adv.hires.denoise, seed=seed)
     if adv.vae_name:
         wf = decoding.apply_vae_override(wf, adv.vae_name)
     if adv.tiling is not None:
