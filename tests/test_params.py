@@ -116,6 +116,19 @@ def test_sampler_names(label, expected):
     assert (g.sampler_name, g.scheduler) == expected
 
 
+@pytest.mark.parametrize("label,expected", [
+    ("karras", "karras"), ("Karras", "karras"), ("SGM Uniform", "sgm_uniform"), ("sgm-uniform", "sgm_uniform"),
+    ("Exponential", "exponential"), ("Uniform", "normal"), ("DDIM", "ddim_uniform"), ("Automatic", "normal"),
+    ("Normal", "normal"),
+])
+def test_scheduler_names_and_a1111_schedule_types(label, expected):
+    comfy = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "linear_quadratic",
+             "kl_optimal"]  # ComfyUI 0.3.40's
+    g = P.resolve_choices(P.parse_params({"prompt": "x", "scheduler": label, "seed": 1}),
+                          **{**CHOICES, "schedulers": comfy})
+    assert g.scheduler == expected
+
+
 def test_karras_sigmas_sets_scheduler():
     g = P.resolve_choices(P.parse_params({"prompt": "x", "karras_sigmas": True, "seed": 1}), **CHOICES)
     assert g.scheduler == "karras"

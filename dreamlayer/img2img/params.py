@@ -48,6 +48,10 @@ A1111_SAMPLERS = {
     "dpm sde": ("dpmpp_sde", None),
 }
 SCHEDULER_SUFFIXES = {"karras": "karras", "exponential": "exponential", "sgm uniform": "sgm_uniform"}
+#: AUTOMATIC1111's "Schedule type" labels whose ComfyUI scheduler has another name ("Automatic":
+#: the sampler's own, as no scheduler given); the others are ComfyUI's names written as labels
+#: ("Karras", "SGM Uniform", "KL Optimal").
+A1111_SCHEDULERS = {"automatic": "", "uniform": "normal", "ddim": "ddim_uniform"}
 
 #: Keys that carry the images in the JSON form; handled by the request parser, not here.
 IMAGE_KEYS = {"input_image", "mask_image", "mask"}
@@ -427,6 +431,17 @@ def map_sampler(name: str, comfy_samplers) -> tuple:
     return mapped[0], scheduler or mapped[1]
 
 
+def map_scheduler(name: str, comfy_schedulers) -> str:
+    """ComfyUI's scheduler for a ComfyUI name or an AUTOMATIC1111 label ("" for "Automatic");
+    anything else as it is (then refused, listing ComfyUI's)."""
+    if name in comfy_schedulers:
+        return name
+    key = _norm_label(name)
+    if key in A1111_SCHEDULERS:
+        return A1111_SCHEDULERS[key]
+    return key.replace(" ", "_") if key.replace(" ", "_") in comfy_schedulers else name
+
+
 def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedulers, default_model="",
                     loras=None, controlnets=None):
     """Check model, sampler, scheduler, LoRA and ControlNet files against the server's lists."""
@@ -452,7 +467,7 @@ def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedule
         raise InvalidParameter("sampler_name", f"Unknown sampler '{params.sampler_name}'. Valid: "
                                                f"{', '.join(samplers)}",
                                code="unknown_sampler", allowed=list(samplers))
-    scheduler = label_scheduler or params.scheduler or "normal"
+    scheduler = label_scheduler or map_scheduler(params.scheduler, schedulers) or "normal"
     if scheduler not in schedulers:
         raise InvalidParameter("scheduler", f"Unknown scheduler '{scheduler}'. Valid: {', '.join(schedulers)}",
                                code="unknown_scheduler", allowed=list(schedulers))
