@@ -207,6 +207,7 @@ def test_a_hires_fix_under_64_px_is_made_in_pixels_or_refused(client, fake_comfy
     if size is None:
         body = refused(resp, 400, "unsupported_combination")
         assert body["field"] == "hires_fix_upscaler" and "48x48" in body["message"] and "64" in body["message"]
+        assert "Lanczos" in body["message"]  # what to use instead
         assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
     else:
         (out,) = download(client, ok(resp))
@@ -240,7 +241,7 @@ def test_resize_mode_3_to_a_side_under_64_px_is_refused(client, fake_comfy):
     would make 64."""
     body = refused(post(client, {"resize_mode": 3, "width": 96}, src=gradient(40, 40)), 400,
                    "unsupported_combination")
-    assert body["field"] == "resize_mode" and "96x40" in body["message"]
+    assert body["field"] == "resize_mode" and "96x40" in body["message"] and "resize_mode 0" in body["message"]
     assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
 
 

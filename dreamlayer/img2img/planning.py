@@ -56,7 +56,8 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
     if stretched is not None:
         # the padded latent is stretched to cover the size (multiples of 8), the rest cropped
         latent_resize = passes.canvas_for(stretched, plan.work_size, plan.padded_size)
-        _check_latent_upscale("resize_mode", "resize_mode 3 (latent upscale) stretches", latent_resize)
+        _check_latent_upscale("resize_mode", "resize_mode 3 (latent upscale) stretches", latent_resize,
+                              "ask for a larger size, or use resize_mode 0 (a stretch in pixels)")
         steps.append((latent_resize, "disabled"))
         output = stretched
     if adv.hires is not None:
@@ -65,7 +66,9 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
         hires_size = passes.canvas_for(target, base, latent_resize or plan.padded_size)
         if getattr(adv.hires.upscaler, "kind", None) == "latent" and hires_size != (latent_resize or plan.padded_size):
             _check_latent_upscale("hires_fix_upscaler", "the hires fix's latent upscaler "
-                                  f"({adv.hires.upscaler.name}) upscales", hires_size)
+                                  f"({adv.hires.upscaler.name}) upscales", hires_size,
+                                  "use a larger factor or size, or a pixel or model upscaler (Lanczos, an upscale "
+                                  "model)")
         for name, (w, h) in (("output", target), ("upscaled canvas", hires_size)):
             if w * h > max_output_pixels:
                 raise InvalidParameter("hires_fix", f"The hires fix's {name} would be {w}x{h} = {w * h:,} pixels; "
@@ -87,13 +90,12 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
     return image, keep, plan
 
 
-def _check_latent_upscale(field: str, what: str, size: tuple) -> None:
+def _check_latent_upscale(field: str, what: str, size: tuple, fix: str) -> None:
     """ComfyUI's LatentUpscale makes each side at least 64 px, whatever it is asked: a smaller
     size would come back larger, its picture squeezed into the crop. A 400 saying so instead."""
     if min(size) < passes.LATENT_UPSCALE_MIN:
         raise InvalidParameter(field, f"{what} the latent to {size[0]}x{size[1]}, and ComfyUI's LatentUpscale makes "
-                               f"each side at least {passes.LATENT_UPSCALE_MIN} px; use a larger size or factor, "
-                               "or an upscale in pixels (resize_mode 0, a pixel or model hires upscaler)",
+                               f"each side at least {passes.LATENT_UPSCALE_MIN} px: {fix}",
                                code="unsupported_combination")
 
 
