@@ -439,7 +439,8 @@ def map_scheduler(name: str, comfy_schedulers) -> str:
     key = _norm_label(name)
     if key in A1111_SCHEDULERS:
         return A1111_SCHEDULERS[key]
-    return key.replace(" ", "_") if key.replace(" ", "_") in comfy_schedulers else name
+    snake = key.replace(" ", "_")
+    return snake if snake in comfy_schedulers else name
 
 
 def resolve_choices(params: GenerationParams, *, checkpoints, samplers, schedulers, default_model="",
