@@ -96,8 +96,6 @@ def canvas_for(target: tuple, work_size: tuple, padded_size: tuple) -> tuple:
     the rest its padding, right and bottom) is stretched to so that the picture covers
     ``target``: cropping the right and bottom to ``target`` then leaves picture only. The hires
     fix's upscale of the padded first pass; resize mode 3's stretch of the padded latent."""
-    if tuple(work_size) == tuple(padded_size) and target[0] % 8 == target[1] % 8 == 0:
-        return tuple(target)
     return tuple(max(8, -(-math.ceil(t * p / w) // 8) * 8) for t, w, p in zip(target, work_size, padded_size))
 
 

@@ -61,10 +61,10 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
         steps.append((latent_resize, "disabled"))
         output = stretched
     if adv.hires is not None:
-        base = stretched or plan.work_size
+        base, first_pass = stretched or plan.work_size, latent_resize or plan.padded_size
         target = passes.hires_target(adv.hires, base)
-        hires_size = passes.canvas_for(target, base, latent_resize or plan.padded_size)
-        if getattr(adv.hires.upscaler, "kind", None) == "latent" and hires_size != (latent_resize or plan.padded_size):
+        hires_size = passes.canvas_for(target, base, first_pass)
+        if adv.hires.upscaler.kind == "latent" and hires_size != first_pass:  # at 1x nothing is upscaled
             _check_latent_upscale("hires_fix_upscaler", "the hires fix's latent upscaler "
                                   f"({adv.hires.upscaler.name}) upscales", hires_size,
                                   "use a larger factor or size, or a pixel or model upscaler (Lanczos, an upscale "
