@@ -21,7 +21,7 @@ from PIL import Image
 
 from dreamlayer.comfyui.fake import FakeComfyUI
 from dreamlayer.config.img2img import Config
-from dreamlayer.img2img.app import create_app
+from dreamlayer.img2img.app import create_app, shutdown
 from images import box_mask, gradient, png
 
 W, H = 64, 48
@@ -264,6 +264,37 @@ def test_an_oversized_hires_target_is_refused_before_anything_is_staged(client, 
                         mask=box_mask((W, H), BOX) if masked else None), 400, "output_too_large")
     assert body["field"] == "hires_fix" and body["maximum"] == 4096 * 4096
     assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+@pytest.fixture
+def small_limit(service_config):
+    """A service whose MAX_OUTPUT_PIXELS is 96 x 96 (docs/configuration.md)."""
+    app = create_app(service_config.replace(max_output_pixels=96 * 96))
+    yield app.test_client()
+    shutdown(app)
+
+
+@pytest.mark.parametrize("params, src, mask, field", [
+    ({"width": 128, "height": 80}, SRC, None, "width"),                       # resized in pixels
+    ({"width": 128, "height": 80, "resize_mode": 3}, SRC, None, "width"),     # stretched in the latent
+    ({}, gradient(128, 80), None, "image"),                                  # the input's own size
+    ({}, gradient(128, 80), box_mask((128, 80), (8, 8, 40, 40)), "image"),   # inpainted whole
+    ({"inpaint_area": "only_masked", "width": 128, "height": 80}, SRC, box_mask((W, H), BOX), "width"),
+])
+def test_max_output_pixels_bounds_the_requested_size(small_limit, fake_comfy, params, src, mask, field):
+    """docs/configuration.md: MAX_OUTPUT_PIXELS bounds the requested size too, not only the hires
+    fix's: a larger image is a 400 before anything reaches ComfyUI."""
+    body = refused(post(small_limit, params, src=src, mask=mask), 400, "output_too_large")
+    assert body["field"] == field and body["maximum"] == 96 * 96 and "MAX_OUTPUT_PIXELS" in body["message"]
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_max_output_pixels_lets_the_size_at_the_limit_through(small_limit):
+    out, _ = generate(small_limit, {"width": 96, "height": 96}, mask=box_mask((W, H), BOX))
+    assert out.shape == (96, 96, 3)
+    out, _ = generate(small_limit, {"inpaint_area": "only_masked", "width": 96, "height": 96},
+                      src=gradient(128, 80), mask=box_mask((128, 80), (8, 8, 40, 40)))
+    assert out.shape == (80, 128, 3)  # only the crop is generated; the input's size is kept
 
 
 # --- 2. the hires fix with a mask (whole-picture inpainting) -----------------------------------

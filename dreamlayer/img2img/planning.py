@@ -52,12 +52,15 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
     plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                            width=width, height=height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
+    asked = "width" if params.width or params.height else "image"
+    _check_output_pixels(asked, "The image ComfyUI would generate", plan.padded_size, max_output_pixels)
     steps, output, latent_resize, hires_size = [], None, None, None
     if stretched is not None:
         # the padded latent is stretched to cover the size (multiples of 8), the rest cropped
         latent_resize = passes.canvas_for(stretched, plan.work_size, plan.padded_size)
         _check_latent_upscale("resize_mode", "resize_mode 3 (latent upscale) stretches", latent_resize,
                               "ask for a larger size, or use resize_mode 0 (a stretch in pixels)")
+        _check_output_pixels(asked, "resize_mode 3's stretched latent", latent_resize, max_output_pixels)
         steps.append((latent_resize, "disabled"))
         output = stretched
     if adv.hires is not None:
@@ -69,11 +72,8 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
                                   f"({adv.hires.upscaler.name}) upscales", hires_size,
                                   "use a larger factor or size, or a pixel or model upscaler (Lanczos, an upscale "
                                   "model)")
-        for name, (w, h) in (("output", target), ("upscaled canvas", hires_size)):
-            if w * h > max_output_pixels:
-                raise InvalidParameter("hires_fix", f"The hires fix's {name} would be {w}x{h} = {w * h:,} pixels; "
-                                       f"the limit is {max_output_pixels:,} (MAX_OUTPUT_PIXELS)",
-                                       code="output_too_large", maximum=max_output_pixels)
+        for name, size in (("output", target), ("upscaled canvas", hires_size)):
+            _check_output_pixels("hires_fix", f"The hires fix's {name}", size, max_output_pixels)
         steps.append((hires_size, "center"))
         output = target
     can_finish = (not custom and inpainting.comfy_can_finish(plan, keep is not None)
@@ -88,6 +88,16 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
         plan = dataclasses.replace(plan, final_from_comfyui=True, latent_resize=latent_resize,
                                    hires_size=hires_size, scale_steps=tuple(steps), output_size=output)
     return image, keep, plan
+
+
+def _check_output_pixels(field: str, what: str, size: tuple, limit: int) -> None:
+    """MAX_OUTPUT_PIXELS bounds every image a workflow makes (ComfyUI's memory), refused
+    before anything is staged."""
+    w, h = size
+    if w * h > limit:
+        fix = "; ask for a smaller width and height" if field != "hires_fix" else ""
+        raise InvalidParameter(field, f"{what} would be {w}x{h} = {w * h:,} pixels; the limit is {limit:,} "
+                               f"(MAX_OUTPUT_PIXELS){fix}", code="output_too_large", maximum=limit)
 
 
 def _check_latent_upscale(field: str, what: str, size: tuple, fix: str) -> None:
