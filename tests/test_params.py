@@ -152,3 +152,16 @@ def test_default_model():
     g = P.parse_params({"prompt": "x", "seed": 1})
     assert P.resolve_choices(g, **CHOICES).model_name == "a.safetensors"
     assert P.resolve_choices(g, default_model="b.safetensors", **CHOICES).model_name == "b.safetensors"
+
+
+@pytest.mark.parametrize("key, limit, make", [
+    ("lora", P.MAX_LORAS, lambda n: [{"lora_name": f"l{i}.safetensors"} for i in range(n)]),
+    ("controlnet", P.MAX_CONTROLNET_UNITS, lambda n: {"units": [{"model": f"c{i}.safetensors"} for i in range(n)]}),
+])
+def test_lora_and_controlnet_lists_are_bounded(key, limit, make):
+    """docs/api.md: at most 16 LoRAs and 10 ControlNet units (the page offers 10)."""
+    params = P.parse_params({"prompt": "x", key: make(limit)})
+    assert len(params.loras if key == "lora" else params.controlnet_units) == limit
+    with pytest.raises(ApiError) as err:
+        P.parse_params({"prompt": "x", key: make(limit + 1)})
+    assert err.value.status == 400 and err.value.details["maximum"] == limit

@@ -303,11 +303,20 @@ def _outpaint(data, warnings):
     return out if out.any else None
 
 
-def _enabled_items(value, key):
-    """A feature object (or a list of them) -> the enabled ones; null/false/{} = none."""
+#: The most LoRAs and ControlNet units a request may list (the DreamLayer page offers up to 10
+#: units): each becomes nodes in the workflow, so a list from the network is bounded.
+MAX_LORAS = 16
+MAX_CONTROLNET_UNITS = 10
+
+
+def _enabled_items(value, key, limit):
+    """A feature object (or a list of at most ``limit``) -> the enabled ones; null/false/{} = none."""
     if value is None or value is False or value == {} or value == []:
         return []
     items = value if isinstance(value, list) else [value]
+    if len(items) > limit:
+        raise InvalidParameter(key, f"'{key}' lists {len(items)} items; at most {limit} are accepted",
+                               maximum=limit)
     out = []
     for i, item in enumerate(items):
         where = f"{key}[{i}]" if isinstance(value, list) else key
@@ -323,7 +332,7 @@ def _enabled_items(value, key):
 
 def parse_loras(value) -> tuple:
     loras = []
-    for where, item in _enabled_items(value, "lora"):
+    for where, item in _enabled_items(value, "lora", MAX_LORAS):
         name = _string(item, "lora_name", default="", max_len=1024)
         if not name:
             raise InvalidParameter(f"{where}.lora_name", f"'{where}.lora_name' is required when the LoRA is enabled",
@@ -351,7 +360,7 @@ def parse_controlnet(value) -> tuple:
     if not isinstance(units_value, list):
         raise InvalidParameter("controlnet.units", "'controlnet.units' must be a list")
     units = []
-    for where, unit in _enabled_items(units_value, "controlnet.units"):
+    for where, unit in _enabled_items(units_value, "controlnet.units", MAX_CONTROLNET_UNITS):
         model = _string(unit, "model", default="", max_len=1024)
         if not model:
             raise InvalidParameter(f"{where}.model", f"'{where}.model' (a ControlNet file) is required",

@@ -282,6 +282,12 @@ def _param_cases():
         Case("param-lora-enabled-not-bool", "parameter", form_img({**BASE, "lora": [{"enabled": "yes"}]}), 400, P,
              field="lora[0].enabled"),
         Case("param-controlnet-number", "parameter", js({"controlnet": 5}), 400, P, field="controlnet"),
+        # bounded lists (docs/api.md): 16 LoRAs, 10 ControlNet units, counted before any name is looked up
+        Case("param-lora-17", "parameter", js({"lora": [{"lora_name": f"l{i}.safetensors"} for i in range(17)]}),
+             400, P, field="lora"),
+        Case("param-controlnet-11-units", "parameter",
+             js({"controlnet": {"units": [{"model": f"c{i}.safetensors"} for i in range(11)]}}), 400, P,
+             field="controlnet.units"),
         Case("param-controlnet-units-string", "parameter", js({"controlnet": {"units": "x"}}), 400, P,
              field="controlnet.units"),
         Case("param-custom-workflow-not-json", "parameter", js({"custom_workflow": "{not json"}), 400,
