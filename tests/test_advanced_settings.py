@@ -1,5 +1,7 @@
 """The Img2Img tab's advanced settings as pure functions: parsing, name resolution, sizes, and
 the workflow edits (refiner, hires fix, VAE, tiling, face restoration, resize modes)."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -313,3 +315,22 @@ def test_the_mask_follows_the_image(mode):
     out_keep = np.asarray(resize_image(mode, keep, (100, 100))).astype(int)
     out_image = np.asarray(resize_image(mode, image, (100, 100)))[:, :, 0].astype(int)
     assert np.abs(out_keep - out_image).max() <= 1 and (out_keep < 128).any() and (out_keep > 128).any()
+
+
+@pytest.mark.parametrize("kw", [{"resize_mode": 3, "width": 128, "height": 96},
+                                {"hires_fix": True, "hires_fix_upscaler": "Lanczos"}])
+def test_scaling_on_a_comfyui_without_its_core_nodes_names_the_missing_ones(kw):
+    """docs/troubleshooting.md: a core node this ComfyUI lacks is 400 node_missing, listing it."""
+    from dreamlayer.img2img.planning import FINISHING_NODES, SCALING_NODES, plan_generation
+
+    params = parse(**kw)
+    params = dataclasses.replace(params, advanced=resolve(params.advanced)[0])
+    nodes = set(FINISHING_NODES + SCALING_NODES) - {"LatentUpscale", "ImageCrop"}
+    with pytest.raises(InvalidParameter) as info:
+        plan_generation(params, Image.new("RGB", (64, 48)), None, comfy_nodes=nodes, max_output_pixels=4096 ** 2)
+    err = info.value
+    assert err.code == "node_missing" and sorted(err.details["missing_nodes"]) == ["ImageCrop", "LatentUpscale"]
+    assert err.details["field"] == ("resize_mode" if "resize_mode" in kw else "hires_fix")
+    _, _, plan = plan_generation(params, Image.new("RGB", (64, 48)), None,
+                                 comfy_nodes=nodes | {"LatentUpscale", "ImageCrop"}, max_output_pixels=4096 ** 2)
+    assert plan.final_from_comfyui and plan.scale_steps

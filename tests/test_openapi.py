@@ -67,6 +67,8 @@ def test_the_document_is_served_at_openapi_json(client, doc):
     resp = client.get("/openapi.json")
     assert resp.status_code == 200 and resp.mimetype == "application/json"
     assert resp.get_json() == doc
+    # in the document's order (openapi, info, ... as written), not sorted: readable with curl
+    assert list(resp.get_json()) == list(doc) and list(resp.get_json()["info"]) == list(doc["info"])
 
 
 def test_the_document_is_valid_openapi_3(doc):

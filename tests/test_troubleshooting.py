@@ -85,3 +85,33 @@ def test_the_three_situations_have_their_sections():
     for code in ("mask_not_png", "mask_too_large", "invalid_mask", "mask_empty"):
         assert f"`{code}`" in section
     assert "COMFY_API_URL" in DOC.split("## ComfyUI is not running")[1].split("\n## ")[0]
+
+
+def api_table() -> dict:
+    """code -> status, from docs/api.md's "Errors" table of POST /api/img2img."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    table = text[text.index("### Errors"):]
+    table = table[:table.index("\n\n", table.index("| status |"))]
+    out = {}
+    for line in table.splitlines():
+        row = re.match(r"^\|\s*(\d{3})\s*\|(.*?)\|", line)
+        if row:
+            out.update((code, int(row.group(1))) for code in re.findall(r"`([a-z][a-z0-9_]*)`", row.group(2)))
+    return out
+
+
+def test_the_api_error_table_lists_every_code_of_the_img2img_service_under_its_status():
+    """docs/api.md's table is the one an API client reads: every code the img2img service (not
+    dream_layer.py) can answer, under the same status as troubleshooting.md."""
+    img2img = {"internal_error", "http_error"} | set(errors.HTTP_CODES.values())
+    for part in ("img2img", "jobs", "comfyui"):
+        for path in (ROOT / "dreamlayer" / part).rglob("*.py"):
+            if "fake" not in path.parts:
+                text = path.read_text(encoding="utf-8")
+                img2img |= set(re.findall(r"\bcode\s*=\s*\"([a-z][a-z0-9_]*)\"", text))
+                img2img |= set(re.findall(r"\"code\"\s*:\s*\"([a-z][a-z0-9_]*)\"", text))
+    img2img |= codes_in_openapi()
+    listed, statuses = api_table(), rows()
+    assert not img2img - set(listed), f"docs/api.md's error table lacks {sorted(img2img - set(listed))}"
+    wrong = {code: (status, statuses.get(code)) for code, status in listed.items() if statuses.get(code) != status}
+    assert not wrong, f"docs/api.md and troubleshooting.md disagree (api, troubleshooting): {wrong}"

@@ -227,7 +227,8 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found
     app.debug = False  # Flask would read FLASK_DEBUG from the environment: never a debugger here
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,
-                      MAX_FORM_MEMORY_SIZE=config.max_content_length, JSON_SORT_KEYS=False)
+                      MAX_FORM_MEMORY_SIZE=config.max_content_length)
+    app.json.sort_keys = False  # answers in the order they are built (Flask 2.3+ ignores JSON_SORT_KEYS)
     client = client or comfy_client.ComfyClient(config.comfy_api_url)
     service = Img2ImgService(config, client, _served_images(config), backend_pool(config, client))
     app.extensions["img2img"] = service

@@ -271,9 +271,10 @@ _KNOWN_KEYS = {
     "inpaint_padding", "soft_inpainting", "mask_grow", "mask_threshold", "outpaint",
 }
 
+OUTPAINT_SIDES = ("left", "top", "right", "bottom")
 #: ComfyUI's MAX_RESOLUTION: the most ImagePadForOutpaint adds on a side (the service's own
 #: limit, MAX_OUTPAINT_PX, is checked against the configuration).
-OUTPAINT_SIDES = ("left", "top", "right", "bottom")
+COMFY_MAX_RESOLUTION = 16384
 
 
 def _outpaint(data, warnings):
@@ -293,12 +294,13 @@ def _outpaint(data, warnings):
     named = {f"outpaint.{k}": v for k, v in value.items()}
     sides = {}
     for side in OUTPAINT_SIDES:
-        px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=16384, default=0)
+        px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=COMFY_MAX_RESOLUTION, default=0)
         rounded = -(-px // OUTPAINT_MULTIPLE) * OUTPAINT_MULTIPLE
         if rounded != px:
             warnings.append(f"outpaint.{side} {px} was rounded up to {rounded} (a multiple of {OUTPAINT_MULTIPLE})")
         sides[side] = rounded
-    feathering = _number(named, "outpaint.feathering", integer=True, lo=0, hi=16384, default=0)
+    feathering = _number(named, "outpaint.feathering", integer=True, lo=0, hi=COMFY_MAX_RESOLUTION,
+                         default=0)
     out = Outpaint(**sides, feathering=feathering)
     return out if out.any else None
 

@@ -78,10 +78,16 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
         output = target
     can_finish = (not custom and inpainting.comfy_can_finish(plan, keep is not None)
                   and all(node in comfy_nodes for node in FINISHING_NODES))
-    if steps and not (can_finish and all(node in comfy_nodes for node in SCALING_NODES)):
-        raise InvalidParameter("hires_fix" if adv.hires else "resize_mode", "This ComfyUI lacks the core nodes "
-                               f"{', '.join(FINISHING_NODES + SCALING_NODES)} that scaling in the workflow needs",
-                               code="unsupported_combination")
+    if steps:
+        field = "hires_fix" if adv.hires else "resize_mode"
+        missing = [node for node in dict.fromkeys(FINISHING_NODES + SCALING_NODES) if node not in comfy_nodes]
+        if missing:
+            raise InvalidParameter(field, f"This ComfyUI lacks the core nodes {', '.join(missing)} that scaling in "
+                                   "the workflow needs (an old ComfyUI: update it)", code="node_missing",
+                                   missing_nodes=missing)
+        if not can_finish:
+            raise InvalidParameter(field, f"'{field}' scales the generation in the workflow, which cannot finish "
+                                   "this request", code="unsupported_combination")
     if can_finish:
         # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
         # final image and the service serves it without decoding it (docs/performance.md)
