@@ -307,6 +307,18 @@ def test_resize_and_fill_stretches_the_edge_rows_into_the_bands():
     assert out[0, 0, 0] < 10 and out[0, -1, 0] > 245  # full width: nothing cropped
 
 
+@pytest.mark.parametrize("source, size", [((128, 96), (97, 72)), ((128, 97), (96, 72)), ((96, 128), (73, 96)),
+                                           ((128, 96), (99, 72)), ((96, 96), (97, 96))])
+def test_resize_and_fill_leaves_no_pixel_unfilled_when_a_band_is_1_px(source, size):
+    """Found on a real ComfyUI: 128 x 96 into 97 x 72 fits 96 x 72 with a 1-px band on the right,
+    which stayed black (and "inpaint" in the mask: a kept column regenerated)."""
+    keep = Image.new("L", source, 255)
+    image = Image.new("RGB", source, (200, 120, 40))
+    out_keep, out_image = (np.asarray(resize_image(2, im, size)) for im in (keep, image))
+    assert out_keep.shape[:2] == out_image.shape[:2] == (size[1], size[0])
+    assert (out_keep == 255).all() and (out_image == (200, 120, 40)).all()
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_the_mask_follows_the_image(mode):
     keep = Image.new("L", (200, 100), 255)

@@ -37,14 +37,15 @@ def resize_image(mode: int, im: Image.Image, size: tuple) -> Image.Image:
     out = Image.new(im.mode, (width, height))
     left, top = width // 2 - src_w // 2, height // 2 - src_h // 2
     out.paste(resized, (left, top))
-    if ratio < src_ratio and top > 0:  # bands above and below: the first and last rows, stretched
+    # each band on its own: an odd total of 1 px is all on one side (AUTOMATIC1111 fills both
+    # only when the first is not empty, and so leaves that pixel black)
+    bottom, right = height - (top + src_h), width - (left + src_w)
+    if top > 0:  # bands above and below: the first and last rows, stretched
         out.paste(resized.crop((0, 0, src_w, 1)).resize((width, top)), (0, 0))
-        bottom = height - (top + src_h)
-        if bottom > 0:
-            out.paste(resized.crop((0, src_h - 1, src_w, src_h)).resize((width, bottom)), (0, top + src_h))
-    elif ratio > src_ratio and left > 0:  # bands left and right: the first and last columns
+    if bottom > 0:
+        out.paste(resized.crop((0, src_h - 1, src_w, src_h)).resize((width, bottom)), (0, top + src_h))
+    if left > 0:  # bands left and right: the first and last columns
         out.paste(resized.crop((0, 0, 1, src_h)).resize((left, height)), (0, 0))
-        right = width - (left + src_w)
-        if right > 0:
-            out.paste(resized.crop((src_w - 1, 0, src_w, src_h)).resize((right, height)), (left + src_w, 0))
+    if right > 0:
+        out.paste(resized.crop((src_w - 1, 0, src_w, src_h)).resize((right, height)), (left + src_w, 0))
     return out
