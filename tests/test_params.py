@@ -85,6 +85,17 @@ def test_batch_count_seeds_increment():
     assert g.seeds() == [10, 11, 12]
 
 
+def test_batch_count_seeds_wrap_past_the_maximum_to_1_so_each_can_be_sent_again():
+    """Found on a real ComfyUI: the maximum seed and batch_count 2 answered [2**64 - 1, 0], and a
+    request with seed 0 gets a random seed, not the second image again."""
+    top = 2**64 - 1
+    g = P.parse_params({"prompt": "x", "seed": top - 1, "batch_count": 4})
+    assert g.seeds() == [top - 1, top, 1, 2]
+    for seed in g.seeds():
+        again = P.parse_params({"prompt": "x", "seed": seed})
+        assert again.seeds() == [seed] and not again.random_seed
+
+
 def test_unknown_keys_warn_and_advanced_settings_are_read():
     g = P.parse_params({"prompt": "x", "seed": 1, "hires_fix": True, "restore_faces": True, "stepz": 3,
                         "tiling": False, "lora": {"enabled": False}})

@@ -101,8 +101,9 @@ class GenerationParams:
     warnings: tuple = field(default_factory=tuple)
 
     def seeds(self) -> list:
-        """One seed per run of the batch: seed, seed + 1, ... (wrapping at KSampler's maximum)."""
-        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_count)]
+        """One seed per run of the batch: seed, seed + 1, ... wrapping from KSampler's maximum
+        to 1, not 0: every seed answered can be sent again (0 asks for a random one)."""
+        return [(self.seed - 1 + i) % MAX_SEED + 1 for i in range(self.batch_count)]
 
 
 def _number(data, key, *, integer, lo, hi, default):

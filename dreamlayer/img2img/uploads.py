@@ -26,6 +26,8 @@ from dreamlayer.img2img.png_writer import PNG_SIGNATURE
 
 #: Formats accepted for the input image (judged by content). MPO is what many cameras call JPEG.
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WEBP"}
+#: What transparent parts of an input image become (AUTOMATIC1111's default img2img background).
+BACKGROUND = (255, 255, 255)
 IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 MASK_MIME_TYPES = {"image/png"}
 
@@ -166,6 +168,14 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
+def _flatten(rgba: Image.Image) -> Image.Image:
+    """An image with transparency as it looks on white (AUTOMATIC1111's img2img background
+    colour): a transparent pixel's hidden colour is whatever the editor left there."""
+    out = Image.new("RGB", rgba.size, BACKGROUND)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
     """Decode the input image into RGB: EXIF orientation applied, first frame, 8 bits per channel."""
     if not data:
@@ -182,8 +192,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Decoded:
         im = _upright(im, "image", warnings)
         im = _to_8bit(im)
     if im.mode != "RGB":
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA").convert("RGB")
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            im = _flatten(im.convert("RGBA"))
         else:
             im = im.convert("RGB")
         stored = None  # the stored PNG holds other samples than ``im`` now
