@@ -212,6 +212,14 @@ def test_output_images_every_node_in_numeric_node_order():
     assert ComfyClient.output_images({"outputs": {}}) == []
 
 
+def test_output_images_list_a_file_two_nodes_announce_once():
+    """Two identical SaveImage nodes share one cache entry in ComfyUI: both announce one file."""
+    same = {"images": [{"filename": "a_00001_.png", "subfolder": "", "type": "output"}]}
+    entry = {"outputs": {"9": same, "12": same,
+                         "13": {"images": [{"filename": "a_00001_.png", "subfolder": "", "type": "temp"}]}}}
+    assert [(i.node_id, i.type) for i in ComfyClient.output_images(entry)] == [("9", "output"), ("13", "temp")]
+
+
 def test_history_error_entries_map_to_the_websocket_exceptions():
     with pytest.raises(ComfyExecutionFailed) as info:
         raise_for_history(ERROR_ID, history("exec_error")[ERROR_ID])

@@ -174,6 +174,19 @@ def test_custom_workflow_with_odd_ids_gets_our_parameters(client, wrapped, mask)
     assert loads_mask(wf) == mask
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_two_identical_save_nodes_give_one_image_and_leave_nothing_else_served(client, service_config, mask):
+    """ComfyUI runs the second of two identical SaveImage nodes from its cache: both announce
+    one file. One image in the answer, one file in the served folder (a temporary link stayed)."""
+    cw = custom()
+    cw["e2"] = json.loads(json.dumps(cw["e"]))
+    resp = post(client, {"custom_workflow": cw}, mask=mask)
+    assert resp.status_code == 200, resp.get_json()
+    images = resp.get_json()["comfy_response"]["generated_images"]
+    assert len(images) == 1
+    assert sorted(p.name for p in service_config.served_images_dir.iterdir()) == [images[0]["filename"]]
+
+
 def test_custom_workflow_with_lora_and_controlnet_and_mask(client):
     wf = ok(post(client, {"custom_workflow": custom(), "lora": {"lora_name": LORA},
                           "controlnet": {"units": [unit()]}}, mask=True))

@@ -255,6 +255,18 @@ def test_a_link_into_a_folder_that_went_makes_it_and_a_missing_source_leaves_not
     assert [p.name for p in (tmp_path / "served").iterdir()] == ["img.png"]
 
 
+def test_linking_a_file_again_under_its_name_leaves_no_temporary_link(tmp_path):
+    """rename() onto a name that is already the same file does nothing (POSIX): the temporary
+    link must still go (seen with a workflow whose two SaveImage nodes announced one file)."""
+    from dreamlayer.img2img import staging
+
+    source = tmp_path / "out.png"
+    source.write_bytes(b"png")
+    for _ in range(2):
+        staging.link_or_copy(source, tmp_path / "served", "img.png")
+    assert [p.name for p in (tmp_path / "served").iterdir()] == ["img.png"]
+
+
 # --- no debug mode --------------------------------------------------------------------------------
 
 @pytest.fixture

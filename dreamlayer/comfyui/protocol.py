@@ -169,13 +169,16 @@ def _node_order(node_id: str):
 
 
 def output_images(history_entry: dict) -> list:
-    """Every output node's images of a /history entry, in node order."""
+    """Every output node's images of a /history entry, in node order, each file once: two
+    identical SaveImage nodes share one cache entry in ComfyUI, so both announce one file."""
     outputs = (history_entry or {}).get("outputs") or {}
-    images = []
+    images, seen = [], set()
     for node_id in sorted(outputs, key=_node_order):
         for img in (outputs[node_id] or {}).get("images") or []:
-            images.append(OutputImage(str(node_id), img["filename"], img.get("subfolder", ""),
-                                      img.get("type", "output")))
+            image = OutputImage(str(node_id), img["filename"], img.get("subfolder", ""), img.get("type", "output"))
+            if (image.filename, image.subfolder, image.type) not in seen:
+                seen.add((image.filename, image.subfolder, image.type))
+                images.append(image)
     return images
 
 

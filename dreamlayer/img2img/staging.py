@@ -73,9 +73,10 @@ def link_or_copy(source: Path, directory: Path, name: str) -> Path:
         return write_atomic(directory, name, Path(source).read_bytes())
     try:
         os.replace(tmp, directory / name)
-    except BaseException:
+    finally:
+        # gone after a rename, except when the name already was this file: then rename() does
+        # nothing (POSIX) and the temporary link would stay
         remove_file(tmp)
-        raise
     return directory / name
 
 
