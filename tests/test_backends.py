@@ -165,6 +165,25 @@ def test_the_next_job_starts_on_a_backend_while_the_last_one_downloads_its_outpu
         second.release_views()
 
 
+def test_a_job_waiting_for_a_busy_backend_is_cancelled_at_once(remote_one_at_a_time, second):
+    """A cancel of a job that waits in the service for a backend (every slot busy) ends it then,
+    not once a slot frees: it never reaches ComfyUI."""
+    client = remote_one_at_a_time.test_client()
+    second.hang_next()
+    first = post(client, {"async": True}).get_json()["job_id"]
+    wait_until(second.running_prompt_id, what="the first job to hold the backend")
+    waiting = post(client, {"async": True, "seed": 6}).get_json()["job_id"]
+    assert client.get(f"/api/img2img/jobs/{waiting}").get_json()["status"] == "queued"
+    client.post(f"/api/img2img/jobs/{waiting}/cancel")
+    wait_until(lambda: client.get(f"/api/img2img/jobs/{waiting}").get_json()["status"] == "cancelled",
+               what="the waiting job to be cancelled")
+    assert second.running_prompt_id() is not None and len(second.prompts) == 1  # the first still holds it
+    client.post("/api/img2img/interrupt")
+    wait_until(lambda: client.get(f"/api/img2img/jobs/{first}").get_json()["status"] == "cancelled",
+               what="the first job to be interrupted")
+    assert len(second.prompts) == 1
+
+
 def test_a_backend_that_does_not_answer_is_skipped_and_put_back_when_it_answers(two, fake_comfy, second):
     client = two.test_client()
     second.refuse_connections()

@@ -18,7 +18,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from dreamlayer.comfyui.errors import ComfyInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ class BackendPool:
             for waiting in self._waiting.values():
                 waiting.notify()
 
+    def wake(self) -> None:
+        """Wake every lease waiting in line: one of them may have been cancelled."""
+        with self._cond:
+            for waiting in self._waiting.values():
+                waiting.notify()
+
     def _wake_first(self) -> None:
         """Tell the first lease in line that something changed (the lock held)."""
         if self._line:
@@ -138,17 +146,23 @@ class BackendPool:
         return min(free, key=lambda b: (b.busy, b._last_used))  # the least busy, then least recent
 
     @contextmanager
-    def lease(self, *, timeout: Optional[float] = None, exclude=()):
+    def lease(self, *, timeout: Optional[float] = None, exclude=(), cancelled: Optional[Callable] = None):
         """A Lease of the backend to run on, held until the block ends (or its release()). Waits
         (first come, first served) while every backend is busy; raises NoBackendLeft when
-        ``exclude`` leaves none, and TimeoutError after ``timeout`` seconds of waiting."""
+        ``exclude`` leaves none, TimeoutError after ``timeout`` seconds of waiting, and
+        ComfyInterrupted once ``cancelled()`` is true (a cancel wakes the line: wake())."""
         ticket = next(self._tickets)
         with self._cond:
             waiting = self._waiting[ticket] = threading.Condition(self._lock)
             self._line.append(ticket)
             try:
+                stop = (lambda: self._stop.is_set()) if cancelled is None else (
+                    lambda: self._stop.is_set() or cancelled())
                 ok = waiting.wait_for(lambda: self._line[0] == ticket and self._pick(exclude) is not None
-                                      or self._stop.is_set(), timeout)
+                                      or stop(), timeout)
+                if cancelled is not None and cancelled():
+                    raise ComfyInterrupted(message="The generation was cancelled while it waited for a "
+                                                   "ComfyUI backend")
                 if not ok or self._stop.is_set():
                     raise TimeoutError("no ComfyUI backend became free in time")
                 backend = self._pick(exclude)

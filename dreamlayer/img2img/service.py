@@ -315,7 +315,8 @@ class Img2ImgService:
             while True:
                 try:
                     # a retry never goes back to a backend already tried
-                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried) as lease:
+                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried,
+                                         cancelled=lambda: self.active.cancelled(run_id)) as lease:
                         tried.append(lease.backend)
                         batches = self._execute_on(lease, job, run_id, listener, files)
                     break
@@ -555,12 +556,16 @@ class Img2ImgService:
         """Cancel one run: "removed" / "interrupted" on ComfyUI, or "not_found" (not queued yet
         or already finished: a run not yet queued will not queue)."""
         prompt_id, client = self.active.cancel(run_id)
+        if not prompt_id:
+            self.pool.wake()  # it may wait for a backend: it stops waiting
         return client.cancel(prompt_id) if prompt_id else "not_found"
 
     def interrupt(self) -> dict:
         """Stop every generation of this service (queued or running) — and nobody else's."""
         outcomes = {}
-        for prompt_id, client in self.active.cancel_all():
+        running = self.active.cancel_all()
+        self.pool.wake()  # runs waiting for a backend stop waiting
+        for prompt_id, client in running:
             outcomes[prompt_id] = client.cancel(prompt_id)
         return {"status": "success", "interrupted": [p for p, o in outcomes.items() if o != "not_found"],
                 "outcomes": outcomes}

@@ -312,16 +312,16 @@ class SharedBackendPool(BackendPool):
         self.shared = None  # RedisSlots, set by the worker runtime
 
     @contextmanager
-    def lease(self, *, timeout=None, exclude=()):
+    def lease(self, *, timeout=None, exclude=(), cancelled=None):
         if self.slots is None or self.shared is None:
-            with super().lease(timeout=timeout, exclude=exclude) as lease:
+            with super().lease(timeout=timeout, exclude=exclude, cancelled=cancelled) as lease:
                 yield lease
             return
         slot = getattr(held, "slot", None)
         own = slot is None or slot.backend in exclude
         if own:
             slot = self.shared.acquire(timeout=timeout if timeout is not None else 3600, exclude=exclude,
-                                       cancelled=getattr(held, "cancelled", None))
+                                       cancelled=cancelled or getattr(held, "cancelled", None))
         backend = slot.backend
         with self._cond:
             backend.busy += 1
