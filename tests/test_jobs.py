@@ -178,9 +178,37 @@ def test_interrupt_endpoint_cancels_our_jobs(live_server, fake_comfy):
     fake_comfy.hang_next()
     job = accepted(submit(live_server.url))
     wait_for(job, lambda s: s["status"] == "running")
+    running = status(job)["prompt_id"] or wait_for(job, lambda s: s["prompt_id"])["prompt_id"]
     answer = requests.post(f"{live_server.url}/api/img2img/interrupt", json={}, timeout=5).json()
     assert answer["cancelled_jobs"] == [job["job_id"]]
+    # the job's prompt is listed as stopped, as a synchronous request's is (in this process: with
+    # REDIS_URL the replica running it stops it, after this answer)
+    if not live_server.app.config["IMG2IMG"].redis_url:
+        assert answer["interrupted"] == [running] and answer["outcomes"] == {running: "interrupted"}
     assert wait_for(job, lambda s: s["status"] != "running")["status"] == "cancelled"
+
+
+def test_a_cancel_while_comfyui_cannot_be_reached_is_not_lost(live_server, fake_comfy, service_config):
+    """In this process the cancel is a 503 and did not happen (a retry delivers it; it used to
+    answer 200 "running" while nothing was stopped, and the job then succeeded). With REDIS_URL
+    it is announced (200) and the replica running the job delivers it once ComfyUI is back."""
+    fake_comfy.hang_next()
+    job = accepted(submit(live_server.url))
+    wait_for(job, lambda s: s["status"] == "running" and s["prompt_id"])
+    fake_comfy.refuse_connections()
+    try:
+        if service_config.redis_url:
+            assert requests.post(job["cancel_url"], timeout=30).status_code == 200
+        for url in () if service_config.redis_url else (job["cancel_url"], f"{live_server.url}/api/img2img/interrupt"):
+            resp = requests.post(url, json={}, timeout=30)
+            assert resp.status_code == 503 and resp.json()["code"] == "comfyui_unreachable", resp.text
+        assert fake_comfy.interrupt_count == 0 and status(job)["status"] == "running"
+    finally:
+        fake_comfy.accept_connections()
+    if not service_config.redis_url:
+        assert requests.post(job["cancel_url"], timeout=30).status_code == 200
+    assert wait_for(job, lambda s: s["status"] != "running")["status"] == "cancelled"
+    assert fake_comfy.interrupt_count == 1
 
 
 def test_finished_jobs_expire_after_their_ttl_with_a_clear_code(fake_comfy, service_config, server_socket):

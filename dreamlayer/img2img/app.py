@@ -90,9 +90,16 @@ def job_cancel(job_id):
 @bp.post("/api/img2img/interrupt")
 def interrupt():
     """Cancel this service's generations (jobs and synchronous requests), nobody else's."""
-    cancelled = [job.id for job in jobs().cancel_all()]
-    answer = service().interrupt()
-    answer["cancelled_jobs"] = cancelled
+    try:
+        cancelled = jobs().cancel_all()
+    finally:  # synchronous requests too, even when a job's ComfyUI cannot be reached (raised after)
+        answer = service().interrupt()
+    for job in cancelled:  # jobs' prompts were cancelled with their jobs (in this process)
+        for prompt_id, outcome in getattr(job, "cancelled_prompt", {}).items():
+            answer["outcomes"][prompt_id] = outcome
+            if outcome != "not_found":
+                answer["interrupted"].append(prompt_id)
+    answer["cancelled_jobs"] = [job.id for job in cancelled]
     return jsonify(answer)
 
 

@@ -93,15 +93,33 @@ class ActiveRuns:
             run["cancelled"] = True
             return run["prompt_id"], run["client"]
 
-    def cancel_all(self) -> list:
-        """Mark every run cancelled; returns the prompt ids of those not cancelled before."""
+    def __contains__(self, run_id: str) -> bool:
         with self._lock:
-            fresh = [r for r in self._runs.values() if not r["cancelled"]]
-            for run in fresh:
+            return run_id in self._runs
+
+    def uncancelled(self) -> list:
+        """The ids of the runs not cancelled (yet)."""
+        with self._lock:
+            return [run_id for run_id, r in self._runs.items() if not r["cancelled"]]
+
+    def uncancel(self, run_id: str) -> None:
+        """Undo cancel(): the cancel could not reach ComfyUI, so it did not happen (a retry
+        tries again)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run["cancelled"] = False
+
+    def cancel_all(self) -> list:
+        """Mark every run cancelled; returns (run id, prompt id, client) of those with a prompt
+        not cancelled before."""
+        with self._lock:
+            fresh = [(run_id, r) for run_id, r in self._runs.items() if not r["cancelled"]]
+            for _, run in fresh:
                 run["cancelled"] = True
             # runs cancelled before were already taken care of: never cancel a prompt twice, as a
             # second global /interrupt could stop whatever ComfyUI runs next
-            return [(r["prompt_id"], r["client"]) for r in fresh if r["prompt_id"]]
+            return [(run_id, r["prompt_id"], r["client"]) for run_id, r in fresh if r["prompt_id"]]
 
     def __len__(self):
         with self._lock:
@@ -552,20 +570,34 @@ class Img2ImgService:
                 log.warning("cannot read ComfyUI output %s (%s); downloading it instead", path, exc)
         return backend.client.view(image)
 
-    def cancel_run(self, run_id: str) -> str:
-        """Cancel one run: "removed" / "interrupted" on ComfyUI, or "not_found" (not queued yet
-        or already finished: a run not yet queued will not queue)."""
+    def cancel_run(self, run_id: str) -> tuple:
+        """Cancel one run: (its prompt, "removed" / "interrupted" on ComfyUI), or (None,
+        "not_found") when it has no prompt (not queued yet: it will not queue; or finished). A
+        ComfyUI that cannot be reached raises, and the run is not cancelled (a retry tries again)."""
         prompt_id, client = self.active.cancel(run_id)
         if not prompt_id:
             self.pool.wake()  # it may wait for a backend: it stops waiting
-        return client.cancel(prompt_id) if prompt_id else "not_found"
+            return None, "not_found"
+        try:
+            return prompt_id, client.cancel(prompt_id)
+        except BaseException:
+            self.active.uncancel(run_id)
+            raise
 
     def interrupt(self) -> dict:
-        """Stop every generation of this service (queued or running) — and nobody else's."""
-        outcomes = {}
+        """Stop every generation of this service (queued or running) — and nobody else's. Runs
+        whose ComfyUI cannot be reached stay as they were and the first such error is raised,
+        after every other run was cancelled (a retry tries those again)."""
+        outcomes, failed = {}, None
         running = self.active.cancel_all()
         self.pool.wake()  # runs waiting for a backend stop waiting
-        for prompt_id, client in running:
-            outcomes[prompt_id] = client.cancel(prompt_id)
+        for run_id, prompt_id, client in running:
+            try:
+                outcomes[prompt_id] = client.cancel(prompt_id)
+            except ComfyError as exc:
+                self.active.uncancel(run_id)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return {"status": "success", "interrupted": [p for p, o in outcomes.items() if o != "not_found"],
                 "outcomes": outcomes}

@@ -49,6 +49,7 @@ class Job(Listener):
         self.error = None
         self.finished_at = None
         self.cancel_requested = False
+        self.cancelled_prompt: dict = {}  # {prompt id: outcome} of the cancel sent to ComfyUI
         self.events: list = []  # (id, kind, data)
         self.changed = threading.Condition()
         self.position_of = None  # set by the store: prompt_id -> queue position or None
@@ -225,7 +226,14 @@ class JobStore:
             if job.status in TERMINAL or job.cancel_requested:
                 return job
             job.cancel_requested = True
-        outcome = self.service.cancel_run(job.id)
+        try:
+            prompt_id, outcome = self.service.cancel_run(job.id)
+        except BaseException:
+            with job.changed:
+                job.cancel_requested = False  # not delivered (ComfyUI unreachable): a retry tries again
+            raise
+        if prompt_id is not None:
+            job.cancelled_prompt = {prompt_id: outcome}
         log.info("job %s cancel: %s", job.id, outcome)
         # The worker ends the job once its inputs are cleaned up; usually that is at once.
         if wait:
@@ -233,10 +241,19 @@ class JobStore:
         return job
 
     def cancel_all(self) -> list:
-        """Cancel every unfinished job; returns them."""
+        """Cancel every unfinished job; returns them. A job whose ComfyUI cannot be reached is
+        left as it was, and the first such error raised once the others are cancelled."""
         with self._lock:
             live = [j for j in self._jobs.values() if j.finished_at is None]
-        return [self.cancel(job.id, wait=False) for job in live]
+        cancelled, failed = [], None
+        for job in live:
+            try:
+                cancelled.append(self.cancel(job.id, wait=False))
+            except ComfyError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        return cancelled
 
     def _queue_position(self, prompt_id: str):
         return queue_position(self.service, prompt_id)

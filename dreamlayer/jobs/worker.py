@@ -213,13 +213,32 @@ class QueueWorkers:
 
     def _control(self, message: dict) -> None:
         if "cancel" in message:
-            outcome = self.service.cancel_run(str(message["cancel"]))
-            if outcome != "not_found":
-                log.info("job %s cancel: %s", message["cancel"], outcome)
+            self._cancel(str(message["cancel"]))
         elif message.get("interrupt"):
-            self.service.interrupt()
+            for run_id in self.service.active.uncancelled():
+                self._cancel(run_id)
         if self.slots is not None:
             self.slots.wake()  # a job here waiting for a slot (taken ahead) that is cancelled stops waiting
+
+    def _cancel(self, run_id: str, retry: bool = False) -> None:
+        """Cancel a run of this replica (any other has none by that id: nothing happens). A
+        ComfyUI that cannot be reached leaves the run uncancelled: tried again every second
+        while it runs here, as the announcement that asked for it is not sent twice."""
+        if retry and self.service.active.cancelled(run_id):
+            return  # delivered meanwhile (never cancel a prompt twice)
+        try:
+            _, outcome = self.service.cancel_run(run_id)
+        except ComfyError as exc:
+            if run_id in self.service.active and not self.stopping.is_set():
+                if not retry:
+                    log.warning("job %s: the cancel cannot reach ComfyUI (%s); trying again every second",
+                                run_id, exc.code)
+                timer = threading.Timer(1.0, self._cancel, (run_id, True))
+                timer.daemon = True
+                timer.start()
+            return
+        if outcome != "not_found":
+            log.info("job %s cancel: %s", run_id, outcome)
 
     # -- one job -------------------------------------------------------------------------------
     def _claim_slot(self):
