@@ -292,7 +292,7 @@ def _outpaint(data, warnings):
     if unknown:
         raise InvalidParameter("outpaint", f"'outpaint' has unknown keys {unknown}; it takes left, top, right, "
                                "bottom and feathering")
-    named = {f"outpaint.{k}": v for k, v in value.items()}
+    named = _named(value, "outpaint")
     sides = {}
     for side in OUTPAINT_SIDES:
         px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=COMFY_MAX_RESOLUTION, default=0)
@@ -336,15 +336,16 @@ def _enabled_items(value, key, limit):
 def parse_loras(value) -> tuple:
     loras = []
     for where, item in _enabled_items(value, "lora", MAX_LORAS):
-        name = _string(item, "lora_name", default="", max_len=1024)
+        item = _named(item, where)
+        name = _string(item, f"{where}.lora_name", default="", max_len=1024)
         if not name:
             raise InvalidParameter(f"{where}.lora_name", f"'{where}.lora_name' is required when the LoRA is enabled",
                                    code="missing_parameter")
         loras.append({"lora_name": name,
-                      "strength_model": _number(item, "strength_model", integer=False, lo=-100.0, hi=100.0,
-                                                default=1.0),
-                      "strength_clip": _number(item, "strength_clip", integer=False, lo=-100.0, hi=100.0,
-                                               default=1.0)})
+                      "strength_model": _number(item, f"{where}.strength_model", integer=False, lo=-100.0,
+                                                hi=100.0, default=1.0),
+                      "strength_clip": _number(item, f"{where}.strength_clip", integer=False, lo=-100.0,
+                                               hi=100.0, default=1.0)})
     return tuple(loras)
 
 
@@ -364,32 +365,38 @@ def parse_controlnet(value) -> tuple:
         raise InvalidParameter("controlnet.units", "'controlnet.units' must be a list")
     units = []
     for where, unit in _enabled_items(units_value, "controlnet.units", MAX_CONTROLNET_UNITS):
-        model = _string(unit, "model", default="", max_len=1024)
+        unit = _named(unit, where)
+        model = _string(unit, f"{where}.model", default="", max_len=1024)
         if not model:
             raise InvalidParameter(f"{where}.model", f"'{where}.model' (a ControlNet file) is required",
                                    code="missing_parameter")
-        pre = unit.get("preprocessor")
+        pre = unit.get(f"{where}.preprocessor")
         pre_key = _norm_label(pre) if isinstance(pre, str) else ("none" if pre is None else None)
         if pre_key not in PREPROCESSORS:
             raise InvalidParameter(f"{where}.preprocessor", f"Preprocessor {_show(pre)} is not supported; "
                                    f"supported: none, canny (core ComfyUI nodes)", code="unsupported_preprocessor",
                                    allowed=["none", "canny"])
-        low, high = (_threshold(unit, k, d) for k, d in (("threshold_a", 0.4), ("threshold_b", 0.8)))
-        start = _number(unit, "guidance_start", integer=False, lo=0.0, hi=1.0, default=0.0)
-        end = _number(unit, "guidance_end", integer=False, lo=0.0, hi=1.0, default=1.0)
+        low, high = (_threshold(unit, f"{where}.{k}", d) for k, d in (("threshold_a", 0.4), ("threshold_b", 0.8)))
+        start = _number(unit, f"{where}.guidance_start", integer=False, lo=0.0, hi=1.0, default=0.0)
+        end = _number(unit, f"{where}.guidance_end", integer=False, lo=0.0, hi=1.0, default=1.0)
         if start > end:
             raise InvalidParameter(f"{where}.guidance_start", f"'{where}.guidance_start' must not exceed guidance_end")
-        image = unit.get("input_image")
+        image = unit.get(f"{where}.input_image")
         if image is not None and not isinstance(image, str):
             raise InvalidParameter(f"{where}.input_image", f"'{where}.input_image' must be base64 or a data URL")
-        control_type = _string(unit, "control_type", default="", max_len=200)
-        union = bool(unit.get("union")) or "union" in model.lower()
+        control_type = _string(unit, f"{where}.control_type", default="", max_len=200)
+        union = bool(unit.get(f"{where}.union")) or "union" in model.lower()
         units.append({"model": model, "input_image": image or None, "preprocessor": PREPROCESSORS[pre_key],
-                      "low": low, "high": high, "strength": _number(unit, "weight", integer=False, lo=0.0, hi=2.0,
-                                                                     default=1.0),
+                      "low": low, "high": high, "strength": _number(unit, f"{where}.weight", integer=False, lo=0.0,
+                                                                     hi=2.0, default=1.0),
                       "start": start, "end": end,
                       "union_type": _union_type(control_type) if union else None, "where": where})
     return tuple(units)
+
+
+def _named(item: Mapping, where: str) -> dict:
+    """``item``'s keys as the fields errors name (``lora[1].strength_model``)."""
+    return {f"{where}.{key}": value for key, value in item.items()}
 
 
 def _threshold(unit, key, default):

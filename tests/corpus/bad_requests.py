@@ -282,6 +282,17 @@ def _param_cases():
         Case("param-lora-enabled-not-bool", "parameter", form_img({**BASE, "lora": [{"enabled": "yes"}]}), 400, P,
              field="lora[0].enabled"),
         Case("param-controlnet-number", "parameter", js({"controlnet": 5}), 400, P, field="controlnet"),
+        # a nested field's error names its whole path
+        Case("param-lora-strength-string", "parameter", js({"lora": {"lora_name": "a", "strength_model": "x"}}),
+             400, P, field="lora.strength_model"),
+        Case("param-lora-list-strength-range", "parameter",
+             js({"lora": [{"lora_name": "a"}, {"lora_name": "b", "strength_clip": 101}]}), 400, P,
+             field="lora[1].strength_clip"),
+        Case("param-controlnet-weight-range", "parameter",
+             js({"controlnet": {"units": [{"model": "c", "weight": 3}]}}), 400, P, field="controlnet.units[0].weight"),
+        Case("param-controlnet-threshold-string", "parameter",
+             js({"controlnet": {"units": [{"model": "c", "threshold_a": "low"}]}}), 400, P,
+             field="controlnet.units[0].threshold_a"),
         # bounded lists (docs/api.md): 16 LoRAs, 10 ControlNet units, counted before any name is looked up
         Case("param-lora-17", "parameter", js({"lora": [{"lora_name": f"l{i}.safetensors"} for i in range(17)]}),
              400, P, field="lora"),
