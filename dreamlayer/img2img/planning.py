@@ -47,7 +47,15 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
                 stretched = size
         else:
             image = resize_image(adv.resize_mode, image, size)
-            keep = resize_image(adv.resize_mode, keep, size) if keep is not None else None
+            if keep is not None:
+                keep = resize_image(adv.resize_mode, keep, size)
+                if keep.getextrema()[0] == 255:  # never drop a mask silently
+                    how = ("crops the image to {}, and the mask's area to inpaint lies outside that crop: use "
+                           "resize_mode 0 or 2, or another size" if adv.resize_mode == 1 else
+                           "resizes the image to {}, and the mask's area to inpaint vanishes at that size: paint "
+                           "a larger area, or ask for a larger size")
+                    raise InvalidParameter("resize_mode", f"resize_mode {adv.resize_mode} "
+                                           + how.format(f"{size[0]}x{size[1]}"), code="mask_empty")
         width = height = None
     plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                            width=width, height=height, paste_back=params.paste_back,

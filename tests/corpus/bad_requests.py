@@ -483,6 +483,11 @@ def _mask_cases():
              413, "mask_too_large"),
         Case("mask-all-white", "empty", form(BASE, grad, lambda: M.png(Image.new("L", IMG_SIZE, 255))), 400,
              "mask_empty"),
+        # resize mode 1 crops 200 x 100 to its middle 100 x 100: a mask in the left corner is cut away
+        Case("mask-cropped-away-by-resize-mode-1", "empty",
+             form({**BASE, "resize_mode": 1, "width": 104, "height": 104},
+                  lambda: M.png(M.solid((200, 100), M.RED)), lambda: M.png(M.keep_mask((200, 100), (0, 0, 20, 20)))),
+             400, "mask_empty", field="resize_mode"),
         Case("mask-all-transparent", "empty", js(image=grad, mask=lambda: M.png(Image.new("RGBA", IMG_SIZE, 0))),
              400, "mask_empty"),
         Case("mask-all-black-inverted", "empty",
