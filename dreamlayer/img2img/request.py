@@ -15,7 +15,10 @@ from dreamlayer.img2img.uploads import decode_base64_image
 
 
 def _loads(text, what: str, code: str):
-    """json.loads that answers 400 for anything it cannot parse, absurd nesting included."""
+    """json.loads that answers 400 for anything it cannot parse, absurd nesting included, and
+    bytes in another encoding than UTF-8 (which json.loads would guess: JSON is UTF-8, RFC 8259)."""
+    if isinstance(text, bytes) and json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):
+        raise BadRequest(f"{what} is not UTF-8 ({json.detect_encoding(text)}): send JSON in UTF-8", code=code)
     try:
         return json.loads(text)
     except RecursionError:

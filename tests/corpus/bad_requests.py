@@ -357,6 +357,11 @@ def _shape_cases():
         Case("json-empty-body", "params", raw_body("application/json", b""), 400, "invalid_json"),
         Case("json-array", "params", raw_body("application/json", b'[{"prompt": "x"}]'), 400, "invalid_params"),
         Case("json-bad-utf8", "params", raw_body("application/json", b'{"prompt": "\xff\xfe"}'), 400, "invalid_json"),
+        # JSON is UTF-8 (RFC 8259): a UTF-16 body, which json.loads would guess and read, is refused
+        Case("json-utf16", "params", raw_body("application/json", '{"prompt": "x"}'.encode("utf-16")), 400,
+             "invalid_json"),
+        Case("json-utf16-le-no-bom", "params", raw_body("application/json", '{"prompt": "x"}'.encode("utf-16-le")),
+             400, "invalid_json"),
         Case("json-nested-100000", "params", raw_body("application/json", b"[" * 100_000), 400, "invalid_json"),
         Case("json-object-nested-100000", "params",
              raw_body("application/json", b'{"prompt": "x", "a": ' + b"[" * 100_000), 400, "invalid_json"),
