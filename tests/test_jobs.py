@@ -103,6 +103,9 @@ def test_prefer_respond_async_header(live_server):
     params = {k: v for k, v in PARAMS.items() if k != "async"}
     job = accepted(submit(live_server.url, params, headers={"Prefer": "respond-async"}))
     assert wait_for(job, lambda s: s["status"] == "succeeded")["result"]["status"] == "success"
+    # a preference: the parameters' explicit "async": false wins
+    resp = submit(live_server.url, {**params, "async": False}, headers={"Prefer": "respond-async"})
+    assert resp.status_code == 200 and resp.json()["status"] == "success" and "Preference-Applied" not in resp.headers
 
 
 def test_bad_input_is_rejected_before_any_job(live_server, fake_comfy):

@@ -44,12 +44,15 @@ def jobs() -> JobStore:
 
 
 def _wants_async(req) -> bool:
-    """``"async": true`` in the parameters, or ``Prefer: respond-async`` (RFC 7240)."""
+    """``"async"`` in the parameters, else ``Prefer: respond-async`` (RFC 7240: a preference,
+    so an explicit ``"async": false`` wins)."""
     flag = req.params.pop("async", None)
     if flag is not None and not isinstance(flag, bool):
         raise InvalidParameter("async", "'async' must be true or false")
+    if flag is not None:
+        return flag
     prefer = request.headers.get("Prefer", "")
-    return bool(flag) or any(p.strip().lower() == "respond-async" for p in prefer.split(","))
+    return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 @bp.post("/api/img2img")
