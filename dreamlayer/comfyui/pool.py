@@ -110,12 +110,10 @@ class BackendPool:
 
     def close(self) -> None:
         self._stop.set()
-        with self._cond:
-            for waiting in self._waiting.values():
-                waiting.notify()
+        self.wake()
 
     def wake(self) -> None:
-        """Wake every lease waiting in line: one of them may have been cancelled."""
+        """Wake every lease waiting in line: the pool closed, or one of them was cancelled."""
         with self._cond:
             for waiting in self._waiting.values():
                 waiting.notify()

@@ -50,25 +50,20 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
             if keep is not None:
                 keep = resize_image(adv.resize_mode, keep, size)
                 if keep.getextrema()[0] == 255:  # never drop a mask silently
-                    how = ("crops the image to {}, and the mask's area to inpaint lies outside that crop: use "
-                           "resize_mode 0 or 2, or another size" if adv.resize_mode == 1 else
-                           "resizes the image to {}, and the mask's area to inpaint vanishes at that size: paint "
-                           "a larger area, or ask for a larger size")
-                    raise InvalidParameter("resize_mode", f"resize_mode {adv.resize_mode} "
-                                           + how.format(f"{size[0]}x{size[1]}"), code="mask_empty")
+                    raise InvalidParameter("resize_mode", _mask_lost(adv.resize_mode, size), code="mask_empty")
         width = height = None
     plan = inpainting.plan(image.size, keep, area=params.inpaint_area, padding=params.inpaint_padding,
                            width=width, height=height, paste_back=params.paste_back,
                            mask_blur=params.mask_blur)
-    asked = "width" if params.width or params.height else "image"
-    _check_output_pixels(asked, "The image ComfyUI would generate", plan.padded_size, max_output_pixels)
+    size_field = "width" if params.width or params.height else "image"
+    _check_output_pixels(size_field, "The image ComfyUI would generate", plan.padded_size, max_output_pixels)
     steps, output, latent_resize, hires_size = [], None, None, None
     if stretched is not None:
         # the padded latent is stretched to cover the size (multiples of 8), the rest cropped
         latent_resize = passes.canvas_for(stretched, plan.work_size, plan.padded_size)
         _check_latent_upscale("resize_mode", "resize_mode 3 (latent upscale) stretches", latent_resize,
                               "ask for a larger size, or use resize_mode 0 (a stretch in pixels)")
-        _check_output_pixels(asked, "resize_mode 3's stretched latent", latent_resize, max_output_pixels)
+        _check_output_pixels(size_field, "resize_mode 3's stretched latent", latent_resize, max_output_pixels)
         steps.append((latent_resize, "disabled"))
         output = stretched
     if adv.hires is not None:
@@ -93,15 +88,23 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
             raise InvalidParameter(field, f"This ComfyUI lacks the core nodes {', '.join(missing)} that scaling in "
                                    "the workflow needs (an old ComfyUI: update it)", code="node_missing",
                                    missing_nodes=missing)
-        if not can_finish:
-            raise InvalidParameter(field, f"'{field}' scales the generation in the workflow, which cannot finish "
-                                   "this request", code="unsupported_combination")
+        if not can_finish:  # (the combinations refused above leave none such)
+            raise InvalidParameter(field, f"'{field}' scales the generation inside the workflow, which then has "
+                                   "to finish the image, and cannot for this request", code="unsupported_combination")
     if can_finish:
         # the core template's outputs get the paste-back and crop as nodes: ComfyUI saves the
         # final image and the service serves it without decoding it (docs/performance.md)
         plan = dataclasses.replace(plan, final_from_comfyui=True, latent_resize=latent_resize,
                                    hires_size=hires_size, scale_steps=tuple(steps), output_size=output)
     return image, keep, plan
+
+
+def _mask_lost(mode: int, size: tuple) -> str:
+    if mode == 1:
+        return (f"resize_mode 1 crops the image to {size[0]}x{size[1]}, and the mask's area to inpaint lies outside "
+                "that crop: use resize_mode 0 or 2, or another size")
+    return (f"resize_mode {mode} resizes the image to {size[0]}x{size[1]}, and the mask's area to inpaint vanishes "
+            "at that size: paint a larger area, or ask for a larger size")
 
 
 def _check_output_pixels(field: str, what: str, size: tuple, limit: int) -> None:
