@@ -554,6 +554,15 @@ def test_images_route_downloads_and_still_shows_in_an_img(client, served):
     assert inline.status_code == 200 and parse_options_header(inline.headers["Content-Disposition"])[0] == "inline"
 
 
+def test_images_ignore_a_range_they_cannot_serve(client, served):
+    """As on :5004 (tests/test_image_downloads.py): RFC 9110 14.2, not Werkzeug's 416."""
+    data = served.read_bytes()
+    for header in ("items=0-1", "bytes=0-1,4-5", "bytes=x"):
+        resp = client.get(f"/api/images/{served.name}", headers={"Range": header})
+        assert resp.status_code == 200 and resp.data == data, header
+    assert client.get(f"/api/images/{served.name}", headers={"Range": "bytes=1-3"}).data == data[1:4]
+
+
 def test_images_route_serves_comfyuis_output_folder_too(client, comfy_dir):
     (comfy_dir / "output" / "ComfyUI_00002_.png").write_bytes(png_bytes())
     for prefix in ("/images/", "/api/images/"):

@@ -23,6 +23,7 @@ from dreamlayer.backend.controlnet_uploads import save_controlnet_image, unit_in
 from dreamlayer.backend.images import ImageNotFound, requested_filename, show_in_folder
 from dreamlayer.backend.model_uploads import receive_model
 from dreamlayer.errors import ApiError, BadRequest, PayloadTooLarge
+from dreamlayer.http_range import ignore_unusable_range
 
 bp = Blueprint("dream_layer_page", __name__)
 
@@ -138,6 +139,7 @@ def image(filename):
     mimetype = mimetypes.guess_type(path.name)[0] if path is not None else None
     if path is None or not (mimetype or "").startswith("image/"):
         raise ImageNotFound(f"No image named {filename[:200]!r}")
+    ignore_unusable_range(request)
     if request.path.startswith("/images/"):
         return send_file(path, mimetype=mimetype, max_age=3600, as_attachment=True, download_name=path.name)
     return send_file(path, mimetype=mimetype, max_age=3600)

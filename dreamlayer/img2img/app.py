@@ -24,6 +24,7 @@ from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
+from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img.service import Img2ImgService
 from dreamlayer.jobs.store import JobStore, sse
 from dreamlayer.img2img.request import parse_request
@@ -117,6 +118,7 @@ def served_image(filename):
         raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
     if isinstance(found, bytes):  # REDIS_URL: the image is kept in Redis
         found = io.BytesIO(found)
+    ignore_unusable_range(request)
     attachment = request.path.startswith("/images/")
     return send_file(found, mimetype="image/png", max_age=3600, as_attachment=attachment,
                      download_name=filename.rsplit("/", 1)[-1])
