@@ -488,6 +488,23 @@ def test_a_slot_lent_after_redis_was_away_is_not_used_once_another_replica_holds
     assert fresh is None  # both slots held, one by each
 
 
+def test_a_slot_released_while_redis_is_away_frees_itself_and_raises_nothing(redis_server):
+    """A job whose prompt ends while Redis is away gives its slot back at the end: that must not
+    turn the finished job into a 500 (seen: internal_error); the slot's lease runs out instead."""
+    from dreamlayer.comfyui.pool import Backend
+    from dreamlayer.jobs.slots import RedisSlots, SharedBackendPool
+
+    a = Backend("http://127.0.0.1:1", client=None)
+    here = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 1.0)
+    slot = here.try_acquire()
+    assert slot is not None
+    redis_server.stop()
+    here.release(slot)  # no exception
+    redis_server.start()
+    other = RedisSlots(redis_server.client(), SharedBackendPool([a], slots=1), 1.0)
+    wait_until(lambda: other.try_acquire() is not None, what="the slot to free itself after its lease")
+
+
 def test_a_slot_released_while_the_lease_keeper_renews_it_is_not_taken_again(redis_server):
     """The lease keeper renews a list of slots read before a worker released one of them: its
     renewal must not take that slot again (the "expired, taken again" path), or the slot is held

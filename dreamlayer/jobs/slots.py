@@ -18,7 +18,7 @@ from redis.exceptions import LockError
 
 from dreamlayer.comfyui.errors import ComfyInterrupted
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
-from dreamlayer.jobs.records import PREFIX
+from dreamlayer.jobs.records import PREFIX, REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class Slot:
                 self.lock.release()
             except LockError:
                 pass  # expired already: someone else may hold it now
+            except REDIS_DOWN as exc:  # its lease runs out by itself: the job's outcome stands
+                log.info("the slot of %s is not released (Redis away: %s); it frees itself within a lease",
+                         self.backend.url, exc)
 
 
 class RedisSlots:
