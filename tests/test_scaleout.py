@@ -568,6 +568,32 @@ def test_a_job_taken_ahead_by_a_replica_that_is_killed_is_run_by_the_other(repli
     assert len(a.prompts) + len(b.prompts) == 5  # two lost prompts (cancelled) and three runs
 
 
+def test_a_killed_replicas_prompts_are_cancelled_at_once_even_while_every_backend_is_taken(
+        replicas, backends, redis_server):
+    """The lost runs' prompts go on running on their backends for nobody. Once their slots'
+    leases run out, new jobs take those backends (queued behind them in ComfyUI), so the lost
+    jobs' reruns wait: the worker that finds the lost jobs cancels their prompts then, instead
+    of their reruns doing it once they get a backend — by which time those prompts had run to
+    their end, GPU time for nobody while the new jobs waited behind them."""
+    a, b = backends
+    a.step_delay = b.step_delay = 0.2  # 50 steps: 10 s
+    r1 = replicas.start()
+    lost = [accepted(submit(r1, {"steps": 50}, seed=s)) for s in (1, 2)]
+    wait_until(lambda: a.running_prompt_id() and b.running_prompt_id(), what="both backends to run r1's jobs")
+    lost_prompts = {a.running_prompt_id(), b.running_prompt_id()}
+    r2 = replicas.start()  # only now: r1 holds every slot
+    r1.kill()
+    new = [accepted(submit(r2, {"steps": 50}, seed=s)) for s in (3, 4)]  # queued before the reruns
+    wait_until(lambda: a.interrupt_count == 1 and b.interrupt_count == 1,
+               what="the lost prompts to be cancelled while the new jobs hold both backends")
+    # (an interrupt takes effect at the prompt's next step)
+    wait_until(lambda: {a.running_prompt_id(), b.running_prompt_id()}.isdisjoint(lost_prompts),
+               what="the new jobs' prompts to run in place of the lost ones")
+    a.step_delay = b.step_delay = 0.0
+    for job in new + lost:
+        assert finished(r2, job)["status"] == "succeeded"
+
+
 def test_a_synchronous_request_run_at_once_whose_replica_is_killed_is_finished_by_the_other(
         replicas, backends, redis_server):
     """A synchronous request that an idle replica runs at once (in the request's own thread, not

@@ -46,7 +46,8 @@ QUIET_AFTER = 4
 IDLE_POLL_MAX_S = 1.0
 
 #: The runtime and worker of the thread running a job (set by QueueWorker.execute_job, read by
-#: worker.perform, the function RQ calls).
+#: worker.perform, the function RQ calls); ``cleaner``: the runtime of a worker running RQ's
+#: upkeep (QueueWorker.run_maintenance_tasks, read by on_failure).
 current = threading.local()
 
 
@@ -61,8 +62,11 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
         log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
         # attempt None: the lost run, should it still be alive (a paused process), writes nothing more
         fields = {"status": "queued", "prompt_id": None, "queue_position": None, "attempt": None}
-        lost_prompt = (records.load(job.id) or {}).get("prompt_id")
-        if lost_prompt:  # the lost run's prompt may still be on its backend: the next run cancels it
+        record = records.load(job.id) or {}
+        lost_prompt, cleaner = record.get("prompt_id"), getattr(current, "cleaner", None)
+        # the lost run's prompt may still run on its backend, for nobody, while jobs wait for that
+        # backend: cancelled now by the worker cleaning up, else by the job's next run
+        if lost_prompt and not (cleaner is not None and cleaner.forget_prompt(lost_prompt, record.get("backend"))):
             fields["lost_prompt_id"] = lost_prompt
         records.write(job.id, fields,
                       [("queued", {"type": "queued", "position": None, "prompt_id": None, "requeued": True})])
@@ -233,6 +237,14 @@ class QueueWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, int(round(self.runtime.lease_s)))
+
+    def run_maintenance_tasks(self):
+        """RQ's upkeep, registry cleanup included: on_failure can reach the backends from here."""
+        current.cleaner = self.runtime
+        try:
+            super().run_maintenance_tasks()
+        finally:
+            current.cleaner = None
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         shared = self.runtime.slots

@@ -399,13 +399,20 @@ class QueueWorkers:
 
     def _forget_stale_prompt(self, record: dict) -> None:
         """A job run again after its worker died: the prompt that worker queued may still be
-        on its backend; cancel it (only it) so the GPU does not run it for nobody."""
-        prompt_id, url = record.get("lost_prompt_id") or record.get("prompt_id"), record.get("backend")
-        if not prompt_id or not url:
-            return
+        on its backend (when the cleanup could not cancel it); cancel it (only it)."""
+        prompt_id = record.get("lost_prompt_id") or record.get("prompt_id")
+        if prompt_id:
+            self.forget_prompt(prompt_id, record.get("backend"))
+
+    def forget_prompt(self, prompt_id: str, url) -> bool:
+        """Cancel a lost run's prompt (only it) on the backend at ``url``, so that its GPU does not
+        run it for nobody while jobs wait; True once ComfyUI answered (cancelled, or gone)."""
         for backend in self.service.pool.backends:
             if backend.url == url:
                 try:
-                    backend.client.cancel(prompt_id)
+                    outcome = backend.client.cancel(prompt_id)
                 except ComfyError:
-                    pass
+                    return False
+                log.info("the lost run's prompt %s on %s: %s", prompt_id, url, outcome)
+                return True
+        return False
