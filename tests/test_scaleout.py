@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -820,6 +821,37 @@ def test_sigterm_lets_the_running_job_finish_before_the_replica_exits(replicas, 
     assert snap["status"] == "succeeded", snap
     assert snap["progress"]["value"] == 20
     assert not [d for _, k, d in events(api, job) if k == "queued" and d.get("requeued")]
+
+
+def test_sigterm_lets_a_synchronous_request_in_progress_answer(replicas, backends, redis_server):
+    """SIGTERM while a synchronous request runs: the replica stops accepting connections but the
+    request still gets its answer (waitress alone ended its socket loop at once, so an answer
+    finished after the signal was never sent: the client saw the connection drop)."""
+    a, b = backends
+    replica = replicas.start()
+    for fake in backends:
+        fake.hold_views()  # the run ends on ComfyUI; its output download waits here
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            answer = pool.submit(submit, replica, sync=True, seed=8)
+            wait_until(lambda: a.views_held() + b.views_held() == 1, what="the request's output download")
+            replica.proc.terminate()
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", replica.port), timeout=2).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+            wait_until(refused, what="the replica to stop accepting connections")
+            for fake in backends:
+                fake.release_views()
+            resp = answer.result(timeout=60)
+        assert resp.status_code == 200 and resp.json()["status"] == "success", resp.text
+        assert replica.proc.wait(30) == 0, replica.log()[-3000:]
+    finally:
+        for fake in backends:
+            fake.release_views()
 
 
 def test_a_paused_replica_whose_job_moved_on_does_not_spoil_its_end(replicas, backends, redis_server):

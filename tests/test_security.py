@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -271,11 +272,25 @@ def test_linking_a_file_again_under_its_name_leaves_no_temporary_link(tmp_path):
 
 @pytest.fixture
 def captured_serve(monkeypatch, tmp_path):
-    """Run img2img_server.main() with waitress.serve and Flask.run replaced by recorders."""
-    import waitress
+    """Run img2img_server.main() with waitress's create_server and Flask.run replaced by recorders."""
+    import waitress.server
 
     calls = {"serve": [], "run": []}
-    monkeypatch.setattr(waitress, "serve", lambda app, **kw: calls["serve"].append((app, kw)))
+
+    class RecordedServer:
+        """What main() uses of waitress's server; serving returns at once."""
+
+        def __init__(self, app, **kw):
+            calls["serve"].append((app, kw))
+            self.task_dispatcher = SimpleNamespace(shutdown=lambda **_: True)
+
+        def print_listen(self, format_str):
+            pass
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(waitress.server, "create_server", RecordedServer)
     monkeypatch.setattr(Flask, "run", lambda self, *a, **kw: calls["run"].append((a, kw)))
     for name in ("COMFYUI_DIR", "COMFYUI_INPUT_DIR", "COMFYUI_OUTPUT_DIR", "IMG2IMG_API_KEY", "DREAMLAYER_DEMO"):
         monkeypatch.delenv(name, raising=False)
@@ -295,7 +310,7 @@ def test_a_normal_start_serves_with_waitress_never_flasks_debug_server(captured_
     assert 1_000_000 < kwargs["max_request_body_size"] <= 1_000_000 + 2 * 1024 * 1024
     assert "werkzeug.debug" not in repr(app.wsgi_app)
     source = (ROOT / "img2img_server.py").read_text() + (ROOT / "dreamlayer" / "img2img" / "app.py").read_text()
-    assert ".run(" not in source and "debug=True" not in source and "run_simple" not in source
+    assert "app.run(" not in source and "debug=True" not in source and "run_simple" not in source
 
 
 @pytest.mark.parametrize("env", [{"FLASK_DEBUG": "1"}, {"FLASK_DEBUG": "true", "FLASK_ENV": "development"}])

@@ -10,6 +10,7 @@ import hmac
 import io
 import signal
 import threading
+import time
 import logging
 import sys
 from functools import lru_cache
@@ -25,6 +26,7 @@ from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
 from dreamlayer.http_range import ignore_unusable_range
+from dreamlayer.img2img import graceful_stop
 from dreamlayer.img2img.service import Img2ImgService
 from dreamlayer.jobs.store import JobStore, sse
 from dreamlayer.img2img.request import parse_request
@@ -219,11 +221,12 @@ def _queue_workers(config: Config, service: Img2ImgService):
     return QueueWorkers(service, config, count=count).start()
 
 
-def shutdown(app: Flask) -> None:
-    """Stop what create_app started: queue workers, the backend prober, the job store."""
+def shutdown(app: Flask, deadline: float | None = None) -> None:
+    """Stop what create_app started: queue workers (their running jobs may finish, within 10 s or
+    until ``deadline``, a time.monotonic()), the backend prober, the job store."""
     workers = app.extensions.get("img2img_workers")
     if workers is not None:
-        workers.stop()
+        workers.stop(deadline=deadline)
     app.extensions["img2img"].pool.close()
     app.extensions["img2img_jobs"].shutdown()
 
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
         return report("img2img_server", exc)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env.log_warnings()
-    from waitress import serve
+    from waitress.server import create_server
 
     app = create_app(config)
     if config.redis_url and config.role == "worker":
@@ -278,10 +281,18 @@ def main(argv=None) -> int:
     # Everything loaded so far lives as long as the process: keep the cyclic garbage collector
     # from walking it again in every full collection (a pause of milliseconds, mid-request).
     gc.freeze()
-    if config.redis_url:
-        _stop_on_sigterm()
-    serve(app, **server_options(config))
-    shutdown(app)
+    server = create_server(app, **server_options(config))
+    server.print_listen("Serving on http://{}:{}")
+    stopping = None
+    workers = app.extensions["img2img_workers"]
+    if config.redis_url:  # SIGTERM / Ctrl-C: a graceful stop (docs/scaling.md); else as waitress does
+        stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None)
+    server.run()  # until Ctrl-C (waitress stops itself) or the graceful stop closes it
+    if stopping is not None and stopping["deadline"] is not None:
+        server.task_dispatcher.shutdown(timeout=max(0.0, stopping["deadline"] - time.monotonic()))
+        shutdown(app, deadline=stopping["deadline"])
+    else:
+        shutdown(app)
     return 0
 
 
@@ -293,16 +304,6 @@ def server_options(config: Config) -> dict:
                 # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
                 # 1.3 ms instead of 2.3 ms (waitress's defaults: 8 KiB reads, spooled over 512 KiB)
                 recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
-
-
-def _stop_on_sigterm() -> None:
-    """REDIS_URL: SIGTERM stops the server as Ctrl-C does (waitress ends on KeyboardInterrupt),
-    so that shutdown() lets the queue workers finish their running jobs before the process exits,
-    instead of the jobs being lost and run again after the lease. A second SIGTERM ends it at once."""
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
 
 
 def _work_until_stopped(app: Flask, config: Config) -> int:

@@ -89,14 +89,21 @@ class QueueWorkers:
             self.threads.append(thread)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Take no more jobs; the running ones go on (stop() waits for them)."""
         self.stopping.set()
-        self._later.put(None)  # after the writes already handed over: they are made first
         with self._lock:
             for worker in self.workers:
                 worker._stop_requested = True
+
+    def stop(self, timeout: float = 10.0, deadline: float | None = None) -> None:
+        """Take no more jobs and wait for the running ones: ``timeout`` seconds, or until
+        ``deadline`` (time.monotonic())."""
+        self.request_stop()
+        self._later.put(None)  # after the writes already handed over: they are made first
+        deadline = deadline if deadline is not None else time.monotonic() + timeout
         for thread in self.threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- the threads ---------------------------------------------------------------------------
     def _work(self) -> None:

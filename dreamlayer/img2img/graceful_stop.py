@@ -1,0 +1,73 @@
+"""A graceful stop for waitress (REDIS_URL replicas): on SIGTERM or Ctrl-C the replica stops taking jobs and
+connections, the requests in progress get up to a grace period to answer (a synchronous request
+waits for its job), then the server closes and the queue workers get what is left of it.
+
+waitress's own stop (KeyboardInterrupt) ends its socket loop first and gives its threads 5 s: an
+answer finished after that is never sent, so a synchronous request running then lost its answer.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from waitress import wasyncore
+from waitress.server import BaseWSGIServer
+
+log = logging.getLogger(__name__)
+
+#: docs/scaling.md: a replica stopped with SIGTERM gives its running jobs up to this long.
+GRACE_S = 10.0
+
+
+def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S) -> dict:
+    """Handle SIGTERM and Ctrl-C (SIGINT) so; ``on_stop()`` runs first (the queue workers stop
+    taking jobs). Returns a dict whose "deadline" (time.monotonic()) is set once the signal came.
+    A second signal ends the process at once."""
+    state: dict = {"deadline": None}
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        state["deadline"] = time.monotonic() + grace_s
+        log.info("%s: no new connections or jobs; requests in progress have %g s to answer",
+                 signal.Signals(signum).name, grace_s)
+        threading.Thread(target=_drain, args=(server, on_stop, state["deadline"]), name="graceful-stop",
+                         daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return state
+
+
+def _socket_map(server) -> dict:
+    return server.map if hasattr(server, "map") else server._map  # MultiSocketServer / one socket
+
+
+def _drain(server, on_stop, deadline: float) -> None:
+    on_stop()
+    socket_map = _socket_map(server)
+    listeners = [d for d in list(socket_map.values()) if isinstance(d, BaseWSGIServer)]
+    trigger = listeners[0].trigger
+
+    def stop_accepting():
+        for listener in listeners:
+            listener.accepting = False
+            wasyncore.dispatcher.close(listener)  # the listening socket only (not the trigger)
+
+    trigger.pull_trigger(stop_accepting)
+    while _busy(server, socket_map) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _busy(server, socket_map):
+        log.warning("requests still in progress after the grace period: closing them")
+    trigger.pull_trigger(lambda: wasyncore.close_all(socket_map))  # the loop ends with its map empty
+
+
+def _busy(server, socket_map) -> bool:
+    """A request queued, running, or with answer bytes not sent yet."""
+    dispatcher = server.task_dispatcher
+    if dispatcher.queue:
+        return True
+    return any(getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)
+               for channel in list(socket_map.values()))
