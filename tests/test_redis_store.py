@@ -90,6 +90,22 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(service_config, redi
         shutdown(app)
 
 
+def test_health_counts_the_workers_again_after_redis_lost_its_data(service_config, redis_server, fake_comfy):
+    """A Redis restarted without its data (no AOF / RDB) forgot RQ's worker registrations: the
+    workers register again with their heartbeats, so /health's count recovers by itself."""
+    app = create_app(service_config.replace(redis_url=redis_server.url, job_lease_s=1))
+    try:
+        client = app.test_client()
+        wait_until(lambda: client.get("/health").get_json()["queue"]["workers"] == 4, what="4 live workers")
+        redis_server.client().flushall()
+        assert client.get("/health").get_json()["queue"]["workers"] == 0
+        wait_until(lambda: client.get("/health").get_json()["queue"]["workers"] == 4,
+                   what="the workers to register again")
+        assert post(client, PARAMS).status_code == 200
+    finally:
+        shutdown(app)
+
+
 def test_finished_records_and_images_expire_with_the_job_ttl(service_config, redis_server, fake_comfy):
     app = create_app(service_config.replace(redis_url=redis_server.url, job_ttl_s=0.5))
     try:

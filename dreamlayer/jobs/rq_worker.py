@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from rq import Queue
+from rq import Queue, worker_registration
 from rq.exceptions import AbandonedJobError, StopRequested
 from rq.executions import Execution, ExecutionRegistry
 from rq.timeouts import TimerDeathPenalty
@@ -184,6 +184,9 @@ class QueueWorker(SimpleWorker):
             return None
         with self.connection.pipeline() as pipe:  # RQ sends its three commands one by one
             super().heartbeat(*args, pipeline=pipe, **kwargs)
+            # registered again (idempotent): a Redis that restarted without its data forgot the
+            # workers, and /health's count of live workers would stay low for good
+            worker_registration.register(self, pipe)
             pipe.execute()
 
     def prepare_execution(self, job):
