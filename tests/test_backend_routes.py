@@ -414,6 +414,9 @@ def test_a_controlnet_image_is_stored_in_comfyuis_input_folder(client, comfy_dir
     ([("unit_index", "0")], 400, "missing_image"),
     ([("file", ("x.png", png_bytes(), "image/png")), ("unit_index", "../1")], 400, "invalid_parameter"),
     ([("file", ("x.png", png_bytes(), "image/png")), ("unit_index", "100")], 400, "invalid_parameter"),
+    # digits int() refuses (superscript: was a 500) or reads as another number (Arabic-Indic 3)
+    ([("file", ("x.png", png_bytes(), "image/png")), ("unit_index", "\u00b9")], 400, "invalid_parameter"),
+    ([("file", ("x.png", png_bytes(), "image/png")), ("unit_index", "\u0663")], 400, "invalid_parameter"),
 ])
 def test_bad_controlnet_uploads_are_refused_and_leave_nothing(client, comfy_dir, parts, status, code):
     body, ctype = browser_multipart(parts)
@@ -605,6 +608,7 @@ def test_images_over_a_real_socket_with_traversal(cfg, app, served, tmp_path, se
 # ---------------------------------------------------------------------------- CORS, origins
 
 PAGE_ROUTES = [("GET", "/api/fetch-prompt?type=positive"), ("POST", "/api/add-api-key"),
+               ("POST", "/api/settings/paths"),
                ("POST", "/api/upload-model"), ("POST", "/api/upload-controlnet-image"),
                ("POST", "/api/show-in-folder"), ("POST", "/api/send-to-extras"), ("POST", "/api/send-to-img2img"),
                ("GET", "/images/x.png"), ("GET", "/api/images/x.png")]

@@ -165,6 +165,7 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     # show-in-folder starts the desktop's file manager, for loopback clients only; tests replace it
     app.config["FOLDER_OPENER"] = open_folder if config.open_folders else None
     register_error_handlers(app)
+    app.before_request(page_routes.posts_only_from_allowed_origins)
     app.register_blueprint(bp)
     app.register_blueprint(page_routes.bp)
     return app

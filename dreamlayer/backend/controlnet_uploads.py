@@ -35,7 +35,7 @@ def unit_index(value) -> int:
     if value is None or value == "":
         return 0
     text = str(value).strip()
-    if not text.isdigit() or int(text) > MAX_UNIT_INDEX:
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_UNIT_INDEX:  # not "¹" or "٣"
         raise InvalidParameter("unit_index", f"'unit_index' must be a whole number from 0 to {MAX_UNIT_INDEX}",
                                minimum=0, maximum=MAX_UNIT_INDEX)
     return int(text)

@@ -37,8 +37,8 @@ def _backend():
     return current_app.extensions["dream_layer"]
 
 
-@bp.before_request
 def posts_only_from_allowed_origins():
+    """Every POST of the app (create_app registers it for all routes, the settings' too)."""
     if request.method != "POST":
         return None
     origin = request.headers.get("Origin")
