@@ -585,6 +585,19 @@ def test_nothing_outside_the_image_folders_is_served_by_images(client, cfg, comf
         assert resp.status_code == 404 and resp.get_json()["status"] == "error", name
 
 
+def test_files_that_are_not_raster_images_are_neither_served_shown_nor_sent(client, cfg, comfy_dir, opener):
+    """An SVG (which may hold script, on this origin) or a text file in the image folders: GET,
+    Show in Folder and Send To all answer 404 image_not_found, as for a name that is not there."""
+    (comfy_dir / "output" / "notes.txt").write_text("x")
+    (cfg.shared.served_images_dir / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    for name in ("notes.txt", "drawing.svg"):
+        assert client.get(f"/api/images/{name}").status_code == 404
+        for route in ("/api/show-in-folder", "/api/send-to-img2img", "/api/send-to-extras"):
+            resp = client.post(route, json={"filename": name}, headers=PAGE)
+            assert (resp.status_code, resp.get_json()["code"]) == (404, "image_not_found"), (route, name)
+    assert opener.calls == []
+
+
 def test_images_over_a_real_socket_with_traversal(cfg, app, served, tmp_path, server_socket):
     import http.client
     (tmp_path / "secret.png").write_bytes(png_bytes())

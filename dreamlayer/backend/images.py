@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import mimetypes
 import os
 import re
 import shutil
@@ -23,6 +24,9 @@ from dreamlayer.errors import ApiError, BadRequest
 from dreamlayer.img2img.staging import SAFE_NAME
 
 log = logging.getLogger(__name__)
+
+#: What the image routes serve (by the name's extension): the raster images ComfyUI and the services write.
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif"}
 
 #: Names of the ControlNet images this backend writes into ComfyUI's input folder.
 CONTROLNET_NAME = re.compile(r"^controlnet_unit_\d{1,2}_[0-9a-f]{16}\.png\Z")
@@ -89,7 +93,10 @@ class ImageFolders:
         return out
 
     def find(self, name: str) -> Optional[Path]:
-        """A generated image by name (served folder first), or None."""
+        """A generated image by name (served folder first), or None. Raster images only: an SVG
+        (which may hold script) or any other file in those folders is not this backend's to serve."""
+        if not isinstance(name, str) or mimetypes.guess_type(name)[0] not in IMAGE_TYPES:
+            return None
         for folder in self.folders():
             path = confined_file(folder, name)
             if path is not None:
