@@ -932,3 +932,78 @@ def test_sockets_are_closed_and_spares_opened_by_one_reused_worker(fake_comfy, c
     _idle_socket(client)
     client.close()
     wait_until(lambda: not worker.is_alive(), what="the socket worker to end after close()")
+
+
+class HeldServer:
+    """A loopback HTTP server that counts requests and answers each only once released (a ComfyUI
+    that accepts connections and takes its time), with ``body`` (status 200)."""
+
+    def __init__(self, body: bytes):
+        self.body, self.requests, self.release = body, 0, threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.requests += 1
+            self.release.wait(30)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(self.body)}\r\n\r\n".encode() + self.body)
+
+    def close(self):
+        self.release.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("body, error", [(b'{"KSampler": {"input": {}}}', None), (b"[1, 2, 3]", ComfyBadResponse),
+                                         (b'{"UpscaleModelLoader": "garbage"}', ComfyBadResponse)])
+def test_callers_of_object_info_share_the_fetch_in_progress(body, error):
+    """Found with a ComfyUI that accepted connections and never answered: four page loads' model
+    lists fetched /object_info one after another, 30 s each (the last answered after 122 s).
+    Callers that come while a fetch runs now share its answer or its error; an answer that is not
+    an object of node classes is ComfyBadResponse (was a 500 in the model lists)."""
+    server = HeldServer(body)
+    client = ComfyClient(server.url)
+    try:
+        results = [None] * 4
+
+        def call(i):
+            try:
+                results[i] = client.object_info(refresh=True)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                results[i] = exc
+        threads = [threading.Thread(target=call, args=(0,))]
+        threads[0].start()
+        wait_until(lambda: server.requests == 1, what="the first fetch to reach the server")
+        flight = client.http._object_info_flight
+        threads += [threading.Thread(target=call, args=(i,)) for i in (1, 2, 3)]
+        for t in threads[1:]:
+            t.start()
+        # (CPython detail: the followers wait on the shared Future's condition)
+        wait_until(lambda: len(flight._condition._waiters) == 3, what="the other callers to wait for that fetch")
+        server.release.set()
+        for t in threads:
+            t.join(30)
+        assert server.requests == 1
+        if error is None:
+            assert all(r == {"KSampler": {"input": {}}} for r in results)
+        else:
+            assert all(isinstance(r, error) for r in results), results
+    finally:
+        server.close()
+        client.close()

@@ -8,6 +8,7 @@ import logging
 import mimetypes
 import socket
 import threading
+from concurrent.futures import Future
 from typing import Optional
 from urllib.parse import quote
 
@@ -42,6 +43,7 @@ class ComfyHttp:
         self._session.cert = settings["cert"]
         self._object_info: Optional[dict] = None
         self._object_info_lock = threading.Lock()
+        self._object_info_flight: Optional[Future] = None  # the fetch in progress, shared
 
     def close(self) -> None:
         self._session.close()
@@ -163,11 +165,32 @@ class ComfyHttp:
             return False
 
     def object_info(self, refresh: bool = False) -> dict:
-        """GET /object_info, cached (it is large and changes only when models are added)."""
+        """GET /object_info, cached (it is large and changes only when models are added). One
+        fetch at a time, shared: callers that come while it runs get its answer (or its error),
+        instead of each waiting for a ComfyUI that does not answer in turn."""
         with self._object_info_lock:
-            if self._object_info is None or refresh:
-                self._object_info = self._json(self._request("GET", "/object_info"), "GET /object_info")
-            return self._object_info
+            if self._object_info is not None and not refresh:
+                return self._object_info
+            flight, leader = self._object_info_flight, self._object_info_flight is None
+            if leader:
+                flight = self._object_info_flight = Future()
+        if not leader:
+            return flight.result()
+        try:
+            info = self._json(self._request("GET", "/object_info"), "GET /object_info")
+            if not isinstance(info, dict) or not all(isinstance(node, dict) for node in info.values()):
+                raise ComfyBadResponse(f"ComfyUI at {self.base_url} answered GET /object_info with JSON that is not "
+                                       "an object of node classes")
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._object_info_lock:
+                self._object_info_flight = None
+        with self._object_info_lock:
+            self._object_info = info
+        flight.set_result(info)
+        return info
 
 
 def _causes(exc: BaseException):

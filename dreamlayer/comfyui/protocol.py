@@ -194,13 +194,16 @@ def input_choices(object_info: dict, class_type: str, input_name: str) -> list:
         raise KeyError(f"ComfyUI has no node class {class_type!r}")
     inputs = info.get("input") or {}
     for section in ("required", "optional"):
-        spec = (inputs.get(section) or {}).get(input_name)
+        group = inputs.get(section) or {} if isinstance(inputs, dict) else None
+        if not isinstance(group, dict):
+            raise KeyError(f"ComfyUI's description of {class_type} is malformed ({section} inputs: {group!r:.80})")
+        spec = group.get(input_name)
         if spec is None:
             continue
         kind = spec[0] if isinstance(spec, (list, tuple)) and spec else None
         if isinstance(kind, list):
             return list(kind)
-        if kind == "COMBO" and len(spec) > 1:  # newer servers' combo format
+        if kind == "COMBO" and len(spec) > 1 and isinstance(spec[1] or {}, dict):  # newer servers' combo format
             return list((spec[1] or {}).get("options") or [])
         raise KeyError(f"{class_type}.{input_name} is not a list input (type {kind!r})")
     raise KeyError(f"ComfyUI node {class_type!r} has no input {input_name!r}")
