@@ -41,6 +41,21 @@ def test_check_directory_rejects(value, message):
     assert info.value.field == "outputDirectory"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
+def test_check_directory_checks_the_path_it_saves(tmp_path):
+    """"<link>/../x" exists through the link (its target's parent has x) while the saved, normalized
+    "<dir>/x" does not: refused, not saved pointing nowhere."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "x").mkdir()
+    (tmp_path / "sl").mkdir()
+    (tmp_path / "sl" / "link").symlink_to(tmp_path / "a" / "b")
+    tricky = f"{tmp_path}/sl/link/../x"
+    assert os.path.isdir(tricky)
+    with pytest.raises(ds.SettingsError, match="does not exist"):
+        ds.check_directory("outputDirectory", tricky)
+    assert ds.check_directory("outputDirectory", f"{tmp_path}/a/b/../x") == tmp_path / "a" / "x"
+
+
 def test_check_directory_rejects_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")

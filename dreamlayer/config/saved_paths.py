@@ -128,10 +128,12 @@ def check_directory(field: str, value) -> Path:
         raise SettingsError(field, f"{field} must be a string path (got {type(value).__name__})")
     if "\x00" in value:
         raise SettingsError(field, f"{field} contains a NUL character")
-    path = Path(value)
-    if not path.is_absolute():
+    if not Path(value).is_absolute():
         raise SettingsError(field, f"{field} must be an absolute path (got {value!r}); "
                                    "relative and ~ paths are ambiguous for a server")
+    # checked as it is saved: normpath drops "link/.." by its text, which the file system reads
+    # through the link (another folder, maybe none)
+    path = Path(os.path.normpath(value))
     if not path.exists():
         raise SettingsError(field, f"{field} {value!r} does not exist; create it first")
     if not path.is_dir():
@@ -139,7 +141,7 @@ def check_directory(field: str, value) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise SettingsError(field, f"{field} {value!r} is not writable by the user running "
                                    "DreamLayer")
-    return Path(os.path.normpath(value))
+    return path
 
 
 def is_placeholder(value) -> bool:
