@@ -1007,3 +1007,25 @@ def test_callers_of_object_info_share_the_fetch_in_progress(body, error):
     finally:
         server.close()
         client.close()
+
+
+@pytest.mark.parametrize("body", [b"<html><body>a web page</body></html>", b'{"status": "ok"}', b'"system"'])
+def test_a_server_that_is_not_comfyui_is_not_up(body):
+    """/health said "reachable" and the launcher "ComfyUI answers" for any 200, e.g. a web page at
+    that address; is_up now wants ComfyUI's own /system_stats object."""
+    server = HeldServer(body)
+    server.release.set()
+    client = ComfyClient(server.url)
+    try:
+        assert client.is_up() is False and server.requests == 1
+    finally:
+        server.close()
+        client.close()
+
+
+def test_comfyui_is_up(fake_comfy):
+    client = ComfyClient(fake_comfy.url)
+    try:
+        assert client.is_up() is True
+    finally:
+        client.close()

@@ -160,7 +160,8 @@ class ComfyHttp:
         try:
             resp = self._request("GET", "/system_stats",
                                  timeout=(self.connect_timeout, min(self.read_timeout, 5.0)))
-            return resp.status_code == 200
+            # ComfyUI's own answer, not any web server's 200 (a page at that address)
+            return resp.status_code == 200 and isinstance(body := resp.json(), dict) and "system" in body
         except Exception:  # noqa: BLE001 - a health check must not raise
             return False
 
