@@ -20,6 +20,7 @@ from flask_cors import CORS
 
 from dreamlayer import PROJECT_ROOT
 from dreamlayer.comfyui import client as comfy_client
+from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.comfyui.pool import Backend, BackendPool
 from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.img2img import Config
@@ -283,17 +284,30 @@ def main(argv=None) -> int:
     gc.freeze()
     server = create_server(app, **server_options(config))
     server.print_listen("Serving on http://{}:{}")
-    stopping = None
     workers = app.extensions["img2img_workers"]
-    if config.redis_url:  # SIGTERM / Ctrl-C: a graceful stop (docs/scaling.md); else as waitress does
-        stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None)
-    server.run()  # until Ctrl-C (waitress stops itself) or the graceful stop closes it
-    if stopping is not None and stopping["deadline"] is not None:
-        server.task_dispatcher.shutdown(timeout=max(0.0, stopping["deadline"] - time.monotonic()))
-        shutdown(app, deadline=stopping["deadline"])
-    else:
-        shutdown(app)
+    # SIGTERM / Ctrl-C: no new connections or jobs, requests in progress answer (docs/scaling.md)
+    stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None)
+    server.run()  # until the graceful stop closes it
+    deadline = stopping["deadline"]
+    if deadline is not None:
+        server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+    if not config.redis_url:
+        _cancel_leftovers(app)
+    shutdown(app, deadline=deadline)
     return 0
+
+
+def _cancel_leftovers(app: Flask) -> None:
+    """In-process jobs end with the process: their prompts, and those of requests still waiting,
+    are cancelled on ComfyUI rather than left to run for nobody (with REDIS_URL another replica
+    runs such jobs again, and cancels the lost prompts itself)."""
+    try:
+        stopped = app.extensions["img2img"].interrupt()["interrupted"]
+    except ComfyError as exc:
+        log.warning("could not cancel this service's prompts on ComfyUI while stopping: %s", exc)
+        return
+    if stopped:
+        log.info("stopped this service's prompts on ComfyUI: %s", ", ".join(stopped))
 
 
 def server_options(config: Config) -> dict:

@@ -1,6 +1,6 @@
-"""A graceful stop for waitress (REDIS_URL replicas): on SIGTERM or Ctrl-C the replica stops taking jobs and
-connections, the requests in progress get up to a grace period to answer (a synchronous request
-waits for its job), then the server closes and the queue workers get what is left of it.
+"""A graceful stop for waitress: on SIGTERM or Ctrl-C the service stops taking connections (and,
+with REDIS_URL, jobs), the requests in progress get up to a grace period to answer (a synchronous
+request waits for its run), then the server closes and the queue workers get what is left of it.
 
 waitress's own stop (KeyboardInterrupt) ends its socket loop first and gives its threads 5 s: an
 answer finished after that is never sent, so a synchronous request running then lost its answer.

@@ -1,0 +1,95 @@
+"""Stopping `python img2img_server.py` (SIGTERM, as the start scripts do, or Ctrl-C) without
+REDIS_URL: requests in progress still answer, and prompts this service leaves on ComfyUI are
+cancelled rather than run for nobody (found with the launcher stopped mid-generation)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from dreamlayer.config.env import VARIABLES
+from images import gradient, png
+from waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = {"prompt": "a red cube", "steps": 4, "seed": 3}
+
+
+@pytest.fixture
+def service(tmp_path, fake_comfy, reserve_port):
+    """img2img_server.py in its own process on the fake ComfyUI (inputs over HTTP)."""
+    names = {v.name for v in VARIABLES} | {old for v in VARIABLES for old in v.deprecated}
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.lower().endswith("_proxy")}
+    port = reserve_port()
+    env.update(COMFY_API_URL=fake_comfy.url, IMG2IMG_PORT=str(port), SERVED_IMAGES_DIR=str(tmp_path / "served"),
+               DREAMLAYER_SETTINGS_FILE=str(tmp_path / "settings.json"), PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "img2img_server.py")], env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+    proc.url = f"http://127.0.0.1:{port}"
+    proc.log = lambda: (tmp_path / "service.log").read_text(errors="replace")
+
+    def healthy():
+        try:
+            return requests.get(f"{proc.url}/health", timeout=2).ok
+        except requests.ConnectionError:
+            assert proc.poll() is None, proc.log()
+            return False
+    wait_until(healthy, what="the service to answer /health")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+
+
+def submit(url, params):
+    return requests.post(f"{url}/api/img2img", files={"image": ("i.png", png(gradient(32, 32)))},
+                         data={"params": json.dumps(params)}, timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_cancels_the_prompts_it_leaves_on_comfyui(service, fake_comfy, signum):
+    fake_comfy.hang_next()
+    resp = submit(service.url, {**PARAMS, "async": True})
+    assert resp.status_code == 202, resp.text
+    wait_until(fake_comfy.running_prompt_id, what="the job's prompt to run on ComfyUI")
+    service.send_signal(signum)
+    assert service.wait(30) == 0, service.log()[-3000:]
+    assert fake_comfy.interrupt_count == 1, service.log()[-3000:]
+    wait_until(lambda: fake_comfy.running_prompt_id() is None, what="ComfyUI to stop the prompt")
+
+
+def test_a_request_in_progress_still_answers_after_sigterm(service, fake_comfy):
+    fake_comfy.hold_views()  # the run ends on ComfyUI; its output download waits here
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            answer = pool.submit(submit, service.url, PARAMS)
+            wait_until(lambda: fake_comfy.views_held() == 1, what="the request's output download")
+            service.terminate()
+            port = int(service.url.rsplit(":", 1)[1])
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+            wait_until(refused, what="the service to stop accepting connections")
+            fake_comfy.release_views()
+            resp = answer.result(timeout=60)
+        assert resp.status_code == 200 and resp.json()["status"] == "success", resp.text
+        assert service.wait(30) == 0, service.log()[-3000:]
+        assert fake_comfy.interrupt_count == 0  # nothing was left to cancel
+    finally:
+        fake_comfy.release_views()
