@@ -93,8 +93,9 @@ def models_root(models_dir: Optional[Path], comfyui_dir: Optional[Path]) -> Path
     elif comfyui_dir is not None:
         root, origin = Path(comfyui_dir) / "models", "COMFYUI_DIR"
     else:
-        raise ModelsFolderUnknown("This backend does not know ComfyUI's models folder: set COMFYUI_DIR to your "
-                                  "ComfyUI folder (or modelsDirectory in the Configurations page) and restart it")
+        raise ModelsFolderUnknown("This backend does not know ComfyUI's models folder: set modelsDirectory in the "
+                                  "Configurations page (used at once), or COMFYUI_DIR to your ComfyUI folder and "
+                                  "restart dream_layer.py")
     if not root.is_dir():
         raise ModelsFolderUnknown(f"ComfyUI's models folder {root} (from {origin}) does not exist: check {origin}")
     return root
