@@ -17,6 +17,7 @@ from dreamlayer.comfyui import client as comfy_client, sockets
 from dreamlayer.comfyui.client import (ComfyBadResponse, ComfyClient, ComfyExecutionFailed, ComfyInterrupted,
                           ComfyRejected, ComfyTimeout, ComfyUnreachable, Done, OutputImage,
                           Progress, PromptWatch, raise_for_history)
+from loopback import read_request
 from waiting import TIMEOUT, wait_until
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -954,12 +955,8 @@ class HeldServer:
 
     def _answer(self, conn):
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            if not read_request(conn):
+                return
             self.requests += 1
             self.release.wait(30)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"

@@ -11,17 +11,9 @@ import requests
 
 from dreamlayer.comfyui.client import ComfyClient, ComfyTimeout, ComfyUnreachable, OutputImage
 from dreamlayer.comfyui.http import _transport_reason
+from loopback import read_request
 
 WAIT = 10  # upper bound for awaiting the server thread; never a sleep
-
-
-def _read_request(conn) -> None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        data += chunk
 
 
 def _reset(conn) -> None:
@@ -42,7 +34,7 @@ def server(answer):
         except OSError:
             return
         with conn:
-            _read_request(conn)
+            read_request(conn)
             answer(conn, done)
 
     thread = threading.Thread(target=serve, daemon=True)

@@ -183,13 +183,12 @@ class ComfyHttp:
                 raise ComfyBadResponse(f"ComfyUI at {self.base_url} answered GET /object_info with JSON that is not "
                                        "an object of node classes")
         except BaseException as exc:
-            flight.set_exception(exc)
-            raise
-        finally:
             with self._object_info_lock:
                 self._object_info_flight = None
+            flight.set_exception(exc)
+            raise
         with self._object_info_lock:
-            self._object_info = info
+            self._object_info, self._object_info_flight = info, None
         flight.set_result(info)
         return info
 
