@@ -117,6 +117,9 @@ def test_outpaint_errors_are_clear_and_leave_nothing(client, fake_comfy, app):
     limit = app.extensions["img2img"].config.max_outpaint_px
     body = error(post(client, {"outpaint": {"left": limit + 8}}), 400, "invalid_parameter")
     assert "MAX_OUTPAINT_PX" in body["message"]
+    # above ComfyUI's own 16384 too: the limit named is the one that applies
+    body = error(post(client, {"outpaint": {"top": 20000}}), 400, "invalid_parameter")
+    assert f"between 0 and {limit} (MAX_OUTPAINT_PX)" in body["message"] and body["field"] == "outpaint.top"
     error(post(client, {"outpaint": {"left": 8}, "width": 64, "height": 64}), 400, "unsupported_combination")
     error(post(client, {"outpaint": {"left": -8}}), 400, "invalid_parameter")
     error(post(client, {"outpaint": {"sideways": 8}}), 400, "invalid_parameter")

@@ -106,7 +106,13 @@ class GenerationParams:
         return [(self.seed - 1 + i) % MAX_SEED + 1 for i in range(self.batch_count)]
 
 
-def _number(data, key, *, integer, lo, hi, default):
+#: ComfyUI's MAX_RESOLUTION: the most ImagePadForOutpaint adds on a side (MAX_OUTPAINT_PX, the
+#: service's own limit, is lower by default).
+COMFY_MAX_RESOLUTION = 16384
+
+
+def _number(data, key, *, integer, lo, hi, default, limit_name=""):
+    """A number in [lo, hi]; ``limit_name`` names the setting that ``hi`` comes from."""
     value = data.get(key)
     if value is None:
         return default
@@ -123,7 +129,8 @@ def _number(data, key, *, integer, lo, hi, default):
     else:
         value = float(value)
     if not lo <= value <= hi:
-        raise InvalidParameter(key, f"'{key}' must be between {lo} and {hi}; got {_show(value)}",
+        setting = f" ({limit_name})" if limit_name else ""
+        raise InvalidParameter(key, f"'{key}' must be between {lo} and {hi}{setting}; got {_show(value)}",
                                minimum=lo, maximum=hi)
     return value
 
@@ -192,11 +199,13 @@ def _dimension(data, key):
     return value
 
 
-def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationParams:
+def parse_params(data: Mapping, *, rng=secrets.SystemRandom(),
+                 max_outpaint_px: int = COMFY_MAX_RESOLUTION) -> GenerationParams:
     """Validate ``data`` (the request's parameters) into GenerationParams.
 
     Wrong types and out-of-range values raise InvalidParameter naming the field and the range.
     ``null`` means "not set". Unknown and not-yet-implemented keys only add warnings.
+    ``max_outpaint_px`` is the service's MAX_OUTPAINT_PX (capped at ComfyUI's own limit).
     """
     if not isinstance(data, Mapping):
         raise InvalidParameter("params", "The parameters must be a JSON object", code="invalid_params")
@@ -227,7 +236,7 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom()) -> GenerationPara
         soft_inpainting=_bool(data, "soft_inpainting"),
         mask_grow=_number(data, "mask_grow", integer=True, lo=-64, hi=64, default=0),
         mask_threshold=_number(data, "mask_threshold", integer=True, lo=1, hi=255, default=None),
-        outpaint=_outpaint(data, warnings),
+        outpaint=_outpaint(data, warnings, max_outpaint_px),
     )
     if inpaint["soft_inpainting"] and inpaint["mask_threshold"] is not None:
         raise InvalidParameter("mask_threshold", "'mask_threshold' makes the mask black and white, which "
@@ -273,15 +282,13 @@ _KNOWN_KEYS = {
 }
 
 OUTPAINT_SIDES = ("left", "top", "right", "bottom")
-#: ComfyUI's MAX_RESOLUTION: the most ImagePadForOutpaint adds on a side (the service's own
-#: limit, MAX_OUTPAINT_PX, is checked against the configuration).
-COMFY_MAX_RESOLUTION = 16384
-
-
-def _outpaint(data, warnings):
+def _outpaint(data, warnings, max_px):
     """``outpaint``: {left, top, right, bottom, feathering} in pixels; sides rounded up to
     multiples of 8. null, {} or all sides 0 = none."""
     from dreamlayer.img2img.mask_shaping import OUTPAINT_MULTIPLE, Outpaint
+    limit_name = "MAX_OUTPAINT_PX" if max_px <= COMFY_MAX_RESOLUTION else "ComfyUI's largest size"
+    max_px = min(max_px, COMFY_MAX_RESOLUTION)
+    max_px -= max_px % OUTPAINT_MULTIPLE  # so that a side within it stays within it once rounded up
     value = data.get("outpaint")
     if value is None or value is False or value == {}:
         return None
@@ -295,7 +302,8 @@ def _outpaint(data, warnings):
     named = _named(value, "outpaint")
     sides = {}
     for side in OUTPAINT_SIDES:
-        px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=COMFY_MAX_RESOLUTION, default=0)
+        px = _number(named, f"outpaint.{side}", integer=True, lo=0, hi=max_px, default=0,
+                     limit_name=limit_name)
         rounded = -(-px // OUTPAINT_MULTIPLE) * OUTPAINT_MULTIPLE
         if rounded != px:
             warnings.append(f"outpaint.{side} {px} was rounded up to {rounded} (a multiple of {OUTPAINT_MULTIPLE})")

@@ -290,7 +290,7 @@ class Img2ImgService:
     def prepare(self, request: Img2ImgRequest) -> Prepared:
         """Everything that can reject a request (4xx, or 503 when ComfyUI is down), before any
         file is written or any prompt queued."""
-        params = parse_params(request.params)
+        params = parse_params(request.params, max_outpaint_px=self.config.max_outpaint_px)
         parsed_warnings = params.warnings
         warnings = list(request.warnings) + list(params.warnings)
         image = decode_image(request.image, max_pixels=self.config.max_image_pixels)
@@ -451,11 +451,6 @@ class Img2ImgService:
             if keep is None and params.soft_inpainting:
                 warnings.append("soft_inpainting applies to a mask or outpainting; neither was sent")
             return image, keep, control_images, params
-        limit = self.config.max_outpaint_px
-        for side in ("left", "top", "right", "bottom"):
-            if getattr(out, side) > limit:
-                raise InvalidParameter(f"outpaint.{side}", f"'outpaint.{side}' is {getattr(out, side)} px; the "
-                                       f"limit is {limit} (MAX_OUTPAINT_PX)", maximum=limit)
         size = out.padded_size(image.size)
         if size[0] * size[1] > self.config.max_output_pixels:
             raise InvalidParameter("outpaint", f"The outpainted image would be {size[0]}x{size[1]} = "
