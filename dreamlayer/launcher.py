@@ -9,11 +9,13 @@ ever stops processes it started, by their PID: never whatever happens to listen 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,21 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except Exception:  # noqa: BLE001 - any failure means "not (yet) answering"
         return False
+
+
+def comfyui_answers(url: str, timeout: float = 2.0) -> Optional[bool]:
+    """True if ComfyUI answers at ``url``, False if something else does (a web page answering
+    /system_stats with anything but ComfyUI's object), None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"{url}/system_stats", timeout=timeout) as resp:
+            body = json.loads(resp.read(1 << 20))
+        return isinstance(body, dict) and "system" in body
+    except urllib.error.HTTPError:
+        return False
+    except ValueError:  # not JSON
+        return False
+    except Exception:  # noqa: BLE001 - any other failure: nothing answers (yet)
+        return None
 
 
 def port_answers(host: str, port: int) -> bool:
@@ -206,9 +223,9 @@ class Supervisor:
     def start_comfyui(self) -> Optional[str]:
         """Start ComfyUI (or the demo stand-in) if needed. Returns a status line for the banner,
         "starting" while a real ComfyUI boots, or None when no ComfyUI will answer."""
-        up = http_ok(f"{self.comfy_url}/system_stats")
+        up = comfyui_answers(self.comfy_url)
         if self.plan.demo:
-            if up:
+            if up is not None:
                 raise StartError(f"Something already answers at {self.comfy_url}, so the demo stand-in "
                                  "cannot take that address. Set COMFY_API_URL to a free port for the "
                                  "demo (e.g. http://127.0.0.1:8189), or drop --demo to use that ComfyUI.")
@@ -229,6 +246,9 @@ class Supervisor:
             return f"{self.comfy_url}  DEMO stand-in, no diffusion model (log: {self.comfyui.log_file})"
         if up:
             return f"{self.comfy_url}  answers"
+        if up is False:
+            return (f"{self.comfy_url}  something answers there, but not ComfyUI (its /system_stats is not "
+                    "ComfyUI's): generation fails until COMFY_API_URL names a ComfyUI")
         if self.plan.dl.comfyui_dir is None:
             return None
         self.comfyui = Child("ComfyUI", [sys.executable, str(ROOT / "dream_layer.py"), "--comfyui-only"],

@@ -406,6 +406,39 @@ def test_an_answering_comfyui_is_used_not_started(script_runner, fake_comfy, com
     assert requests.get(f"{fake_comfy.url}/system_stats", timeout=5).status_code == 200
 
 
+@pytest.fixture
+def web_page():
+    """A web server (not ComfyUI) answering every GET with a 200 HTML page, on a socket it owns."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body>a router's admin page</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_web_page_at_comfyuis_address_is_not_called_comfyui(script_runner, web_page, comfy_install):
+    s = script_runner(COMFY_API_URL=web_page, COMFYUI_DIR=str(comfy_install))
+    s.wait_for("Press Ctrl-C")
+    assert f"ComfyUI      {web_page}  something answers there, but not ComfyUI" in s.output
+    assert not (comfy_install / "started.json").exists()  # its port is taken: not started
+    assert s.interrupt() == 0
+
+
 def test_supervisor_takes_a_list_of_backends_and_watches_the_first():
     """COMFY_API_URL with several backends (docs/scaling.md) is handed on unchanged; the launcher
     probes and (with COMFYUI_DIR) starts only the first."""
