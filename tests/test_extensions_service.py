@@ -206,3 +206,54 @@ def test_custom_workflow_without_load_image_is_rejected(client):
     cw["b"]["inputs"]["pixels"] = ["a", 0]
     body = post(client, {"custom_workflow": cw}).get_json()
     assert body["code"] == "invalid_custom_workflow" and "LoadImage" in body["message"]
+
+
+def with_extra_loader(value, class_type="LoadImage"):
+    """custom() plus a second image loader feeding a PreviewImage (a reference image, say)."""
+    cw = custom()
+    cw["x"] = {"class_type": class_type, "inputs": {"image": value}}
+    cw["y"] = {"class_type": "PreviewImage", "inputs": {"images": ["x", 0]}}
+    return cw
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "output", "temp", "backslashes", "drive"])
+def test_custom_workflow_reads_no_file_outside_comfyuis_input_folder(client, fake_comfy, tmp_path, where):
+    """ComfyUI's LoadImage opens whatever path exists: an absolute or '../' name, or one annotated
+    [output] / [temp], would come back as a served image."""
+    secret = tmp_path / "private.png"
+    secret.write_bytes(png(gradient(8, 8)))
+    (fake_comfy.output_dir / "someone_elses.png").write_bytes(png(gradient(8, 8)))
+    value = {"absolute": str(secret), "dotdot": f"../{secret.parent.name}/private.png",
+             "output": "someone_elses.png [output]", "temp": "x.png [temp]",
+             "backslashes": "..\\private.png", "drive": "C:\\private.png"}[where]
+    body = post(client, {"custom_workflow": with_extra_loader(value)}).get_json()
+    assert body["code"] == "invalid_custom_workflow" and "'x'" in body["message"], body
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_custom_workflow_cannot_load_from_the_output_folder(client, fake_comfy):
+    body = post(client, {"custom_workflow": with_extra_loader("a.png [output]", "LoadImageOutput")}).get_json()
+    assert body["code"] == "invalid_custom_workflow" and "output folder" in body["message"], body
+    assert fake_comfy.prompts == []
+
+
+@pytest.mark.parametrize("name", ["ref.png", "refs/ref.png [input]"])
+def test_custom_workflow_may_load_a_file_of_comfyuis_input_folder(client, fake_comfy, name):
+    (fake_comfy.input_dir / "refs").mkdir(exist_ok=True)
+    (fake_comfy.input_dir / name.removesuffix(" [input]")).write_bytes(png(gradient(8, 8)))
+    wf = ok(post(client, {"custom_workflow": with_extra_loader(name)}))
+    assert wf["x"]["inputs"]["image"] == name
+
+
+def test_upload_inputs_are_read_from_object_info():
+    """Custom nodes' file inputs are found the way ComfyUI marks them (image_upload, …)."""
+    from dreamlayer.comfyui.fake.catalog import load_fixture
+    from dreamlayer.img2img.workflow import check_file_inputs, upload_inputs, WorkflowError
+    info = load_fixture()
+    info["VHS_LoadVideo"] = {"input": {"required": {"video": [["a.mp4"], {"video_upload": True}],
+                                                    "frames": ["INT", {"default": 0}]}}}
+    found = upload_inputs(info)
+    assert {("LoadImage", "image"), ("LoadImageMask", "image"), ("VHS_LoadVideo", "video")} <= found
+    assert ("CheckpointLoaderSimple", "ckpt_name") not in found  # ComfyUI checks those against its list
+    with pytest.raises(WorkflowError, match="'v'"):
+        check_file_inputs({"v": {"class_type": "VHS_LoadVideo", "inputs": {"video": "/home/me/a.mp4"}}}, found)

@@ -441,6 +441,55 @@ def apply_controlnets(workflow: dict, units, *, input_loader: str) -> dict:
     return wf
 
 
+#: Core nodes whose file-name inputs ComfyUI does not check against its lists (their own
+#: VALIDATE_INPUTS only asks that the path exist): an absolute or ``../`` name reads any file.
+CORE_FILE_INPUTS = {("LoadImage", "image"), ("LoadImageMask", "image"), ("LoadLatent", "latent"),
+                    ("LoadVideo", "file"), ("Load3D", "model_file"), ("Load3DAnimation", "model_file")}
+#: Nodes that read ComfyUI's output folder: what other requests generated.
+OUTPUT_READERS = ("LoadImageOutput",)
+
+
+def upload_inputs(object_info: dict) -> set:
+    """(class, input) pairs that take a file name a user could upload (ComfyUI marks them
+    ``image_upload``, ``video_upload``, …): custom nodes' file inputs too."""
+    found = set()
+    for class_type, spec in object_info.items():
+        inputs = spec.get("input", {}) if isinstance(spec, dict) else {}
+        for section in ("required", "optional"):
+            for name, entry in (inputs.get(section) or {}).items():
+                options = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
+                if isinstance(options, dict) and any(k.endswith("_upload") and v for k, v in options.items()):
+                    found.add((class_type, name))
+    return found
+
+
+def check_file_inputs(workflow: dict, file_inputs=CORE_FILE_INPUTS) -> None:
+    """A custom workflow's file names stay in ComfyUI's input folder: no absolute path, no
+    ``..``, no ``[output]`` / ``[temp]`` annotation (ComfyUI resolves them against other folders),
+    no node that reads the output folder. Raises WorkflowError naming the node."""
+    for nid, node in workflow.items():
+        class_type = node["class_type"]
+        if class_type in OUTPUT_READERS:
+            raise WorkflowError(f"custom_workflow node {nid!r} ({class_type}) reads ComfyUI's output folder, "
+                                "which holds every request's images; the service does not run it")
+        for name, value in node["inputs"].items():
+            if (class_type, name) in file_inputs and isinstance(value, str) and not _input_folder_name(value):
+                raise WorkflowError(f"custom_workflow node {nid!r} ({class_type}) input {name!r} is {value[:200]!r}: "
+                                    "a file name must be inside ComfyUI's input folder (no absolute path, no "
+                                    "'..', no [output] or [temp])")
+
+
+def _input_folder_name(value: str) -> bool:
+    """True if ComfyUI resolves ``value`` inside its input folder (folder_paths.annotated_filepath)."""
+    if value.endswith(" [input]"):
+        value = value[:-len(" [input]")]
+    elif value.endswith(("[output]", "[temp]")):
+        return False
+    parts = value.replace("\\", "/").split("/")
+    return bool(value) and "\x00" not in value and not value.startswith("/") and ":" not in parts[0] \
+        and ".." not in parts
+
+
 def normalise_custom_workflow(raw, *, output_classes=("SaveImage", "PreviewImage")) -> dict:
     """A user's API-format workflow (bare, or {"prompt": {...}}), checked for what we need.
 
@@ -468,4 +517,5 @@ def normalise_custom_workflow(raw, *, output_classes=("SaveImage", "PreviewImage
         raise WorkflowError(f"custom_workflow has no output node ({' or '.join(output_classes)})")
     if not nodes_of(wf, *SAMPLER_CLASSES):
         raise WorkflowError("custom_workflow has no KSampler or KSamplerAdvanced")
+    check_file_inputs(wf)
     return wf
