@@ -6,6 +6,7 @@ the wrong kind or size, API keys never echoed or logged, owner-only key file), C
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import logging
 import os
@@ -647,6 +648,14 @@ def test_posts_from_another_site_are_403_and_change_nothing(client, cfg, comfy_d
     assert (resp.status_code, resp.get_json()["code"]) == (403, "origin_not_allowed")
     assert "Access-Control-Allow-Origin" not in resp.headers
     assert list((comfy_dir / "models").rglob("*.*")) == [] and not cfg.api_keys_file.exists()
+
+
+def test_cors_origins_star_lets_every_page_post(cfg):
+    star = Config.from_env({"CORS_ORIGINS": "*"}).cors_origins
+    client = create_app(dataclasses.replace(cfg, shared=cfg.shared.replace(cors_origins=star))).test_client()
+    resp = client.post("/api/add-api-key", json={"alias": "OPENAI_API_KEY", "api-key": "sk-test"},
+                       headers={"Origin": "http://evil.example"})
+    assert resp.status_code == 200, resp.get_json()
 
 
 def test_preflight_over_a_real_port(cfg, app, server_socket):

@@ -347,6 +347,46 @@ def test_cors_origins_come_from_the_environment(fake_comfy, service_config):
     assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": ORIGIN}).headers
 
 
+# --- a web page of another origin cannot start or stop generations ---------------------------------
+
+def multipart(**params):
+    return {"params": json.dumps({**PARAMS, **params}), "image": (io.BytesIO(png(gradient(32, 32))), "i.png")}
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost:8080.evil.com"])
+def test_a_page_of_another_origin_cannot_post(client, fake_comfy, origin):
+    """A form POST needs no CORS preflight: any site's page could make its visitor's browser
+    start generations or interrupt them (and stage files in ComfyUI's input folder)."""
+    for path, data in (("/api/img2img", multipart()), ("/api/img2img/interrupt", None)):
+        resp = client.post(path, data=data, content_type="multipart/form-data" if data else None,
+                           headers={"Origin": origin})
+        assert (resp.status_code, resp.get_json()["code"]) == (403, "origin_not_allowed"), path
+    assert fake_comfy.prompts == [] and not [p for p in fake_comfy.input_dir.rglob("*") if p.is_file()]
+
+
+def test_the_configured_page_and_clients_without_origin_may_post(client):
+    assert client.post("/api/img2img", data=multipart(), content_type="multipart/form-data",
+                       headers={"Origin": ORIGIN}).status_code == 200
+    assert client.post("/api/img2img", data=multipart(), content_type="multipart/form-data").status_code == 200
+
+
+def test_cors_origins_star_lets_every_page_post(fake_comfy, service_config):
+    client = create_app(service_config.replace(cors_origins=Config.from_env({"CORS_ORIGINS": "*"}).cors_origins)
+                        ).test_client()
+    resp = client.post("/api/img2img", data=multipart(), content_type="multipart/form-data",
+                       headers={"Origin": "http://evil.example"})
+    assert resp.status_code == 200, resp.get_json()
+
+
+def test_configured_origins_are_compared_as_browsers_send_them(fake_comfy, service_config):
+    config = Config.from_env({"CORS_ORIGINS": "http://LocalHost:8080,http://10.0.0.5:80,https://app.example:443/"})
+    assert config.cors_origins == ("http://localhost:8080", "http://10.0.0.5", "https://app.example")
+    client = create_app(service_config.replace(cors_origins=config.cors_origins)).test_client()
+    for origin in config.cors_origins:
+        resp = client.post("/api/img2img/interrupt", headers={"Origin": origin})
+        assert resp.status_code == 200, (origin, resp.get_json())
+
+
 # --- size limits before the body is buffered ------------------------------------------------------
 
 class CountingStream(io.RawIOBase):

@@ -26,6 +26,7 @@ from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, ge
                                  unreachable_hint, update_settings)
 from dreamlayer.img2img.advanced_params import builtin_upscaler_entries
 from dreamlayer.errors import BadRequest, InvalidParameter, register_error_handlers
+from dreamlayer.http_origin import only_from_allowed_origins
 from dreamlayer.backend import page_routes
 from dreamlayer.backend.images import ImageFolders, open_folder
 from dreamlayer.backend.models import ModelCatalog
@@ -165,7 +166,7 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     # show-in-folder starts the desktop's file manager, for loopback clients only; tests replace it
     app.config["FOLDER_OPENER"] = open_folder if config.open_folders else None
     register_error_handlers(app)
-    app.before_request(page_routes.posts_only_from_allowed_origins)
+    app.before_request(only_from_allowed_origins(config.shared.cors_origins))
     app.register_blueprint(bp)
     app.register_blueprint(page_routes.bp)
     return app

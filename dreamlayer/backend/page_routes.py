@@ -22,30 +22,14 @@ from dreamlayer.backend.api_keys import ApiKeyStore, check_key
 from dreamlayer.backend.controlnet_uploads import save_controlnet_image, unit_index
 from dreamlayer.backend.images import ImageNotFound, requested_filename, show_in_folder
 from dreamlayer.backend.model_uploads import receive_model
-from dreamlayer.errors import ApiError, BadRequest, PayloadTooLarge
+from dreamlayer.errors import BadRequest, PayloadTooLarge
 from dreamlayer.http_range import ignore_unusable_range
 
 bp = Blueprint("dream_layer_page", __name__)
 
 
-class OriginNotAllowed(ApiError):
-    status = 403
-    code = "origin_not_allowed"
-
-
 def _backend():
     return current_app.extensions["dream_layer"]
-
-
-def posts_only_from_allowed_origins():
-    """Every POST of the app (create_app registers it for all routes, the settings' too)."""
-    if request.method != "POST":
-        return None
-    origin = request.headers.get("Origin")
-    if origin is not None and origin not in _backend().config.shared.cors_origins:
-        raise OriginNotAllowed(f"Requests from the page at {origin[:200]!r} are not allowed: add its origin to "
-                               "CORS_ORIGINS to let it use this backend")
-    return None
 
 
 def _json_object() -> dict:

@@ -82,8 +82,11 @@ def _origin_check(text):
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
             or parts.query or parts.fragment:
         raise ValueError(f"{text!r} is not an origin")
-    parts.port  # noqa: B018
-    return text.rstrip("/")
+    port = parts.port
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    # as browsers send it: lower case, no default port (so that "http://Example:80" matches)
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 def _origins_parse(text):

@@ -26,6 +26,7 @@ from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
+from dreamlayer.http_origin import only_from_allowed_origins
 from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img import graceful_stop
 from dreamlayer.img2img.service import Img2ImgService
@@ -254,6 +255,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
         store.local = workers  # a synchronous request may run here at once (RedisJobStore.generate)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
+    app.before_request(only_from_allowed_origins(config.cors_origins))
     if config.api_key:
         _require_api_key(app, config.api_key)
     register_error_handlers(app)
