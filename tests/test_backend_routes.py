@@ -546,6 +546,13 @@ def test_filename_routes_take_only_a_json_object(client, route):
         assert (resp.status_code, resp.get_json()["code"]) == (400, "invalid_json")
 
 
+@pytest.mark.parametrize("route", ["/api/send-to-img2img", "/api/add-api-key", "/api/settings/paths"])
+def test_json_nested_too_deep_for_the_parser_is_400_not_500(client, route):
+    resp = client.post(route, data='{"filename": ' + "[" * 5000 + "]" * 5000 + "}",
+                       content_type="application/json")
+    assert (resp.status_code, resp.get_json()["code"]) == (400, "invalid_json")
+
+
 # ---------------------------------------------------------------------------- images, Download PNG
 
 def test_images_route_downloads_and_still_shows_in_an_img(client, served):

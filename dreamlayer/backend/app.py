@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, jsonify
 from flask_cors import CORS
 
 from dreamlayer.comfyui import client as comfy_client
@@ -25,7 +25,7 @@ from dreamlayer.config.backend import DreamLayerConfig
 from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, get_directories, load_settings,
                                  unreachable_hint, update_settings)
 from dreamlayer.img2img.advanced_params import builtin_upscaler_entries
-from dreamlayer.errors import BadRequest, InvalidParameter, register_error_handlers
+from dreamlayer.errors import InvalidParameter, register_error_handlers
 from dreamlayer.http_origin import only_from_allowed_origins
 from dreamlayer.backend import page_routes
 from dreamlayer.backend.images import ImageFolders, open_folder
@@ -127,11 +127,8 @@ def get_path_settings():
 
 @bp.post("/api/settings/paths")
 def set_path_settings():
-    posted = request.get_json(silent=True)
-    if not isinstance(posted, dict):
-        raise BadRequest("Send a JSON object such as {\"outputDirectory\": \"/abs/path\", "
-                         "\"modelsDirectory\": \"/abs/path\"} with Content-Type: application/json",
-                         code="invalid_json")
+    posted = page_routes.json_object('a JSON object such as {"outputDirectory": "/abs/path", '
+                                     '"modelsDirectory": "/abs/path"}')
     b = backend()
     try:
         saved, warnings = update_settings(b.config.settings_file, posted)

@@ -32,10 +32,15 @@ def _backend():
     return current_app.extensions["dream_layer"]
 
 
-def _json_object() -> dict:
-    body = request.get_json(silent=True)
+def json_object(what: str = "a JSON object") -> dict:
+    """The request's JSON object; 400 ``invalid_json`` for anything else (nested too deep for
+    Python's parser included: a RecursionError, not a 500)."""
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None
     if not isinstance(body, dict):
-        raise BadRequest("Send a JSON object with Content-Type: application/json", code="invalid_json")
+        raise BadRequest(f"Send {what} with Content-Type: application/json", code="invalid_json")
     return body
 
 
@@ -55,7 +60,7 @@ def fetch_prompt():
 
 @bp.post("/api/add-api-key")
 def add_api_key():
-    body = _json_object()
+    body = json_object()
     alias, key = check_key(body.get("alias"), body.get("api-key", body.get("api_key")))
     ApiKeyStore(_backend().config.api_keys_file).save(alias, key)
     return jsonify({"status": "success", "message": f"{alias} saved", "alias": alias})
@@ -92,12 +97,12 @@ def upload_controlnet_image():
 
 @bp.post("/api/show-in-folder")
 def show_folder():
-    path = _backend().images.generated(requested_filename(_json_object()))
+    path = _backend().images.generated(requested_filename(json_object()))
     return jsonify(show_in_folder(path, request.remote_addr, current_app.config.get("FOLDER_OPENER")))
 
 
 def _send_to(tab: str):
-    name = requested_filename(_json_object())
+    name = requested_filename(json_object())
     _backend().images.generated(name)
     return jsonify({"status": "success", "message": f"Image sent to {tab}", "filename": name,
                     "url": _url(f"/images/{name}")})
