@@ -214,6 +214,56 @@ def test_a_backend_dying_mid_job_is_retried_once_on_another(two, fake_comfy, sec
     assert health[second.url]["reachable"] is False and health[second.url]["jobs_failed"] == 1
 
 
+def quick_to_give_up(app):
+    """Waits shorter than a GPU server deserves (5 s without news, 3 s per check, 30 s per call),
+    so that a hang shows within about a second."""
+    for backend in app.extensions["img2img"].pool.backends:
+        backend.client.runner.liveness_interval = backend.client.runner.unreachable_grace = 0.3
+        backend.client.http.read_timeout = 1.0
+
+
+def test_a_backend_that_hangs_mid_job_is_given_up_and_the_job_retried_on_another(two, fake_comfy, second):
+    """A hung server (a stuck GPU driver, SIGSTOP) accepts connections and answers nothing; the
+    run on it ended only at COMFY_TIMEOUT_S (600 s), as a 504, never retried."""
+    quick_to_give_up(two)
+    client = two.test_client()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            holder = occupy(pool, client, fake_comfy)
+            second.hang_next()
+            moved = pool.submit(post, client, {"seed": 7}, True)
+            wait_until(second.running_prompt_id, what="the job to run on B")
+            second.freeze()
+            wait_until(lambda: backends(client)[second.url]["reachable"] is False, what="B to be given up")
+            requests.post(f"{fake_comfy.url}/interrupt", timeout=5)  # A frees up for the retry
+            assert holder.result(timeout=60).status_code == 409
+            resp = moved.result(timeout=60)
+        assert resp.status_code == 200, resp.get_json()
+        assert len(fake_comfy.prompts) == 2  # the retry ran on A
+    finally:
+        second.thaw()
+
+
+def test_a_backend_that_hangs_while_idle_does_not_capture_requests(two, fake_comfy, second):
+    """The request that picked the hung backend (uploads over HTTP) waited for an answer that
+    never came: 504 after the 30 s read timeout, not retried."""
+    quick_to_give_up(two)
+    client = two.test_client()
+    second.freeze()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            holder = occupy(pool, client, fake_comfy)
+            moved = pool.submit(post, client, {"seed": 7})
+            wait_until(lambda: backends(client)[second.url]["reachable"] is False, what="B to be given up")
+            requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
+            assert holder.result(timeout=60).status_code == 409
+            resp = moved.result(timeout=60)
+        assert resp.status_code == 200, resp.get_json()
+        assert len(fake_comfy.prompts) == 2 and second.prompts == []
+    finally:
+        second.thaw()
+
+
 def test_a_job_retried_on_another_backend_says_so_in_its_status_and_events(two, fake_comfy, second):
     """An async job whose backend dies mid-run is queued again (status "queued", SSE event queued
     with retry true and the reason) until the other backend takes it; its progress starts over."""

@@ -113,13 +113,24 @@ def test_an_unknown_failure_is_named_by_its_type():
     assert reason.startswith(type(info.value).__name__ + ": ") and len(reason) < 250
 
 
-def test_a_server_that_never_answers_is_a_timeout():
+def test_a_server_that_never_answers_is_unreachable_not_slow():
+    """Connected, and no answer in all the time a call gets: a hung server (503, a backend to
+    leave out), not a generation that took too long (504)."""
     with server(never_answers) as url:
         c = ComfyClient(url, read_timeout=0.2)
-        with pytest.raises(ComfyTimeout) as info:
+        with pytest.raises(ComfyUnreachable) as info:
             c.system_stats()
         c.close()
-    assert "GET /system_stats" in str(info.value) and info.value.timeout == 0.2
+    assert "GET /system_stats" in str(info.value) and "no answer within 0.2s" in str(info.value)
+
+
+def test_a_call_cut_short_by_the_runs_deadline_is_a_timeout():
+    with server(never_answers) as url:
+        c = ComfyClient(url, read_timeout=5)
+        with pytest.raises(ComfyTimeout) as info:
+            c.http.get_queue(timeout=(1, 0.2))
+        c.close()
+    assert info.value.timeout == 0.2
 
 
 @pytest.mark.parametrize("answer,reason", [

@@ -59,6 +59,9 @@ class ComfyHttp:
             raise ComfyUnreachable(self.base_url, f"{method} {path}: no connection within "
                                                   f"{timeout[0]:g}s") from e
         except requests.exceptions.ReadTimeout as e:
+            if timeout[1] >= self.read_timeout:  # no answer in all the time a call gets: hung
+                raise ComfyUnreachable(self.base_url, f"{method} {path}: connected, but no answer within "
+                                                      f"{timeout[1]:g}s (the server hangs)") from e
             raise ComfyTimeout(timeout[1], f"ComfyUI at {self.base_url} did not answer {method} "
                                            f"{path} within {timeout[1]:g}s") from e
         except requests.exceptions.RequestException as e:

@@ -83,9 +83,7 @@ class PromptRunner:
             return RunResult(prompt_id, images, entry, source)
         except ComfyTimeout:
             if prompt_id is not None and cancel_on_timeout:
-                # in the background: the caller gets its ComfyTimeout on time even if ComfyUI is slow
-                threading.Thread(target=self._cancel_quietly, args=(prompt_id,),
-                                 name=f"comfy-cancel-{prompt_id[:8]}", daemon=True).start()
+                self._cancel_in_background(prompt_id)
             raise
         finally:
             if prompt_id is not None:
@@ -143,6 +141,7 @@ class PromptRunner:
     def _wait_ws(self, ws, run: "_Run") -> bool:
         """Read frames until our prompt finishes (True) or the socket fails (False)."""
         next_liveness = time.monotonic() + self.liveness_interval
+        failing_since = None  # the first of the liveness checks that have failed in a row
         while True:
             now = time.monotonic()
             if now >= run.deadline:
@@ -150,8 +149,21 @@ class PromptRunner:
             run.raise_if_cancelled()
             if now >= next_liveness:
                 # Nothing about our prompt for a while: was it deleted by someone else?
-                if self._check_liveness(run) == "finished":
+                state = self._check_liveness(run)
+                if state == "finished":
                     return True  # finished without our seeing the signal; history says how
+                if state != "unknown":
+                    failing_since = None
+                elif failing_since is None:
+                    failing_since = now
+                    next_liveness = time.monotonic() + self.unreachable_grace  # ask again soon
+                    continue
+                else:  # a silent socket and two checks unanswered: a hung server (a GPU driver, SIGSTOP)
+                    self._cancel_in_background(run.prompt_id)  # if it ever answers again
+                    raise ComfyUnreachable(self.http.base_url, message=(
+                        f"ComfyUI at {self.http.base_url} stopped answering while running prompt "
+                        f"{run.prompt_id}: its WebSocket is silent and GET /queue went unanswered for "
+                        f"{time.monotonic() - failing_since:.0f}s"))
                 next_liveness = now + self.liveness_interval
             try:
                 ws.settimeout(max(0.01, min(self.ws_tick, run.deadline - now)))
@@ -280,12 +292,17 @@ class PromptRunner:
             return "unknown"
         raise run.vanished_error(self.http.base_url)
 
+    def _cancel_in_background(self, prompt_id: str) -> None:
+        """The caller gets its error on time even if ComfyUI is slow to take the cancel."""
+        threading.Thread(target=self._cancel_quietly, args=(prompt_id,),
+                         name=f"comfy-cancel-{prompt_id[:8]}", daemon=True).start()
+
     def _cancel_quietly(self, prompt_id: str) -> None:
         try:
             outcome = self.cancel(prompt_id)
-            log.info("timed-out prompt %s: cancel -> %s", prompt_id, outcome)
+            log.info("abandoned prompt %s: cancel -> %s", prompt_id, outcome)
         except ComfyError as e:
-            log.warning("could not cancel timed-out prompt %s: %s", prompt_id, e)
+            log.warning("could not cancel abandoned prompt %s: %s", prompt_id, e)
 
 
 class _Run:

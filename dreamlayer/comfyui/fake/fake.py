@@ -64,6 +64,8 @@ class FakeComfyUI:
         self.prompts: list = []
         self.rejected: list = []
         self.interrupt_count = 0
+        self._thawed = threading.Event()  # freeze / thaw
+        self._thawed.set()
         self._views_open = threading.Event()  # hold_views / release_views
         self._views_open.set()
         self._views_held = 0
@@ -179,6 +181,7 @@ class FakeComfyUI:
         if self._thread is None:
             return
         self._views_open.set()  # a held /view ends
+        self._thawed.set()
         self.executor.stop()
         try:
             self._call(self._astop(), timeout=15)
@@ -239,6 +242,16 @@ class FakeComfyUI:
         """Next prompt: every websocket is cut after its Nth progress message; execution goes on."""
         with self.executor.faults_lock:
             self.executor.faults.drop_after_progress = int(after_progress)
+
+    def freeze(self) -> None:
+        """Hang, as a stopped process (SIGSTOP) or a stuck GPU driver does: connections are still
+        accepted (by the kernel), but no HTTP request or WebSocket frame is answered or sent
+        until thaw(); then everything held goes out."""
+        self._thawed.clear()
+        self._loop.call_soon_threadsafe(self._thawed.wait)  # blocks the server's event loop
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     def refuse_connections(self) -> None:
         """Stop listening (connection refused); idle keep-alive connections are closed too."""
