@@ -264,6 +264,54 @@ def test_a_backend_that_hangs_while_idle_does_not_capture_requests(two, fake_com
         second.thaw()
 
 
+def test_an_interrupt_with_one_backend_hung_stops_the_others_at_once(two, fake_comfy, second):
+    """The cancels of the jobs on each backend go out side by side, each waiting at most
+    unreachable_grace (3 s): one after the other, a hung backend's 30-s read timeout came first
+    (twice: the jobs' cancel, then the service's), while the others' jobs ran on."""
+    client = two.test_client()
+    fake_comfy.hang_next()
+    second.hang_next()
+    on_a = post(client, {"async": True}).get_json()["job_id"]
+    wait_until(fake_comfy.running_prompt_id, what="the first job to run on A")
+    on_b = post(client, {"async": True, "seed": 6}).get_json()["job_id"]
+    wait_until(lambda: client.get(f"/api/img2img/jobs/{on_b}").get_json()["status"] == "running",
+               what="the second job to run on B")
+    second.freeze()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.post, "/api/img2img/interrupt").result(timeout=20)  # B: 2 x 3 s
+        assert (answer.status_code, answer.get_json()["code"]) == (503, "comfyui_unreachable"), answer.get_json()
+        assert second.url in answer.get_json()["message"]
+        wait_until(lambda: client.get(f"/api/img2img/jobs/{on_a}").get_json()["status"] == "cancelled",
+                   what="the job on A to be cancelled")
+        assert client.get(f"/api/img2img/jobs/{on_b}").get_json()["status"] == "running"  # as it was
+    finally:
+        second.thaw()
+    assert client.post(f"/api/img2img/jobs/{on_b}/cancel").status_code == 200  # a retry reaches it
+    wait_until(lambda: client.get(f"/api/img2img/jobs/{on_b}").get_json()["status"] == "cancelled",
+               what="the job on B to be cancelled")
+
+
+def test_a_run_asked_to_stop_is_not_started_again_on_another_backend(two, fake_comfy, second):
+    """The interrupt could not reach the (hung) backend of a run, which then lost it: the run
+    ends there, instead of being retried on another backend as if nobody had asked to stop."""
+    for backend in two.extensions["img2img"].pool.backends:
+        backend.client.runner.liveness_interval, backend.client.runner.unreachable_grace = 2.0, 1.0
+    client = two.test_client()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            on_a = occupy(pool, client, fake_comfy)
+            on_b = occupy(pool, client, second)
+            second.freeze()
+            assert client.post("/api/img2img/interrupt").status_code == 503  # B does not answer
+            assert on_a.result(timeout=60).status_code == 409  # A is free for a retry now
+            resp = on_b.result(timeout=60)
+        assert (resp.status_code, resp.get_json()["code"]) == (503, "comfyui_unreachable"), resp.get_json()
+        assert len(fake_comfy.prompts) == 1  # not run again on A
+    finally:
+        second.thaw()
+
+
 def test_a_job_retried_on_another_backend_says_so_in_its_status_and_events(two, fake_comfy, second):
     """An async job whose backend dies mid-run is queued again (status "queued", SSE event queued
     with retry true and the reason) until the other backend takes it; its progress starts over."""

@@ -146,13 +146,14 @@ class ComfyHttp:
     def get_queue(self, *, timeout=None) -> dict:
         return self._json(self._request("GET", "/queue", timeout=timeout), "GET /queue")
 
-    def delete_from_queue(self, prompt_ids: list) -> None:
-        self._ok(self._request("POST", "/queue", json={"delete": list(prompt_ids)}), "POST /queue")
+    def delete_from_queue(self, prompt_ids: list, *, timeout=None) -> None:
+        self._ok(self._request("POST", "/queue", json={"delete": list(prompt_ids)}, timeout=timeout),
+                 "POST /queue")
 
-    def interrupt(self, prompt_id: Optional[str] = None) -> None:
+    def interrupt(self, prompt_id: Optional[str] = None, *, timeout=None) -> None:
         """POST /interrupt. Global on 0.3.x; newer servers honour {"prompt_id"} and only stop that one."""
         kwargs = {"json": {"prompt_id": prompt_id}} if prompt_id else {}
-        self._ok(self._request("POST", "/interrupt", **kwargs), "POST /interrupt")
+        self._ok(self._request("POST", "/interrupt", timeout=timeout, **kwargs), "POST /interrupt")
         log.info("sent interrupt to ComfyUI%s", f" for prompt {prompt_id}" if prompt_id else "")
 
     def system_stats(self) -> dict:

@@ -104,16 +104,26 @@ class PromptRunner:
 
         /interrupt is global on 0.3.x, so it is only sent after /queue shows that *our* prompt is
         the running one (and carries {"prompt_id"} so newer servers can check it themselves).
+        Each call waits at most unreachable_grace: a ComfyUI that cannot answer a cancel in that
+        time is unreachable (a hung server must not hold up the cancels of the others).
         """
-        queue = self.http.get_queue()
+        limit = max(self.unreachable_grace, 0.5)
+        try:
+            return self._cancel(prompt_id, (min(self.http.connect_timeout, limit), limit))
+        except ComfyTimeout as e:
+            raise ComfyUnreachable(self.http.base_url, message=(
+                f"ComfyUI at {self.http.base_url} did not answer the cancel of prompt {prompt_id}: {e}")) from e
+
+    def _cancel(self, prompt_id: str, timeout) -> str:
+        queue = self.http.get_queue(timeout=timeout)
         if prompt_id in queue_ids(queue, "queue_pending"):
-            self.http.delete_from_queue([prompt_id])
-            queue = self.http.get_queue()
+            self.http.delete_from_queue([prompt_id], timeout=timeout)
+            queue = self.http.get_queue(timeout=timeout)
             if prompt_id in queue_ids(queue, "queue_pending"):
                 raise ComfyBadResponse(f"ComfyUI at {self.http.base_url} kept prompt {prompt_id} "
                                        f"queued after POST /queue delete")
             if prompt_id not in queue_ids(queue, "queue_running"):
-                if self.http.get_history(prompt_id) is not None:
+                if self.http.get_history(prompt_id, timeout=timeout) is not None:
                     return "not_found"  # it ran and finished between our two reads
                 log.info("removed pending prompt %s from the ComfyUI queue", prompt_id)
                 with self._active_lock:
@@ -123,7 +133,7 @@ class PromptRunner:
                 return "removed"
             # it started running between our two reads: interrupt it below
         if prompt_id in queue_ids(queue, "queue_running"):
-            self.http.interrupt(prompt_id)
+            self.http.interrupt(prompt_id, timeout=timeout)
             return "interrupted"
         return "not_found"
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -44,6 +45,16 @@ class Img2ImgRequest:
     warnings: tuple = ()
 
 
+def all_at_once(function, items) -> list:
+    """``[function(item) for item in items]``, run side by side (each call mostly waits for a
+    ComfyUI); in order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(len(items), 16), thread_name_prefix="cancel") as pool:
+        return list(pool.map(function, items))
+
+
 class ActiveRuns:
     """The generations this service is running, so that they can be cancelled (all of them by
     /api/img2img/interrupt, or one by its job's cancel)."""
@@ -54,7 +65,8 @@ class ActiveRuns:
 
     def start(self, run_id: str) -> None:
         with self._lock:
-            self._runs.setdefault(run_id, {"prompt_id": None, "client": None, "cancelled": False})
+            self._runs.setdefault(run_id, {"prompt_id": None, "client": None, "cancelled": False,
+                                           "stop_asked": False})
 
     def finish(self, run_id: str) -> None:
         with self._lock:
@@ -91,8 +103,15 @@ class ActiveRuns:
             run = self._runs.get(run_id)
             if run is None:
                 return None, None
-            run["cancelled"] = True
+            run["cancelled"] = run["stop_asked"] = True
             return run["prompt_id"], run["client"]
+
+    def stop_asked(self, run_id: str) -> bool:
+        """A cancel was asked, even if it could not reach ComfyUI (uncancel): a run whose
+        backend is lost then is not started again on another one."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            return bool(run and run["stop_asked"])
 
     def __contains__(self, run_id: str) -> bool:
         with self._lock:
@@ -117,7 +136,7 @@ class ActiveRuns:
         with self._lock:
             fresh = [(run_id, r) for run_id, r in self._runs.items() if not r["cancelled"]]
             for _, run in fresh:
-                run["cancelled"] = True
+                run["cancelled"] = run["stop_asked"] = True
             # runs cancelled before were already taken care of: never cancel a prompt twice, as a
             # second global /interrupt could stop whatever ComfyUI runs next
             return [(run_id, r["prompt_id"], r["client"]) for run_id, r in fresh if r["prompt_id"]]
@@ -354,7 +373,7 @@ class Img2ImgService:
                                        f"{self.config.comfy_timeout_s:g}s (COMFY_TIMEOUT_S)") from None
                 except ComfyUnreachable as exc:
                     self.pool.mark_down(tried[-1], str(exc))
-                    if len(self.pool) == 1 or len(tried) > 1 or self.active.cancelled(run_id):
+                    if len(self.pool) == 1 or len(tried) > 1 or self.active.stop_asked(run_id):
                         raise
                     log.warning("run %s: ComfyUI backend %s is unreachable; retrying once on another "
                                 "backend", run_id, tried[-1].url)
@@ -593,12 +612,19 @@ class Img2ImgService:
         outcomes, failed = {}, None
         running = self.active.cancel_all()
         self.pool.wake()  # runs waiting for a backend stop waiting
-        for run_id, prompt_id, client in running:
+
+        def cancel(run):
+            run_id, prompt_id, client = run
             try:
-                outcomes[prompt_id] = client.cancel(prompt_id)
+                return prompt_id, client.cancel(prompt_id), None
             except ComfyError as exc:
                 self.active.uncancel(run_id)
-                failed = failed or exc
+                return prompt_id, None, exc
+        # all at once: a backend that does not answer must not hold up the others' cancels
+        for prompt_id, outcome, exc in all_at_once(cancel, running):
+            if exc is None:
+                outcomes[prompt_id] = outcome
+            failed = failed or exc
         if failed is not None:
             raise failed
         return {"status": "success", "interrupted": [p for p, o in outcomes.items() if o != "not_found"],

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dreamlayer.comfyui.errors import ComfyError, ComfyInterrupted
 from dreamlayer.errors import ApiError
-from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared
+from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared, all_at_once
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,16 @@ class JobStore:
         with self._lock:
             live = [j for j in self._jobs.values() if j.finished_at is None]
         cancelled, failed = [], None
-        for job in live:
+
+        def cancel(job):
             try:
-                cancelled.append(self.cancel(job.id, wait=False))
+                return self.cancel(job.id, wait=False), None
             except ComfyError as exc:
-                failed = failed or exc
+                return None, exc
+        for job, exc in all_at_once(cancel, live):  # a hung backend must not hold up the others
+            if exc is None:
+                cancelled.append(job)
+            failed = failed or exc
         if failed is not None:
             raise failed
         return cancelled
