@@ -99,12 +99,13 @@ class LiveServer:
     socket and the trigger — no thread can still pull a closed trigger (EBADF).
     """
 
-    def __init__(self, app, sock: socket.socket, threads: int = 24):
+    def __init__(self, app, sock: socket.socket, threads: int = 24, **options):
+        """``options``: more of waitress's settings (e.g. app.server_options' own)."""
         self.app = app
         self.port = port_of(sock)
         self.url = f"http://127.0.0.1:{self.port}"
         self.socket_map: dict = {}
-        self.server = create_server(app, map=self.socket_map, sockets=[sock], threads=threads)
+        self.server = create_server(app, map=self.socket_map, sockets=[sock], threads=threads, **options)
         self._stopping = threading.Event()
         self._stopped = False
         self.thread = threading.Thread(target=self._serve, name=f"live-server-{self.port}", daemon=True)

@@ -339,3 +339,61 @@ def test_slow_view_still_succeeds(client, fake_comfy, ledger):
     fake_comfy.view_delay = 0
     ledger.normal_request_succeeds(client)
     ledger.assert_nothing_left()
+
+
+# --- a client that hangs up ------------------------------------------------------------------------
+
+def production_server(app, sock, config):
+    """The app served by waitress with the service's own settings (app.server_options)."""
+    from dreamlayer.img2img.app import server_options
+    from service_fixtures import LiveServer
+    options = {k: v for k, v in server_options(config).items() if k not in ("host", "port", "threads")}
+    return LiveServer(app, sock, **options).start()
+
+
+def raw_multipart(port: int, params: dict) -> bytes:
+    body, ctype = requests.models.RequestEncodingMixin._encode_files(
+        {"image": ("i.png", png(gradient(32, 32)), "image/png")}, {"params": json.dumps(params)})
+    return (f"POST /api/img2img HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("where", ["running", "waiting for a backend"])
+def test_a_client_that_hangs_up_has_its_generation_cancelled(fake_comfy, server_socket, service_config, where):
+    """Its prompt ran on to its end (up to COMFY_TIMEOUT_S) for nobody, holding up every request
+    behind it, and its images were served to nobody."""
+    import socket
+    from dreamlayer.img2img.app import shutdown
+    # one prompt at a time (others wait here); no timeout that would end the run in the test's time
+    config = service_config.replace(prompts_per_backend=1, comfy_timeout_s=600)
+    app = create_app(config)
+    server = production_server(app, server_socket, config)
+    pool = app.extensions["img2img"].pool
+    fake_comfy.hang_next()
+    try:
+        with ThreadPoolExecutor(1) as others:
+            if where == "waiting for a backend":
+                holder = others.submit(requests.post, f"{server.url}/api/img2img", timeout=60, data={
+                    "params": json.dumps({**PARAMS, "seed": 9})}, files={"image": ("i.png", png(gradient(32, 32)))})
+                wait_until(fake_comfy.running_prompt_id, what="the backend to be taken")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(raw_multipart(server.port, {**PARAMS, "seed": 5}))
+                if where == "running":
+                    wait_until(fake_comfy.running_prompt_id, what="the request's prompt to run")
+                else:
+                    wait_until(lambda: len(pool._line) == 1, what="the request to wait for the backend")
+            # the client is gone
+            if where == "running":
+                wait_until(lambda: fake_comfy.interrupt_count == 1 and fake_comfy.running_prompt_id() is None,
+                           what="its prompt to be interrupted")
+            else:
+                wait_until(lambda: not pool._line, what="it to stop waiting")
+                requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
+                assert holder.result(timeout=60).status_code == 409
+                assert len(fake_comfy.prompts) == 1  # it never reached ComfyUI
+        wait_until(lambda: not [p for p in fake_comfy.input_dir.rglob("*") if p.is_file()],
+                   what="its inputs to be removed")
+        assert not list(config.served_images_dir.glob("*.png"))
+    finally:
+        server.stop()
+        shutdown(app)

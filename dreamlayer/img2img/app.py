@@ -10,6 +10,7 @@ import hmac
 import io
 import signal
 import threading
+import uuid
 import time
 import logging
 import sys
@@ -27,6 +28,7 @@ from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
 from dreamlayer.http_origin import only_from_allowed_origins
+from dreamlayer.img2img.disconnects import DisconnectWatch
 from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img import graceful_stop
 from dreamlayer.img2img.service import Img2ImgService
@@ -66,12 +68,21 @@ def img2img():
     if not _wants_async(req):
         if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
             return jsonify(jobs().generate(service().prepare(req), request=req))
-        return jsonify(service().generate(req))
+        run_id, svc = uuid.uuid4().hex, service()
+        with current_app.extensions["img2img_disconnects"].watching(request.environ,
+                                                                    lambda: _client_gone(svc, run_id)):
+            return jsonify(svc.execute(svc.prepare(req), run_id=run_id))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
     body = {"job_id": job.id, "status": "queued", "status_url": base, "events_url": f"{base}/events",
             "cancel_url": f"{base}/cancel"}
     return jsonify(body), 202, {"Location": base, "Preference-Applied": "respond-async"}
+
+
+def _client_gone(svc: Img2ImgService, run_id: str) -> None:
+    prompt_id, outcome = svc.cancel_run(run_id)
+    log.info("run %s: the client went away; its generation is cancelled (prompt %s: %s)", run_id, prompt_id,
+             outcome)
 
 
 @bp.get("/api/img2img/jobs/<job_id>")
@@ -251,6 +262,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.extensions["img2img"] = service
     app.extensions["img2img_jobs"] = store = _job_store(config, service)
     app.extensions["img2img_workers"] = workers = _queue_workers(config, service)
+    app.extensions["img2img_disconnects"] = DisconnectWatch()
     if workers is not None:
         store.local = workers  # a synchronous request may run here at once (RedisJobStore.generate)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
@@ -319,7 +331,10 @@ def server_options(config: Config) -> dict:
                 max_request_body_size=config.max_content_length + 1024 * 1024,
                 # 256 KiB reads and 16 MiB kept in memory before spooling: a 0.7 MB upload arrives in
                 # 1.3 ms instead of 2.3 ms (waitress's defaults: 8 KiB reads, spooled over 512 KiB)
-                recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024)
+                recv_bytes=256 * 1024, inbuf_overflow=16 * 1024 * 1024,
+                # read on while a request runs, so that a client that hangs up is noticed
+                # (disconnects.py): its generation is cancelled
+                channel_request_lookahead=1)
 
 
 def _work_until_stopped(app: Flask, config: Config) -> int:
