@@ -29,7 +29,7 @@ from dreamlayer.config.saved_paths import DEMO_NOTE
 
 from dreamlayer import PROJECT_ROOT as ROOT
 IS_WINDOWS = os.name == "nt"
-STOP_TIMEOUT_S = 15.0  # the services' own graceful stop takes up to 10 s
+STOP_TIMEOUT_S = 20.0  # the services' own graceful stop takes up to 10 s, then 3 + 3 s to cancel what is left
 #: Signals that stop everything: Ctrl-C, kill, a closed terminal, Ctrl-Break on Windows.
 SIGNALS = ("SIGINT", "SIGTERM") + (("SIGBREAK",) if IS_WINDOWS else ("SIGHUP",))
 

@@ -93,3 +93,17 @@ def test_a_request_in_progress_still_answers_after_sigterm(service, fake_comfy):
         assert fake_comfy.interrupt_count == 0  # nothing was left to cancel
     finally:
         fake_comfy.release_views()
+
+
+def test_a_request_still_running_after_the_grace_period_is_cancelled_and_answers(service, fake_comfy):
+    """It had its connection closed with no answer (and its prompt cancelled only afterwards):
+    now its generation is cancelled first, and it answers 409 before the service ends."""
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(submit, service.url, PARAMS)
+        wait_until(fake_comfy.running_prompt_id, what="the request's prompt to run")
+        service.terminate()
+        resp = answer.result(timeout=60)  # the grace period (10 s), then the cancel
+    assert (resp.status_code, resp.json()["code"]) == (409, "interrupted"), resp.text
+    assert service.wait(30) == 0, service.log()[-3000:]
+    assert fake_comfy.interrupt_count == 1

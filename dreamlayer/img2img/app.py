@@ -300,15 +300,27 @@ def main(argv=None) -> int:
     server.print_listen("Serving on http://{}:{}")
     workers = app.extensions["img2img_workers"]
     # SIGTERM / Ctrl-C: no new connections or jobs, requests in progress answer (docs/scaling.md)
-    stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None)
+    # (without REDIS_URL, requests still running after the grace period are cancelled, so that
+    # they answer 409 before their connections close; with it, their jobs run on elsewhere)
+    stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None,
+                                             on_overdue=None if config.redis_url else lambda: _cancel_leftovers(app))
     server.run()  # until the graceful stop closes it
     deadline = stopping["deadline"]
     if deadline is not None:
         server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
     if not config.redis_url:
         _cancel_leftovers(app)
+        _wait_for_runs(app, graceful_stop.LAST_WORDS_S)
     shutdown(app, deadline=deadline)
     return 0
+
+
+def _wait_for_runs(app: Flask, timeout: float) -> None:
+    """Cancelled runs end by removing their inputs from ComfyUI's folder: let them, before the
+    process (and its daemon threads) ends."""
+    active, until = app.extensions["img2img"].active, time.monotonic() + timeout
+    while len(active) and time.monotonic() < until:
+        time.sleep(0.05)
 
 
 def _cancel_leftovers(app: Flask) -> None:

@@ -21,10 +21,16 @@ log = logging.getLogger(__name__)
 GRACE_S = 10.0
 
 
-def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S) -> dict:
+#: After the grace period, the requests still running are cancelled (``on_overdue``) and get this
+#: long to send their answer (409 interrupted) before their connections close.
+LAST_WORDS_S = 3.0
+
+
+def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) -> dict:
     """Handle SIGTERM and Ctrl-C (SIGINT) so; ``on_stop()`` runs first (the queue workers stop
-    taking jobs). Returns a dict whose "deadline" (time.monotonic()) is set once the signal came.
-    A second signal ends the process at once."""
+    taking jobs); ``on_overdue()``, if given, once the grace period is over with requests still
+    running (it cancels their generations, so that they answer). Returns a dict whose "deadline"
+    (time.monotonic()) is set once the signal came. A second signal ends the process at once."""
     state: dict = {"deadline": None}
 
     def on_signal(signum, frame):
@@ -33,8 +39,8 @@ def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S) -> dict:
         state["deadline"] = time.monotonic() + grace_s
         log.info("%s: no new connections or jobs; requests in progress have %g s to answer",
                  signal.Signals(signum).name, grace_s)
-        threading.Thread(target=_drain, args=(server, on_stop, state["deadline"]), name="graceful-stop",
-                         daemon=True).start()
+        threading.Thread(target=_drain, args=(server, on_stop, state["deadline"], on_overdue),
+                         name="graceful-stop", daemon=True).start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
@@ -45,7 +51,7 @@ def _socket_map(server) -> dict:
     return server.map if hasattr(server, "map") else server._map  # MultiSocketServer / one socket
 
 
-def _drain(server, on_stop, deadline: float) -> None:
+def _drain(server, on_stop, deadline: float, on_overdue=None) -> None:
     on_stop()
     socket_map = _socket_map(server)
     listeners = [d for d in list(socket_map.values()) if isinstance(d, BaseWSGIServer)]
@@ -57,11 +63,19 @@ def _drain(server, on_stop, deadline: float) -> None:
             wasyncore.dispatcher.close(listener)  # the listening socket only (not the trigger)
 
     trigger.pull_trigger(stop_accepting)
-    while _busy(server, socket_map) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_idle(server, socket_map, deadline)
+    if _busy(server, socket_map) and on_overdue is not None:
+        log.warning("requests still in progress after the grace period: cancelling them")
+        on_overdue()
+        _wait_idle(server, socket_map, time.monotonic() + LAST_WORDS_S)
     if _busy(server, socket_map):
         log.warning("requests still in progress after the grace period: closing them")
     trigger.pull_trigger(lambda: wasyncore.close_all(socket_map))  # the loop ends with its map empty
+
+
+def _wait_idle(server, socket_map, deadline: float) -> None:
+    while _busy(server, socket_map) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _busy(server, socket_map) -> bool:
