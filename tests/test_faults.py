@@ -397,3 +397,27 @@ def test_a_client_that_hangs_up_has_its_generation_cancelled(fake_comfy, server_
     finally:
         server.stop()
         shutdown(app)
+
+
+def test_an_interrupt_reaches_no_job_still_waiting_for_a_worker(fake_comfy, service_config):
+    """Interrupting many async jobs: those still waiting in the service for a worker end without
+    ever reaching ComfyUI. One cancel after the other, a worker freed by the first cancel took the
+    next job, not marked yet, and queued its prompt (150 jobs: all 150 reached ComfyUI)."""
+    from dreamlayer.img2img.app import shutdown
+    app = create_app(service_config.replace(job_workers=2))
+    client = app.test_client()
+    fake_comfy.step_delay = 5.0  # each prompt runs long: the two workers stay busy
+    try:
+        ids = [client.post("/api/img2img", data={"params": json.dumps({**PARAMS, "seed": i, "async": True}),
+                                                 "image": (io.BytesIO(png(gradient(32, 32))), "i.png")},
+                           content_type="multipart/form-data").get_json()["job_id"] for i in range(1, 9)]
+        wait_until(lambda: len(fake_comfy.prompts) == 2, what="two jobs to reach ComfyUI")
+        answer = client.post("/api/img2img/interrupt").get_json()
+        assert sorted(answer["cancelled_jobs"]) == sorted(ids)
+        for job_id in ids:
+            wait_until(lambda: client.get(f"/api/img2img/jobs/{job_id}").get_json()["status"] == "cancelled",
+                       what=f"job {job_id} to be cancelled")
+        assert len(fake_comfy.prompts) == 2
+    finally:
+        fake_comfy.step_delay = 0.0
+        shutdown(app)

@@ -245,6 +245,8 @@ class JobStore:
         left as it was, and the first such error raised once the others are cancelled."""
         with self._lock:
             live = [j for j in self._jobs.values() if j.finished_at is None]
+        for job in live:  # first all marked (no I/O): a worker freed meanwhile queues none of them
+            self.service.active.cancel(job.id)
         cancelled, failed = [], None
 
         def cancel(job):
