@@ -5,7 +5,9 @@ import json
 import pathlib
 import select
 import socket
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 
@@ -1026,3 +1028,23 @@ def test_comfyui_is_up(fake_comfy):
         assert client.is_up() is True
     finally:
         client.close()
+
+
+def test_a_prompt_abandoned_while_comfyui_hangs_is_cancelled_once_it_answers(fake_comfy, client, caplog):
+    """A run that timed out while ComfyUI hung tried its cancel once and gave up: the prompt then
+    ran on, for nobody, once ComfyUI answered again."""
+    caplog.set_level(logging.DEBUG, logger="dreamlayer.comfyui.run")
+    client.runner.ABANDONED_RETRY_EVERY_S, client.runner.unreachable_grace = 0.1, 0.5
+    fake_comfy.hang_next()
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(client.run, workflow(fake_comfy), timeout=3.0)
+        wait_until(fake_comfy.running_prompt_id, what="the prompt to run")
+        fake_comfy.freeze()
+        try:
+            with pytest.raises(ComfyTimeout):
+                run.result(timeout=30)
+            wait_until(lambda: "cancel failed" in caplog.text, what="a cancel to go unanswered")
+        finally:
+            fake_comfy.thaw()
+    wait_until(lambda: fake_comfy.interrupt_count == 1, what="the abandoned prompt to be interrupted")
+    fake_comfy.wait_idle()

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+import requests
 import websocket  # websocket-client
 
 from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyTimeout,
@@ -307,12 +308,32 @@ class PromptRunner:
         threading.Thread(target=self._cancel_quietly, args=(prompt_id,),
                          name=f"comfy-cancel-{prompt_id[:8]}", daemon=True).start()
 
+    #: How long the cancel of an abandoned prompt keeps trying a ComfyUI that does not answer
+    #: (hung, or restarting), and how often.
+    ABANDONED_RETRY_S, ABANDONED_RETRY_EVERY_S = 600.0, 5.0
+
     def _cancel_quietly(self, prompt_id: str) -> None:
-        try:
-            outcome = self.cancel(prompt_id)
-            log.info("abandoned prompt %s: cancel -> %s", prompt_id, outcome)
-        except ComfyError as e:
-            log.warning("could not cancel abandoned prompt %s: %s", prompt_id, e)
+        until = time.monotonic() + self.ABANDONED_RETRY_S
+        while True:
+            try:
+                outcome = self.cancel(prompt_id)
+                log.info("abandoned prompt %s: cancel -> %s", prompt_id, outcome)
+                return
+            except ComfyUnreachable as e:  # a hung ComfyUI may answer again: its prompt would then run
+                # (one that refuses connections is down: restarted, it has forgotten its queue)
+                if not _no_answer(e) or time.monotonic() + self.ABANDONED_RETRY_EVERY_S > until:
+                    log.warning("could not cancel abandoned prompt %s: %s", prompt_id, e)
+                    return
+                log.debug("abandoned prompt %s: cancel failed (%s); trying again", prompt_id, e)
+                time.sleep(self.ABANDONED_RETRY_EVERY_S)
+            except ComfyError as e:
+                log.warning("could not cancel abandoned prompt %s: %s", prompt_id, e)
+                return
+
+
+def _no_answer(error: ComfyUnreachable) -> bool:
+    """Connected, but ComfyUI did not answer in time (it hangs), as opposed to refusing."""
+    return isinstance(error.__cause__, (ComfyTimeout, requests.exceptions.ReadTimeout))
 
 
 class _Run:
