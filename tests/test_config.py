@@ -136,6 +136,11 @@ BAD = [
     ("COMFY_API_URL", "http://host:99999", "one or more comma-separated http:// or https:// URLs"),
     ("COMFY_API_URL", "http://a:1,,http://b:2", "one or more comma-separated http:// or https:// URLs"),
     ("COMFY_API_URL", "http://a:1,http://a:1", "one or more comma-separated http:// or https:// URLs"),
+    # one server spelt two ways counts double against COMFY_PROMPTS_PER_BACKEND
+    ("COMFY_API_URL", "http://127.0.0.1:1,http://localhost:1", "a server is listed twice"),
+    ("COMFY_API_URL", "http://a:1,HTTP://A:1/api/", "a server is listed twice"),
+    ("COMFY_API_URL", "http://a:80,http://a", "a server is listed twice"),
+    ("COMFY_API_URL", "http://a:1?x=1", "no user:password, query or fragment"),
     ("COMFY_PROMPTS_PER_BACKEND", "0", "a whole number >= 1"),
     ("PUBLIC_BASE_URL", "http://", "an http:// or https:// URL"),
     ("CORS_ORIGINS", "http://a:1, http://b/app", "'http://b/app' is not an origin"),
@@ -165,6 +170,14 @@ def test_the_api_key_is_never_shown():
     var = E.BY_NAME["IMG2IMG_API_KEY"]
     assert var.secret
     assert E._message(var, var.name, "s3cret", ValueError()) == "IMG2IMG_API_KEY='***': expected any text"
+
+
+def test_a_password_in_comfyuis_address_is_refused_and_never_shown():
+    """It would be shown to anyone in /health (open without the API key) and in error messages."""
+    with pytest.raises(ConfigError) as info:
+        Plan.from_env(False, {"COMFY_API_URL": "http://127.0.0.1:1,http://admin:s3cret@127.0.0.1:2"})
+    assert "s3cret" not in str(info.value) and "admin" not in str(info.value)
+    assert "no user:password" in str(info.value)
 
 
 def test_replace_checks_like_from_env():

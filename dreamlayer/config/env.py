@@ -15,6 +15,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -96,10 +97,31 @@ def _origins_parse(text):
     return origins
 
 
+def _server_url_parse(text):
+    """A ComfyUI's address: no user:password (it would be shown in /health and in messages), no
+    query or fragment (the client appends paths to it)."""
+    url = _url_parse(text)
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise ValueError(f"{parts.scheme}://{parts.hostname}…: a server's address has no user:password, "
+                         "query or fragment")
+    return url
+
+
+def _same_server(url: str) -> tuple:
+    """What tells two spellings of one server apart: scheme, host (localhost = 127.0.0.1), port,
+    path (ComfyUI serves its routes under /api/ too)."""
+    parts = urlsplit(url)
+    host = {"localhost": "127.0.0.1"}.get(parts.hostname, parts.hostname)
+    path = parts.path.rstrip("/").removesuffix("/api")
+    return parts.scheme, host, parts.port or {"http": 80, "https": 443}[parts.scheme], path
+
+
 def _urls_parse(text):
-    urls = tuple(_url_parse(u.strip()) for u in text.split(","))  # an empty item is an error
-    if len(set(urls)) != len(urls):
-        raise ValueError("a URL is listed twice")
+    urls = tuple(_server_url_parse(u.strip()) for u in text.split(","))  # an empty item is an error
+    if len({_same_server(u) for u in urls}) != len(urls):
+        raise ValueError("a server is listed twice (perhaps spelt two ways: localhost and 127.0.0.1, "
+                         "a default port, /api)")
     return urls
 
 
@@ -287,7 +309,8 @@ def check(name: str, value: Any) -> None:
 
 
 def _message(var: Variable, given_as: str, text: str, exc: ValueError) -> str:
-    shown = "'***'" if var.secret else repr(text)
+    # a password in a URL is not echoed either (user:password@ → ***@)
+    shown = "'***'" if var.secret else repr(re.sub(r"(?<=://)[^/@,\s]*@", "***@", text))
     reason = f" ({exc})" if str(exc) else ""
     alias = f" (deprecated name of {var.name})" if given_as != var.name else ""
     return f"{given_as}={shown}{alias}: expected {var.kind.allowed}{reason}"
