@@ -6,6 +6,7 @@ import pathlib
 import select
 import socket
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
@@ -694,11 +695,26 @@ def test_object_info_is_cached_and_refreshable(fake_comfy, client, monkeypatch):
 
 
 def test_object_info_is_fetched_once_under_concurrency(fake_comfy, client, monkeypatch):
+    """The fetch is held until all eight callers are inside ComfyHttp.object_info, so none can
+    find it finished and cached: only a shared fetch makes one request."""
+    from dreamlayer.comfyui import http as comfy_http
     calls = []
     real = client.http._session.request
-    monkeypatch.setattr(client.http._session, "request",
-                        lambda method, url, **kw: (calls.append(url), real(method, url, **kw))[1])
     threads = [threading.Thread(target=client.object_info) for _ in range(8)]
+
+    def inside(thread) -> bool:
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None:
+            if frame.f_code is comfy_http.ComfyHttp.object_info.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
+    def held(method, url, **kw):
+        calls.append(url)
+        wait_until(lambda: all(inside(t) for t in threads), what="every caller to be inside object_info")
+        return real(method, url, **kw)
+    monkeypatch.setattr(client.http._session, "request", held)
     for t in threads:
         t.start()
     for t in threads:

@@ -421,3 +421,17 @@ def test_an_interrupt_reaches_no_job_still_waiting_for_a_worker(fake_comfy, serv
     finally:
         fake_comfy.step_delay = 0.0
         shutdown(app)
+
+
+def test_shutdown_closes_the_comfyui_clients_connections(fake_comfy, service_config):
+    """The spare WebSocket kept after a run (and its thread) outlived shutdown(app) until
+    ComfyUI went away."""
+    import threading
+    from dreamlayer.img2img.app import shutdown
+    app = create_app(service_config)
+    assert post(app.test_client(), mask=False).status_code == 200
+    assert fake_comfy.client_ids()  # the spare socket, kept for the next run
+    shutdown(app)
+    wait_until(lambda: not fake_comfy.client_ids(), what="the spare WebSocket to close")
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("comfy-spare-ws")],
+               what="the socket keeper to end")

@@ -106,13 +106,26 @@ def test_health_counts_the_workers_again_after_redis_lost_its_data(service_confi
         shutdown(app)
 
 
+def test_finished_records_and_images_carry_the_job_ttl(service_config, redis_server, fake_comfy):
+    app = create_app(service_config.replace(redis_url=redis_server.url, job_ttl_s=600))
+    try:
+        client = app.test_client()
+        body = post(client, PARAMS).get_json()
+        name = body["comfy_response"]["generated_images"][0]["filename"]
+        assert client.get(f"/images/{name}").status_code == 200
+        r = redis_server.client()
+        ours = [k for k in keys(redis_server) if body["run_id"] in k and ":expired:" not in k]  # record, events, image
+        assert len(ours) == 3 and all(0 < r.pttl(k) <= 600_000 for k in ours), {k: r.pttl(k) for k in ours}
+    finally:
+        shutdown(app)
+
+
 def test_finished_records_and_images_expire_with_the_job_ttl(service_config, redis_server, fake_comfy):
     app = create_app(service_config.replace(redis_url=redis_server.url, job_ttl_s=0.5))
     try:
         client = app.test_client()
         body = post(client, PARAMS).get_json()
         name = body["comfy_response"]["generated_images"][0]["filename"]
-        assert client.get(f"/images/{name}").status_code == 200
         wait_until(lambda: client.get(f"/images/{name}").status_code == 404, what="the image to expire")
         resp = client.get(f"/api/img2img/jobs/{body['run_id']}")
         assert resp.status_code == 404 and resp.get_json()["code"] == "job_expired"

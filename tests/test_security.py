@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -298,7 +299,11 @@ def captured_serve(monkeypatch, tmp_path):
     monkeypatch.setenv("SERVED_IMAGES_DIR", str(tmp_path / "served"))
     monkeypatch.setenv("IMG2IMG_PORT", "5999")
     monkeypatch.setenv("MAX_CONTENT_LENGTH", "1000000")
-    return calls
+    # main() takes SIGTERM / Ctrl-C for its graceful stop: pytest's own handlers come back after
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield calls
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def test_a_normal_start_serves_with_waitress_never_flasks_debug_server(captured_serve):

@@ -236,12 +236,16 @@ def _queue_workers(config: Config, service: Img2ImgService):
 
 def shutdown(app: Flask, deadline: float | None = None) -> None:
     """Stop what create_app started: queue workers (their running jobs may finish, within 10 s or
-    until ``deadline``, a time.monotonic()), the backend prober, the job store."""
+    until ``deadline``, a time.monotonic()), the backend prober, the job store, the ComfyUI
+    clients' idle connections (and the thread that keeps their spare WebSockets)."""
     workers = app.extensions.get("img2img_workers")
     if workers is not None:
         workers.stop(deadline=deadline)
-    app.extensions["img2img"].pool.close()
+    pool = app.extensions["img2img"].pool
+    pool.close()
     app.extensions["img2img_jobs"].shutdown()
+    for backend in pool.backends:
+        backend.client.close()
 
 
 def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient | None = None) -> Flask:
