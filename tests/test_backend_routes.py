@@ -657,6 +657,11 @@ def test_posts_from_another_site_are_403_and_change_nothing(client, cfg, comfy_d
     assert list((comfy_dir / "models").rglob("*.*")) == [] and not cfg.api_keys_file.exists()
 
 
+def test_no_answer_is_content_sniffed(client, served):
+    for resp in (client.get("/api/models"), client.get(f"/images/{served.name}"), client.get("/nope")):
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", resp.status
+
+
 def test_cors_origins_star_lets_every_page_post(cfg):
     star = Config.from_env({"CORS_ORIGINS": "*"}).cors_origins
     client = create_app(dataclasses.replace(cfg, shared=cfg.shared.replace(cors_origins=star))).test_client()

@@ -184,6 +184,7 @@ def served(service_config, tmp_path):
     (folder / "adir.png").mkdir()
     os.mkfifo(folder / "fifo.png")  # would block a reader forever
     (folder / ".hidden.png").write_bytes(png(gradient(4, 4)))
+    (folder / "page.html").write_bytes(b"<script>alert(document.cookie)</script>")  # not an image
     return folder
 
 
@@ -194,7 +195,7 @@ def served(service_config, tmp_path):
     b"/images/chain1.png", b"/images/chain2.png", b"/images/dirlink/secret.png", b"/images/abs.png",
     b"/images/adir.png", b"/images/fifo.png", b"/images/.hidden.png", b"/images/%C0%AE%C0%AE%2Fconfig.py",
     b"/images/\xef\xbc\x8e\xef\xbc\x8e\xef\xbc\x8fconfig.py", b"/images/file:%2F%2F%2Fetc%2Fpasswd",
-    b"/images/C:%5CWindows%5Cwin.ini", b"/images/" + b"a" * 4000 + b".png",
+    b"/images/C:%5CWindows%5Cwin.ini", b"/images/" + b"a" * 4000 + b".png", b"/images/page.html",
 ], ids=lambda t: t.decode("latin-1")[:50])
 @pytest.mark.parametrize("prefix", [b"", b"/api"], ids=["images", "api-images"])
 def test_images_route_serves_nothing_but_its_own_files(live_server, served, service_config, target, prefix):
@@ -209,6 +210,12 @@ def test_images_route_serves_its_own_files(live_server, served, service_config):
     for prefix in (b"", b"/api"):
         status, head, body = raw_get(service_config.port, prefix + b"/images/img2img_real.png")
         assert status == 200 and "Content-Type: image/png" in head and body.startswith(b"\x89PNG")
+        assert "X-Content-Type-Options: nosniff" in head  # never read as anything but its type
+
+
+def test_no_answer_is_content_sniffed(client):
+    for resp in (client.get("/health"), client.get("/images/nope.png"), client.post("/api/img2img", data="x")):
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", resp.status
 
 
 @pytest.mark.parametrize("name", ["x.png\n", "../x.png", "/tmp/x.png", ".tmp-x.png", "a/b.png", "x.png\x00", ""])

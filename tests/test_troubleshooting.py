@@ -9,7 +9,7 @@ import yaml
 
 from dreamlayer.backend import api_keys, controlnet_uploads, images, model_uploads
 from dreamlayer.comfyui import client as comfy_client
-from dreamlayer import errors, http_origin
+from dreamlayer import errors, web_security
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
@@ -68,7 +68,7 @@ def test_codes_are_listed_under_their_status():
                 api_keys.InvalidApiKey, model_uploads.MissingFile, model_uploads.UnsupportedModelFile,
                 model_uploads.ModelTooLarge, model_uploads.ModelExists, model_uploads.ModelsFolderUnknown,
                 model_uploads.DiskFull, model_uploads.WriteFailed, controlnet_uploads.InputFolderUnknown,
-                http_origin.OriginNotAllowed]:
+                web_security.OriginNotAllowed]:
         assert listed.get(cls.code) == cls.status, (cls.__name__, cls.code, cls.status, listed.get(cls.code))
     for status, code in errors.HTTP_CODES.items():
         assert listed.get(code) == status, (code, status)

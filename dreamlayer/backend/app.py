@@ -26,7 +26,7 @@ from dreamlayer.config.saved_paths import (SettingsError, demo_health_fields, ge
                                  unreachable_hint, update_settings)
 from dreamlayer.img2img.advanced_params import builtin_upscaler_entries
 from dreamlayer.errors import InvalidParameter, register_error_handlers
-from dreamlayer.http_origin import only_from_allowed_origins
+from dreamlayer.web_security import no_sniffing, only_from_allowed_origins
 from dreamlayer.backend import page_routes
 from dreamlayer.backend.images import ImageFolders, open_folder
 from dreamlayer.backend.models import ModelCatalog
@@ -164,6 +164,7 @@ def create_app(config: DreamLayerConfig | None = None, *, client: comfy_client.C
     app.config["FOLDER_OPENER"] = open_folder if config.open_folders else None
     register_error_handlers(app)
     app.before_request(only_from_allowed_origins(config.shared.cors_origins))
+    app.after_request(no_sniffing)
     app.register_blueprint(bp)
     app.register_blueprint(page_routes.bp)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hmac
 import io
+import mimetypes
 import signal
 import threading
 import uuid
@@ -27,7 +28,8 @@ from dreamlayer.config.env import ConfigError, Environment, report
 from dreamlayer.config.img2img import Config
 from dreamlayer.config.saved_paths import demo_health_fields, unreachable_hint
 from dreamlayer.errors import ApiError, InvalidParameter, error_response, register_error_handlers
-from dreamlayer.http_origin import only_from_allowed_origins
+from dreamlayer.backend.images import IMAGE_TYPES
+from dreamlayer.web_security import no_sniffing, only_from_allowed_origins
 from dreamlayer.img2img.disconnects import DisconnectWatch
 from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img import graceful_stop
@@ -128,14 +130,15 @@ def served_image(filename):
     """/images/ answers as a download (Content-Disposition: attachment), so that the page's cross-origin
     "Download PNG" link saves the file instead of opening a tab; an <img> shows it all the same.
     /api/images/ answers inline."""
-    found = service().served.lookup(filename)
+    mimetype = mimetypes.guess_type(filename)[0]
+    found = service().served.lookup(filename) if mimetype in IMAGE_TYPES else None  # images only
     if found is None:
         raise ApiError(f"No image named {filename!r}", code="image_not_found", status=404)
     if isinstance(found, bytes):  # REDIS_URL: the image is kept in Redis
         found = io.BytesIO(found)
     ignore_unusable_range(request)
     attachment = request.path.startswith("/images/")
-    return send_file(found, mimetype="image/png", max_age=3600, as_attachment=attachment,
+    return send_file(found, mimetype=mimetype, max_age=3600, as_attachment=attachment,
                      download_name=filename.rsplit("/", 1)[-1])
 
 
@@ -272,6 +275,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "Prefer"], max_age=600)
     app.before_request(only_from_allowed_origins(config.cors_origins))
+    app.after_request(no_sniffing)
     if config.api_key:
         _require_api_key(app, config.api_key)
     register_error_handlers(app)

@@ -1,4 +1,5 @@
-"""The Origin check of both services: a web page may change state only from CORS_ORIGINS.
+"""What both services do about browsers: a web page may change state only from CORS_ORIGINS,
+and no answer is content-sniffed.
 
 CORS keeps other sites from *reading* answers, not from sending: a page anywhere can make its
 visitor's browser POST a form (multipart, text/plain) to 127.0.0.1 without a preflight — start
@@ -34,3 +35,10 @@ def only_from_allowed_origins(allowed):
                                    "to CORS_ORIGINS to let it use this service")
         return None
     return check_origin
+
+
+def no_sniffing(response):
+    """after_request: browsers take each answer for its Content-Type, never for what its bytes
+    look like (an image or JSON read as HTML)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
