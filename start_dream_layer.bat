@@ -13,6 +13,8 @@ setlocal EnableExtensions
 set "ROOT=%~dp0"
 if "%ROOT:~-1%"=="\" set "ROOT=%ROOT:~0,-1%"
 if not defined DREAMLAYER_VENV set "DREAMLAYER_VENV=%ROOT%\.venv"
+rem relative to where it is run (the script changes folder)
+for %%I in ("%DREAMLAYER_VENV%") do set "DREAMLAYER_VENV=%%~fI"
 if not defined DREAMLAYER_SKIP_INSTALL set "DREAMLAYER_SKIP_INSTALL=0"
 if not defined PYTHON set "PYTHON=py -3"
 set "DEMO=0"

@@ -13,6 +13,7 @@ set -eu
 
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 VENV="${DREAMLAYER_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to where it is run (the script cd's)
 SKIP_INSTALL="${DREAMLAYER_SKIP_INSTALL:-0}"
 PYTHON_FOR_VENV="${PYTHON:-python3}"
 DEMO=0

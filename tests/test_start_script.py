@@ -325,10 +325,11 @@ def stub_python(tmp_path):
     return stub
 
 
-def run_sh(tmp_path, *args, **env_extra):
+def run_sh(tmp_path, *args, cwd=None, **env_extra):
     env = dict(os.environ, STUB_CALLS=str(tmp_path / "calls.txt"), **env_extra)
     env.pop("DREAMLAYER_SKIP_INSTALL", None)
-    result = subprocess.run(["bash", str(SH), *args], env=env, capture_output=True, text=True, timeout=20)
+    result = subprocess.run(["bash", str(SH), *args], env=env, capture_output=True, text=True, timeout=20,
+                            cwd=cwd)
     calls = (tmp_path / "calls.txt").read_text().splitlines() if (tmp_path / "calls.txt").exists() else []
     (tmp_path / "calls.txt").unlink(missing_ok=True)
     return result, calls
@@ -353,6 +354,15 @@ def test_creates_the_venv_installs_once_and_hands_over(tmp_path, stub_python):
     (venv / ".dreamlayer-installed").unlink()
     result, calls = run_sh(tmp_path, "--no-install", PYTHON=str(stub_python), DREAMLAYER_VENV=str(venv))
     assert calls == [f"{vpy} {ROOT}/start_dream_layer.py --no-install"]
+
+
+def test_a_relative_venv_is_where_the_script_was_run(tmp_path, stub_python):
+    """The script changes to the project folder before it hands over: a relative
+    DREAMLAYER_VENV was created in the current folder, then looked for in the project's."""
+    result, calls = run_sh(tmp_path, PYTHON=str(stub_python), DREAMLAYER_VENV="relvenv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"-m venv {tmp_path}/relvenv" in calls[1]
+    assert calls[-1] == f"{tmp_path}/relvenv/bin/python {ROOT}/start_dream_layer.py"
 
 
 def test_missing_python_is_explained(tmp_path):
