@@ -73,7 +73,10 @@ def register_error_handlers(app) -> None:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, **exc.details)
+        response, status = error_response(exc.status, exc.code, exc.message, **exc.details)
+        if "retry_after" in exc.details:  # seconds (RFC 9110's Retry-After)
+            response.headers["Retry-After"] = str(exc.details["retry_after"])
+        return response, status
 
     @app.errorhandler(ComfyError)
     def comfy_error(exc: ComfyError):

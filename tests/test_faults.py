@@ -435,3 +435,65 @@ def test_shutdown_closes_the_comfyui_clients_connections(fake_comfy, service_con
     wait_until(lambda: not fake_comfy.client_ids(), what="the spare WebSocket to close")
     wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("comfy-spare-ws")],
                what="the socket keeper to end")
+
+
+# --- long requests leave threads for the short ones -----------------------------------------------
+
+def test_with_every_long_request_place_taken_the_service_still_answers_and_says_busy(
+        fake_comfy, server_socket, service_config):
+    """Synchronous requests waiting for ComfyUI and event streams took every one of waitress's
+    threads: the interrupt that would free them, /health, status and images got no answer."""
+    from dreamlayer.img2img.app import shutdown
+    from service_fixtures import LiveServer
+    config = service_config.replace(threads=6)  # 2 long requests at most, 4 threads kept
+    app = create_app(config)
+    server = LiveServer(app, server_socket, threads=6).start()
+    url = server.url
+
+    def generate(seed):
+        return requests.post(f"{url}/api/img2img", data={"params": json.dumps({**PARAMS, "seed": seed})},
+                             files={"image": ("i.png", png(gradient(32, 32)))}, timeout=60)
+    fake_comfy.hang_next()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(generate, seed) for seed in (1, 2)]
+            wait_until(lambda: len(fake_comfy.prompts) == 2, what="two requests to wait on ComfyUI")
+            busy = generate(3)
+            assert (busy.status_code, busy.json()["code"]) == (503, "busy") and busy.headers["Retry-After"] == "1"
+            job = requests.post(f"{url}/api/img2img", timeout=10, files={"image": ("i.png", png(gradient(32, 32)))},
+                                data={"params": json.dumps({**PARAMS, "seed": 4, "async": True})}).json()
+            assert requests.get(job["events_url"], timeout=10).json()["code"] == "busy"  # a stream too
+            assert requests.get(f"{url}/health", timeout=10).status_code == 200
+            assert requests.post(f"{url}/api/img2img/interrupt", timeout=10).status_code == 200
+            assert [f.result(timeout=60).status_code for f in waiting] == [409, 409]
+        assert generate(5).status_code == 200  # the places came back
+        with requests.get(job["events_url"], stream=True, timeout=30) as stream:
+            assert stream.status_code == 200
+    finally:
+        server.stop()
+        shutdown(app)
+
+
+def test_an_event_stream_gives_its_place_back_when_its_client_leaves(fake_comfy, server_socket,
+                                                                     service_config):
+    from dreamlayer.img2img.app import shutdown
+    from service_fixtures import LiveServer
+    app = create_app(service_config.replace(threads=5))  # 1 long request at most
+    server = LiveServer(app, server_socket, threads=5).start()
+    fake_comfy.hang_next()
+    try:
+        job = requests.post(f"{server.url}/api/img2img", timeout=10, files={"image": ("i.png", png(gradient(32, 32)))},
+                            data={"params": json.dumps({**PARAMS, "async": True})}).json()
+        first = requests.get(job["events_url"], stream=True, timeout=30)
+        assert first.status_code == 200
+        assert requests.get(job["events_url"], timeout=10).status_code == 503
+        first.close()  # the client leaves mid-stream
+
+        def second_stream_opens():
+            with requests.get(job["events_url"], stream=True, timeout=10) as resp:
+                return resp.status_code == 200
+        wait_until(second_stream_opens, what="the place to come back")
+    finally:
+        requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
+        server.stop()
+        shutdown(app)

@@ -31,6 +31,7 @@ from dreamlayer.errors import ApiError, InvalidParameter, error_response, regist
 from dreamlayer.backend.images import IMAGE_TYPES
 from dreamlayer.web_security import no_sniffing, only_from_allowed_origins
 from dreamlayer.img2img.disconnects import DisconnectWatch
+from dreamlayer.img2img.long_requests import LongRequests
 from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img import graceful_stop
 from dreamlayer.img2img.service import Img2ImgService
@@ -68,12 +69,13 @@ def _wants_async(req) -> bool:
 def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
     if not _wants_async(req):
-        if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
-            return jsonify(jobs().generate(service().prepare(req), request=req))
-        run_id, svc = uuid.uuid4().hex, service()
-        with current_app.extensions["img2img_disconnects"].watching(request.environ,
-                                                                    lambda: _client_gone(svc, run_id)):
-            return jsonify(svc.execute(svc.prepare(req), run_id=run_id))
+        with current_app.extensions["img2img_long_requests"].held():  # or 503 busy
+            if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
+                return jsonify(jobs().generate(service().prepare(req), request=req))
+            run_id, svc = uuid.uuid4().hex, service()
+            with current_app.extensions["img2img_disconnects"].watching(request.environ,
+                                                                        lambda: _client_gone(svc, run_id)):
+                return jsonify(svc.execute(svc.prepare(req), run_id=run_id))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
     body = {"job_id": job.id, "status": "queued", "status_url": base, "events_url": f"{base}/events",
@@ -99,8 +101,11 @@ def job_events(job_id):
         last = int(request.headers.get("Last-Event-ID", "0") or 0)
     except ValueError:
         last = 0
-    return Response(stream_with_context(sse(job, last_event_id=max(0, last))), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    place = current_app.extensions["img2img_long_requests"].place()  # or 503 busy: a stream
+    response = Response(stream_with_context(sse(job, last_event_id=max(0, last))),  # holds a thread
+                        mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(place)  # the server closes every answer, streamed to its end or not
+    return response
 
 
 @bp.post("/api/img2img/jobs/<job_id>/cancel")
@@ -270,6 +275,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
     app.extensions["img2img_jobs"] = store = _job_store(config, service)
     app.extensions["img2img_workers"] = workers = _queue_workers(config, service)
     app.extensions["img2img_disconnects"] = DisconnectWatch()
+    app.extensions["img2img_long_requests"] = LongRequests(config.threads)
     if workers is not None:
         store.local = workers  # a synchronous request may run here at once (RedisJobStore.generate)
     CORS(app, origins=list(config.cors_origins), methods=["GET", "POST", "OPTIONS"],
