@@ -123,6 +123,34 @@ def test_two_units_chain_and_own_images_are_staged_and_removed(client, fake_comf
     assert leftovers(fake_comfy) == []
 
 
+@pytest.mark.parametrize("low, high", [(200, 100), (0.9, None)])  # None: the default high (0.8)
+def test_canny_thresholds_that_cross_are_swapped(client, low, high):
+    """The page's two sliders cross freely; ComfyUI's Canny (kornia) fails when low > high: a
+    502 at execution, found on a real ComfyUI 0.3.40. OpenCV, behind AUTOMATIC1111, swaps them."""
+    thresholds = {"threshold_a": low, **({"threshold_b": high} if high is not None else {})}
+    wf = ok(post(client, {"controlnet": {"units": [unit(preprocessor="canny", **thresholds)]}}))
+    (canny,) = of(wf, "Canny").values()
+    assert canny["inputs"]["low_threshold"] < canny["inputs"]["high_threshold"]
+
+
+def test_the_fake_fails_canny_with_crossed_thresholds_as_comfyui_does(fake_comfy):
+    """What the service now avoids, kept by the fake as real ComfyUI 0.3.40 does it."""
+    from dreamlayer.comfyui.client import ComfyClient, ComfyExecutionFailed
+    (fake_comfy.input_dir / "c.png").write_bytes(png(gradient(16, 16)))
+    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "c.png"}},
+          "2": {"class_type": "Canny", "inputs": {"image": ["1", 0], "low_threshold": 0.9, "high_threshold": 0.8}},
+          "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    client = ComfyClient(fake_comfy.url)
+    try:
+        with pytest.raises(ComfyExecutionFailed) as info:
+            client.run(wf, timeout=30)
+    finally:
+        client.close()
+    assert info.value.node_type == "Canny"
+    assert info.value.exception_type == "kornia.core.exceptions.BaseError"
+    assert "low_threshold should be smaller than or equal to the high_threshold. Got: 0.9>0.8" in str(info.value)
+
+
 def test_union_models_get_their_type(client, fake_comfy):
     fake_comfy.add_model("controlnet", "tiny-union-controlnet.safetensors")
     wf = ok(post(client, {"controlnet": {"units": [unit(model="tiny-union-controlnet.safetensors",

@@ -385,6 +385,7 @@ def parse_controlnet(value) -> tuple:
                                    f"supported: none, canny (core ComfyUI nodes)", code="unsupported_preprocessor",
                                    allowed=["none", "canny"])
         low, high = (_threshold(unit, f"{where}.{k}", d) for k, d in (("threshold_a", 0.4), ("threshold_b", 0.8)))
+        low, high = sorted((low, high))  # the page's two sliders cross freely; OpenCV (A1111) swaps them too
         start = _number(unit, f"{where}.guidance_start", integer=False, lo=0.0, hi=1.0, default=0.0)
         end = _number(unit, f"{where}.guidance_end", integer=False, lo=0.0, hi=1.0, default=1.0)
         if start > end:

@@ -954,10 +954,22 @@ class ThresholdMask(Node):
         return ((mask > np.float32(value)).astype(np.float32),)
 
 
+class KorniaError(Exception):
+    """What kornia's KORNIA_CHECK raises (its type's name as ComfyUI reports it)."""
+
+
+KorniaError.__module__, KorniaError.__qualname__ = "kornia.core.exceptions", "BaseError"
+
+
 class Canny(Node):
-    """Any deterministic edge map: Sobel magnitude of luminance with the two thresholds."""
+    """Any deterministic edge map: Sobel magnitude of luminance with the two thresholds. Like
+    kornia's canny (ComfyUI 0.3.40's), it refuses a low threshold above the high one (found on a
+    real ComfyUI: execution_error at the Canny node)."""
 
     def run(self, ctx, image, low_threshold, high_threshold):
+        if low_threshold > high_threshold:
+            raise KorniaError("Invalid input thresholds. low_threshold should be smaller than or equal to the "
+                              f"high_threshold. Got: {low_threshold}>{high_threshold}")
         lum = image[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         p = np.pad(lum, ((0, 0), (1, 1), (1, 1)), mode="edge")
         gx = (p[:, 1:-1, 2:] - p[:, 1:-1, :-2])
