@@ -404,6 +404,25 @@ def test_refiner_takes_over_the_same_latent_at_the_switch(client, fake_comfy, st
     assert (out != plain).any()
 
 
+def test_a_tiny_denoise_keeps_the_schedule_within_comfyuis_limit(client, fake_comfy):
+    """steps / denoise is the length of ComfyUI's schedule: over KSamplerAdvanced's 10000 the
+    refiner's workflow was refused (502), and KSampler with denoise 1e-12 tried to allocate 4 TB
+    (both found on a real ComfyUI 0.3.40). Such a denoise is raised to steps / 10000, said in a
+    warning."""
+    fake_comfy.add_model("checkpoints", REFINER)
+    _, body = generate(client, {"steps": 20, "denoising_strength": 0.001, "refiner_enabled": True,
+                                "refiner_model": REFINER, "refiner_switch_at": 0.5})
+    assert all(n["inputs"]["steps"] <= 10000 for n in of(received(fake_comfy), "KSamplerAdvanced").values())
+    assert any("denoising_strength 0.001 was raised to 0.002" in w for w in body["warnings"]), body["warnings"]
+    _, body = generate(client, {"steps": 1, "denoising_strength": 1e-12, **HIRES,
+                                "hires_fix_upscaler": "Lanczos", "hires_fix_denoising_strength": 1e-9})
+    denoises = sorted(n["inputs"]["denoise"] for n in of(received(fake_comfy), "KSampler").values())
+    assert denoises == pytest.approx([1 / 10000, 3 / 10000])  # steps 1, hires steps 3
+    assert any("hires_fix_denoising_strength 1e-09 was raised" in w for w in body["warnings"])
+    _, body = generate(client, {"steps": 20, "denoising_strength": 0.0})  # 0 stays 0: nothing sampled
+    assert [n["inputs"]["denoise"] for n in of(received(fake_comfy), "KSampler").values()] == [0.0]
+
+
 def test_refiner_with_a_mask_keeps_the_unmasked_pixels(client, fake_comfy):
     fake_comfy.add_model("checkpoints", REFINER)
     out, body = generate(client, {"steps": 4, "refiner_enabled": True, "refiner_model": REFINER,

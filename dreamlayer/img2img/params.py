@@ -6,6 +6,7 @@ values that depend on the ComfyUI server (checkpoints, samplers, schedulers) are
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -261,8 +262,13 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom(),
         scheduler = "karras"
     extras = dict(loras=parse_loras(data.get("lora")), controlnet_units=parse_controlnet(data.get("controlnet")),
                   custom_workflow=parse_custom_workflow(data.get("custom_workflow")))
-    extras["advanced"] = advanced_params.parse_advanced(data, number=_number, string=_string, boolean=_bool,
-                                                        show=_show)
+    extras["advanced"] = adv = advanced_params.parse_advanced(data, number=_number, string=_string, boolean=_bool,
+                                                              show=_show)
+    denoise = _schedulable(denoise, steps, "denoising_strength", warnings)
+    if adv.hires is not None:
+        hires = dataclasses.replace(adv.hires, denoise=_schedulable(adv.hires.denoise, adv.hires.steps,
+                                                                      "hires_fix_denoising_strength", warnings))
+        extras["advanced"] = dataclasses.replace(adv, hires=hires)
     for key in data:
         if key not in _KNOWN_KEYS and key not in advanced_params.KEYS and key not in IMAGE_KEYS:
             warnings.append(f"Unknown parameter '{key}' was ignored")
@@ -272,6 +278,23 @@ def parse_params(data: Mapping, *, rng=secrets.SystemRandom(),
         sampler_name=sampler, scheduler=scheduler, model_name=model, width=width, height=height,
         grow_mask_by=grow, clip_skip=clip_skip, warnings=tuple(warnings), **inpaint, **extras,
     )
+
+
+#: The most steps a sampling schedule may have: KSamplerAdvanced's own maximum (the refiner's
+#: passes), and what keeps ComfyUI's KSampler, which builds an int(steps / denoise)-step schedule,
+#: from allocating without bound (denoise 1e-12: 4 TB, found on a real ComfyUI 0.3.40).
+MAX_SCHEDULE_STEPS = 10_000
+
+
+def _schedulable(denoise: float, steps: int, field: str, warnings: list) -> float:
+    """``denoise``, raised to steps / MAX_SCHEDULE_STEPS when it is above 0 and below that (a
+    change nobody can see in the image: the sampling starts at a noise level near zero either way)."""
+    floor = steps / MAX_SCHEDULE_STEPS
+    if 0.0 < denoise < floor:
+        warnings.append(f"{field} {denoise:g} was raised to {floor:g}: with {steps} steps, ComfyUI's schedule "
+                        f"(steps / {field}) may have at most {MAX_SCHEDULE_STEPS} steps")
+        return floor
+    return denoise
 
 
 _KNOWN_KEYS = {
