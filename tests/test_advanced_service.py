@@ -404,6 +404,38 @@ def test_refiner_takes_over_the_same_latent_at_the_switch(client, fake_comfy, st
     assert (out != plain).any()
 
 
+def test_a_latent_hires_of_a_very_different_aspect_is_refused_not_failed_in_comfyui(client, fake_comfy):
+    """LatentUpscale centre-crops the latent to the target's aspect in latent cells: 96x64 (12x8
+    cells) to 64x512 keeps none, and ComfyUI fails ("Input and output sizes should be greater
+    than 0"; found on a real ComfyUI 0.3.40). Pixel upscalers crop pixels and run."""
+    src = gradient(96, 64)
+    resize = {"hires_fix": True, "hires_fix_upscale_method": "resize-to", "hires_fix_resize_width": 64,
+              "hires_fix_resize_height": 512, "hires_fix_hires_steps": 2}
+    resp = post(client, {**resize, "hires_fix_upscaler": "Latent"}, src=src)
+    body = resp.get_json()
+    assert (resp.status_code, body["code"], body["field"]) == (400, "unsupported_combination", "hires_fix_upscaler")
+    assert fake_comfy.prompts == []
+    assert post(client, {**resize, "hires_fix_upscaler": "Lanczos"}, src=src).status_code == 200
+
+
+def test_the_fake_fails_a_latent_crop_to_nothing_as_comfyui_does(fake_comfy):
+    from dreamlayer.comfyui.client import ComfyClient, ComfyExecutionFailed
+    wf = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
+          "2": {"class_type": "LatentUpscale", "inputs": {"samples": ["1", 0], "upscale_method": "nearest-exact",
+                                                          "width": 64, "height": 512, "crop": "center"}},
+          "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": BASE}},
+          "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["3", 2]}},
+          "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
+    client = ComfyClient(fake_comfy.url)
+    try:
+        with pytest.raises(ComfyExecutionFailed) as info:
+            client.run(wf, timeout=30)
+    finally:
+        client.close()
+    assert info.value.node_type == "LatentUpscale"
+    assert "Input and output sizes should be greater than 0, but got input (H: 8, W: 0)" in str(info.value)
+
+
 def test_a_tiny_denoise_keeps_the_schedule_within_comfyuis_limit(client, fake_comfy):
     """steps / denoise is the length of ComfyUI's schedule: over KSamplerAdvanced's 10000 the
     refiner's workflow was refused (502), and KSampler with denoise 1e-12 tried to allocate 4 TB

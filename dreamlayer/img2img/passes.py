@@ -91,6 +91,21 @@ def hires_target(hires, work_size: tuple) -> tuple:
 LATENT_UPSCALE_MIN = 64
 
 
+def latent_crop(source: tuple, target: tuple) -> tuple:
+    """What ComfyUI's LatentUpscale(crop="center") keeps of a latent of ``source`` px to give
+    it ``target``'s aspect, in latent cells (comfy.utils.common_upscale; Python's round, as
+    there). A side of 0 fails in ComfyUI."""
+    old_w, old_h = source[0] // 8, source[1] // 8
+    new_w, new_h = max(LATENT_UPSCALE_MIN, target[0]) // 8, max(LATENT_UPSCALE_MIN, target[1]) // 8
+    old_aspect, new_aspect = old_w / old_h, new_w / new_h
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return old_w - 2 * x, old_h - 2 * y
+
+
 def canvas_for(target: tuple, work_size: tuple, padded_size: tuple) -> tuple:
     """The size (multiples of 8) an image of ``padded_size`` (``work_size`` of it the picture,
     the rest its padding, right and bottom) is stretched to so that the picture covers

@@ -75,6 +75,13 @@ def plan_generation(params, image, keep, *, comfy_nodes, max_output_pixels: int)
                                   f"({adv.hires.upscaler.name}) upscales", hires_size,
                                   "use a larger factor or size, or a pixel or model upscaler (Lanczos, an upscale "
                                   "model)")
+            kept = passes.latent_crop(first_pass, hires_size)
+            if min(kept) < 1:  # found on a real ComfyUI 0.3.40: "sizes should be greater than 0"
+                raise InvalidParameter("hires_fix_upscaler", f"The hires fix's latent upscaler "
+                                       f"({adv.hires.upscaler.name}) would centre-crop the first pass "
+                                       f"({first_pass[0]}x{first_pass[1]}) to nothing for the aspect of "
+                                       f"{hires_size[0]}x{hires_size[1]}: use a size of a closer aspect, or a pixel "
+                                       "or model upscaler (Lanczos, an upscale model)", code="unsupported_combination")
         for name, size in (("output", target), ("upscaled canvas", hires_size)):
             _check_output_pixels("hires_fix", f"The hires fix's {name}", size, max_output_pixels)
         steps.append((hires_size, "center"))
