@@ -132,6 +132,30 @@ def test_waiting_leases_go_first_come_first_served_and_each_one_that_leaves_the_
     assert order == ["first", "third"]
 
 
+def test_a_retry_goes_first_not_to_the_back_of_the_line():
+    """A run whose backend was lost waited its turn already: its second lease is ahead of the
+    requests that came after it (it went to the back, and could time out behind them)."""
+    from dreamlayer.comfyui.pool import Backend, BackendPool
+
+    backend = Backend("http://127.0.0.1:9", client=None)
+    pool = BackendPool([backend], slots=1)
+    order = []
+
+    def take(name, ahead=False):
+        with pool.lease(timeout=120, ahead=ahead):
+            order.append(name)
+
+    with ThreadPoolExecutor(3) as threads:
+        with pool.lease(timeout=5):
+            later = [threads.submit(take, name) for name in ("later 1", "later 2")]
+            wait_until(lambda: len(pool._line) == 2, what="two leases to wait")
+            retry = threads.submit(take, "retry", True)
+            wait_until(lambda: len(pool._line) == 3, what="the retry to wait")
+        for future in (retry, *later):
+            future.result(timeout=30)
+    assert order[0] == "retry" and sorted(order[1:]) == ["later 1", "later 2"]
+
+
 @pytest.fixture(params=["memory", "redis"])
 def remote_one_at_a_time(request, service_config, second):
     """An app whose one backend is ``second``, reached over HTTP only (outputs over GET /view), one

@@ -144,15 +144,18 @@ class BackendPool:
         return min(free, key=lambda b: (b.busy, b._last_used))  # the least busy, then least recent
 
     @contextmanager
-    def lease(self, *, timeout: Optional[float] = None, exclude=(), cancelled: Optional[Callable] = None):
+    def lease(self, *, timeout: Optional[float] = None, exclude=(), cancelled: Optional[Callable] = None,
+              ahead: bool = False):
         """A Lease of the backend to run on, held until the block ends (or its release()). Waits
         (first come, first served) while every backend is busy; raises NoBackendLeft when
         ``exclude`` leaves none, TimeoutError after ``timeout`` seconds of waiting, and
-        ComfyInterrupted once ``cancelled()`` is true (a cancel wakes the line: wake())."""
+        ComfyInterrupted once ``cancelled()`` is true (a cancel wakes the line: wake()).
+        ``ahead``: a run retried after its backend was lost waited its turn already: it goes
+        first, not to the back of the line."""
         ticket = next(self._tickets)
         with self._cond:
             waiting = self._waiting[ticket] = threading.Condition(self._lock)
-            self._line.append(ticket)
+            self._line.insert(0, ticket) if ahead else self._line.append(ticket)
             try:
                 stop = (lambda: self._stop.is_set()) if cancelled is None else (
                     lambda: self._stop.is_set() or cancelled())

@@ -359,7 +359,7 @@ class Img2ImgService:
             while True:
                 try:
                     # a retry never goes back to a backend already tried
-                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried,
+                    with self.pool.lease(timeout=self.config.comfy_timeout_s, exclude=tried, ahead=bool(tried),
                                          cancelled=lambda: self.active.cancelled(run_id)) as lease:
                         tried.append(lease.backend)
                         batches = self._execute_on(lease, job, run_id, listener, files)

@@ -315,9 +315,9 @@ class SharedBackendPool(BackendPool):
         self.shared = None  # RedisSlots, set by the worker runtime
 
     @contextmanager
-    def lease(self, *, timeout=None, exclude=(), cancelled=None):
+    def lease(self, *, timeout=None, exclude=(), cancelled=None, ahead=False):
         if self.slots is None or self.shared is None:
-            with super().lease(timeout=timeout, exclude=exclude, cancelled=cancelled) as lease:
+            with super().lease(timeout=timeout, exclude=exclude, cancelled=cancelled, ahead=ahead) as lease:
                 yield lease
             return
         slot = getattr(held, "slot", None)
