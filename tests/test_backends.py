@@ -132,6 +132,29 @@ def test_waiting_leases_go_first_come_first_served_and_each_one_that_leaves_the_
     assert order == ["first", "third"]
 
 
+def test_the_prober_asks_every_backend_at_once():
+    """One after the other, a hung backend's health check (a timeout) held up what was known of
+    the next: here the first answers only once the second has been asked."""
+    import threading
+    from dreamlayer.comfyui.pool import Backend, BackendPool
+
+    second_asked = threading.Event()
+
+    class FirstClient:
+        def is_up(self):
+            return second_asked.wait(20)  # as a check that times out, when asked alone
+
+    class SecondClient:
+        def is_up(self):
+            second_asked.set()
+            return True
+
+    first, second = Backend("http://127.0.0.1:1", FirstClient()), Backend("http://127.0.0.1:2", SecondClient())
+    first.reachable = second.reachable = False
+    BackendPool([first, second]).probe()
+    assert first.reachable and second.reachable
+
+
 def test_a_retry_goes_first_not_to_the_back_of_the_line():
     """A run whose backend was lost waited its turn already: its second lease is ahead of the
     requests that came after it (it went to the back, and could time out behind them)."""

@@ -163,7 +163,7 @@ class ComfyHttp:
         """Quick health check; never raises."""
         try:
             resp = self._request("GET", "/system_stats",
-                                 timeout=(self.connect_timeout, min(self.read_timeout, 5.0)))
+                                 timeout=(self.connect_timeout, min(self.read_timeout, 3.0)))
             # ComfyUI's own answer, not any web server's 200 (a page at that address)
             return resp.status_code == 200 and isinstance(body := resp.json(), dict) and "system" in body
         except Exception:  # noqa: BLE001 - a health check must not raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,12 +214,18 @@ class BackendPool:
             self._wake_first()
 
     def probe(self) -> None:
-        """Ask every backend whether it answers, once."""
-        for backend in self.backends:
+        """Ask every backend whether it answers, once, all at the same time: a hung one (its
+        health check waits for a timeout) must not delay what is known of the others."""
+        def ask(backend: Backend) -> None:
             if backend.client.is_up():
                 self.mark_up(backend)
             elif backend.busy == 0 or not backend.reachable:
                 self.mark_down(backend, "does not answer")
+        if len(self.backends) == 1:
+            ask(self.backends[0])
+            return
+        with ThreadPoolExecutor(len(self.backends), thread_name_prefix="comfyui-probe") as asking:
+            list(asking.map(ask, self.backends))
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self.probe_interval_s):
