@@ -497,3 +497,29 @@ def test_an_event_stream_gives_its_place_back_when_its_client_leaves(fake_comfy,
         requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
         server.stop()
         shutdown(app)
+
+
+def test_unfinished_async_jobs_are_bounded(fake_comfy, service_config):
+    """Each waiting job holds its inputs in memory: 150 jobs of a 2000x2000 image took 2.3 GB."""
+    from dreamlayer.img2img.app import shutdown
+    app = create_app(service_config.replace(jobs_unfinished=2))
+    client = app.test_client()
+
+    def submit(seed):
+        return client.post("/api/img2img", content_type="multipart/form-data", data={
+            "params": json.dumps({**PARAMS, "seed": seed, "async": True}),
+            "image": (io.BytesIO(png(gradient(32, 32))), "i.png")})
+    fake_comfy.hang_next()
+    try:
+        first, second = submit(1), submit(2)
+        assert (first.status_code, second.status_code) == (202, 202)
+        busy = submit(3)
+        assert (busy.status_code, busy.get_json()["code"], busy.headers["Retry-After"]) == (503, "busy", "5")
+        assert len(fake_comfy.prompts) <= 2
+        client.post("/api/img2img/interrupt")
+        for job in (first, second):
+            url = f"/api/img2img/jobs/{job.get_json()['job_id']}"
+            wait_until(lambda: client.get(url).get_json()["status"] == "cancelled", what="the jobs to end")
+        assert submit(4).status_code == 202  # room again
+    finally:
+        shutdown(app)

@@ -239,6 +239,7 @@ VARIABLES = (
     V("IMG2IMG_JOB_WORKERS", WHOLE, "32", (IMG2IMG,)),
     V("IMG2IMG_JOB_TTL_S", SECONDS, "3600", (IMG2IMG,)),
     V("IMG2IMG_JOBS_KEPT", WHOLE, "500", (IMG2IMG,)),
+    V("IMG2IMG_JOBS_UNFINISHED", WHOLE, "100", (IMG2IMG,)),
     V("PUBLIC_BASE_URL", URL, None, (IMG2IMG,)),
     # scaling out (docs/scaling.md): jobs in Redis, run by RQ workers of any replica
     V("REDIS_URL", REDIS_URL, "", (IMG2IMG,), secret=True),

@@ -64,6 +64,8 @@ class Config:
     job_workers: int = E.default("IMG2IMG_JOB_WORKERS")
     job_ttl_s: float = E.default("IMG2IMG_JOB_TTL_S")
     jobs_kept: int = E.default("IMG2IMG_JOBS_KEPT")
+    #: At most this many async jobs queued or running at once (each holds its inputs in memory).
+    jobs_unfinished: int = E.default("IMG2IMG_JOBS_UNFINISHED")
     #: Redis for jobs shared by every replica (docs/scaling.md); "" = in this process only.
     redis_url: str = E.default("REDIS_URL")
     #: With redis_url: "both" (API and queue workers), "api" or "worker".
@@ -131,6 +133,7 @@ class Config:
             job_workers=env.get("IMG2IMG_JOB_WORKERS"),
             job_ttl_s=env.get("IMG2IMG_JOB_TTL_S"),
             jobs_kept=env.get("IMG2IMG_JOBS_KEPT"),
+            jobs_unfinished=env.get("IMG2IMG_JOBS_UNFINISHED"),
             redis_url=env.get("REDIS_URL"),
             role=env.get("IMG2IMG_ROLE"),
             queue_workers=env.get("IMG2IMG_QUEUE_WORKERS"),

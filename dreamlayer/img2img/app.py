@@ -211,7 +211,8 @@ def backend_pool(config: Config, primary) -> BackendPool:
 def _job_store(config: Config, service: Img2ImgService):
     """In this process (the default), or in Redis for every replica (REDIS_URL)."""
     if not config.redis_url:
-        return JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s, max_kept=config.jobs_kept)
+        return JobStore(service, workers=config.job_workers, ttl_s=config.job_ttl_s, max_kept=config.jobs_kept,
+                        max_unfinished=config.jobs_unfinished)
     from dreamlayer.jobs.redis_store import RedisJobStore
 
     return RedisJobStore(service, url=config.redis_url, ttl_s=config.job_ttl_s, lease_s=config.job_lease_s,

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dreamlayer.comfyui.errors import ComfyError, ComfyInterrupted
 from dreamlayer.errors import ApiError
+from dreamlayer.img2img.long_requests import Busy
 from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared, all_at_once
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,9 @@ class JobStore:
     """Runs jobs on a bounded pool and forgets finished ones after ``ttl_s`` or beyond ``max_kept``."""
 
     def __init__(self, service: Img2ImgService, *, workers: int = 32, ttl_s: float = 3600.0,
-                 max_kept: int = 500):
+                 max_kept: int = 500, max_unfinished: int = 100):
         self.service = service
-        self.ttl_s, self.max_kept = ttl_s, max_kept
+        self.ttl_s, self.max_kept, self.max_unfinished = ttl_s, max_kept, max_unfinished
         self.cancel_wait_s = 2.0  # how long a cancel request waits for the job to end
         self._jobs: OrderedDict = OrderedDict()
         self._expired: deque = deque(maxlen=EXPIRED_IDS_REMEMBERED)
@@ -192,9 +193,14 @@ class JobStore:
     def submit(self, prepared: Prepared) -> Job:
         job = Job(uuid.uuid4().hex)
         job.position_of = self._queue_position
-        self.service.active.start(job.id)  # so a cancel before the worker starts is not lost
         with self._lock:
             self._prune()
+            unfinished = sum(1 for j in self._jobs.values() if j.finished_at is None)
+            if unfinished >= self.max_unfinished:  # each holds its inputs in memory until it ends
+                raise Busy(f"{unfinished} jobs are already queued or running (IMG2IMG_JOBS_UNFINISHED): try "
+                           "again once some have ended", retry_after=5)
+        self.service.active.start(job.id)  # so a cancel before the worker starts is not lost
+        with self._lock:
             self._jobs[job.id] = job
         job._emit("queued", {"position": None, "prompt_id": None})
         self._pool.submit(self._run, job, prepared)
