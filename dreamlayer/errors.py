@@ -87,7 +87,7 @@ def register_error_handlers(app) -> None:
     def http_error(exc: HTTPException):
         message = exc.description or exc.name
         if exc.code == 413:
-            message = _too_large_message(app, request)
+            message = too_large_message(app, request)
         return error_response(exc.code or 500, HTTP_CODES.get(exc.code, "http_error"), message)
 
     @app.errorhandler(Exception)
@@ -96,7 +96,7 @@ def register_error_handlers(app) -> None:
         return error_response(500, "internal_error", "The service failed unexpectedly; see its log")
 
 
-def _too_large_message(app, request) -> str:
+def too_large_message(app, request) -> str:
     """Werkzeug answers 413 for a body over MAX_CONTENT_LENGTH and for a multipart body with too
     many parts or too large a text field: say which, as far as the request tells."""
     limit = app.config.get("MAX_CONTENT_LENGTH")

@@ -434,6 +434,16 @@ def test_a_controlnet_image_over_the_pixel_limit_is_413(cfg, opener, comfy_dir):
     assert list((comfy_dir / "input").iterdir()) == []
 
 
+def test_a_controlnet_upload_of_too_many_parts_says_so(client, comfy_dir):
+    """A small body of 1500 parts was told it was "larger than 67108864 bytes"."""
+    fields = [("file", ("x.png", png_bytes(), "image/png"))] + [(f"f{i}", "x") for i in range(1500)]
+    body, ctype = browser_multipart(fields)
+    resp = client.post("/api/upload-controlnet-image", data=body, content_type=ctype, headers=PAGE)
+    assert (resp.status_code, resp.get_json()["code"]) == (413, "request_too_large")
+    assert "more than 1000 parts" in resp.get_json()["message"]
+    assert list((comfy_dir / "input").iterdir()) == []
+
+
 def test_a_controlnet_image_needs_a_known_input_folder(cfg, opener):
     app = create_app(cfg.replace(shared=cfg.shared.replace(comfyui_dir=None, comfyui_input_dir=None)))
     body, ctype = browser_multipart([("file", ("x.png", png_bytes(), "image/png")), ("unit_index", "0")])

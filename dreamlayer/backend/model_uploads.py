@@ -3,8 +3,11 @@ written into ComfyUI's models folder for that type.
 
 - The models folder is ``<modelsDirectory>/models`` of the saved settings (ComfyUI's
   --base-directory), else ``$COMFYUI_DIR/models``; without either the upload is refused (503).
-- The file part is streamed straight to a hidden temporary file in the models folder (no copy in
-  memory or in /tmp), then moved under its final name in one step: nobody ever sees half a model.
+- The file part is streamed from the request body (which waitress has spooled to a temporary
+  file of its own, as it does every body over 512 KiB) to a hidden temporary file in the models
+  folder, with no copy in memory, then moved under its final name in one step: nobody ever sees
+  half a model. (waitress's limit is the models' for every route: it cannot tell routes apart;
+  the JSON routes' own 1 MiB limit answers 413 once the body is in.)
   The type is known only after the file (the page sends it second), hence the temporary file in
   the parent folder; a type folder on another disk gets a copy first, also under a temporary name.
 - The extension must be one the page offers; the size is limited (DREAMLAYER_MAX_MODEL_BYTES).

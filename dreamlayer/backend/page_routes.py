@@ -22,7 +22,7 @@ from dreamlayer.backend.api_keys import ApiKeyStore, check_key
 from dreamlayer.backend.controlnet_uploads import save_controlnet_image, unit_index
 from dreamlayer.backend.images import ImageNotFound, requested_filename, show_in_folder
 from dreamlayer.backend.model_uploads import receive_model
-from dreamlayer.errors import BadRequest, PayloadTooLarge
+from dreamlayer.errors import BadRequest, PayloadTooLarge, too_large_message
 from dreamlayer.http_range import ignore_unusable_range
 
 bp = Blueprint("dream_layer_page", __name__)
@@ -84,8 +84,8 @@ def upload_controlnet_image():
     try:
         file = request.files.get("file")
         unit = unit_index(request.form.get("unit_index"))
-    except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"The upload is larger than {shared.max_content_length} bytes (MAX_CONTENT_LENGTH)",
+    except RequestEntityTooLarge:  # too many bytes, or too many parts: the message says which
+        raise PayloadTooLarge(too_large_message(current_app, request) + " (MAX_CONTENT_LENGTH)",
                               maximum=shared.max_content_length) from None
     data = file.read() if file is not None else b""
     answer = save_controlnet_image(data, unit, input_dir=shared.comfyui_input_dir, max_pixels=shared.max_image_pixels)
