@@ -329,14 +329,21 @@ class Supervisor:
         say("DreamLayer backend is up:")
         say(f"  dream_layer  {self.dl_url}   (models, settings; log: {self.dream_layer.log_file})")
         say(f"  img2img      {self.img_url}   (POST /api/img2img; log: {self.img2img.log_file})")
+        others = {url: comfyui_answers(url) for url in self.plan.img2img.comfy_api_urls[1:]}
         if comfy_status:
             say(f"  ComfyUI      {comfy_status}")
+        elif any(others.values()):  # the img2img service runs on the others meanwhile
+            say(f"  ComfyUI      NOT answering at {self.comfy_url} (the first backend: the model lists of "
+                "dream_layer.py fail with 503 until it answers; img2img runs on the others)")
         else:
             say(f"  ComfyUI      NOT answering at {self.comfy_url}")
             say("    The services run, but generation and model lists fail with 503 until a ComfyUI "
                 "answers. Start ComfyUI yourself, or set COMFYUI_DIR=/path/to/ComfyUI so this script "
                 "starts it, or set COMFY_API_URL to where it runs; ./start_dream_layer.sh --demo runs "
                 "a stand-in without a GPU.")
+        for url, up in others.items():
+            say(f"  ComfyUI      {url}  " + ("answers" if up else "NOT answering (out of img2img's rotation "
+                                                                "until it does)"))
         if self.plan.demo:
             say(f"  NOTE: {DEMO_NOTE}")
         say("Press Ctrl-C to stop everything.")

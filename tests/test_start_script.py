@@ -449,6 +449,19 @@ def test_a_web_page_at_comfyuis_address_is_not_called_comfyui(script_runner, web
     assert s.interrupt() == 0
 
 
+def test_the_banner_names_each_backend_and_blames_no_503_on_img2img_when_one_answers(
+        script_runner, fake_comfy, reserve_port):
+    """With the first of two backends down it said generation would fail with 503 (img2img ran on
+    the second all along), and it said nothing of the others."""
+    dead = f"http://127.0.0.1:{reserve_port()}"
+    s = script_runner(COMFY_API_URL=f"{dead},{fake_comfy.url}")
+    s.wait_for("Press Ctrl-C")
+    assert f"NOT answering at {dead} (the first backend" in s.output
+    assert f"ComfyUI      {fake_comfy.url}  answers" in s.output
+    assert "generation and model lists fail with 503" not in s.output
+    assert s.interrupt() == 0
+
+
 def test_supervisor_takes_a_list_of_backends_and_watches_the_first():
     """COMFY_API_URL with several backends (docs/scaling.md) is handed on unchanged; the launcher
     probes and (with COMFYUI_DIR) starts only the first."""
