@@ -82,6 +82,20 @@ def test_check_directory_read_only_as_root(tmp_path, monkeypatch):
         ds.check_directory("outputDirectory", str(tmp_path))
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o757])
+def test_check_directory_rejects_a_folder_others_can_write(tmp_path, mode):
+    """Anyone on the machine may POST the settings: a folder others can fill (a world-writable
+    one, say) would hand them what ComfyUI loads from it — custom_nodes under --base-directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(ds.SettingsError, match="can be written by other users"):
+        ds.check_directory("modelsDirectory", str(shared))
+    shared.chmod(0o775)  # group-writable: every folder of a user-private group (umask 002)
+    assert ds.check_directory("modelsDirectory", str(shared)) == shared
+
+
 def test_update_merges_keeps_placeholders_and_resets_on_empty(tmp_path):
     out, models = tmp_path / "out", tmp_path / "models"
     out.mkdir(), models.mkdir()

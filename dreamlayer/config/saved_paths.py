@@ -141,7 +141,21 @@ def check_directory(field: str, value) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise SettingsError(field, f"{field} {value!r} is not writable by the user running "
                                    "DreamLayer")
+    if _others_can_write(path):
+        # anyone on the machine may POST here: a folder that others can fill would hand them what
+        # ComfyUI loads from it (models; custom_nodes under --base-directory: code)
+        raise SettingsError(field, f"{field} {value!r} can be written by other users of this machine; "
+                                   "choose a folder of your own (or set COMFYUI_DIR in the environment)")
     return path
+
+
+def _others_can_write(path: Path) -> bool:
+    """Owned by another user, or writable by everyone (POSIX; False elsewhere). Group-writable is
+    let through: with the user-private groups of Debian and Ubuntu (umask 002) every folder is."""
+    if not hasattr(os, "getuid"):
+        return False
+    st = path.stat()
+    return st.st_uid != os.getuid() and os.getuid() != 0 or bool(st.st_mode & 0o002)
 
 
 def is_placeholder(value) -> bool:
