@@ -23,3 +23,16 @@ def second_comfy(tmp_path):
     fake = _started(tmp_path / "comfy-b")
     yield fake
     fake.stop()
+
+
+def execution_error(fake, workflow: dict):
+    """Run ``workflow`` on ``fake`` straight through a ComfyClient; the ComfyExecutionFailed it
+    ends with (a failure if it runs)."""
+    from dreamlayer.comfyui.client import ComfyClient, ComfyExecutionFailed
+    client = ComfyClient(fake.url)
+    try:
+        with pytest.raises(ComfyExecutionFailed) as info:
+            client.run(workflow, timeout=30)
+    finally:
+        client.close()
+    return info.value

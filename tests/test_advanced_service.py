@@ -419,21 +419,16 @@ def test_a_latent_hires_of_a_very_different_aspect_is_refused_not_failed_in_comf
 
 
 def test_the_fake_fails_a_latent_crop_to_nothing_as_comfyui_does(fake_comfy):
-    from dreamlayer.comfyui.client import ComfyClient, ComfyExecutionFailed
-    wf = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
-          "2": {"class_type": "LatentUpscale", "inputs": {"samples": ["1", 0], "upscale_method": "nearest-exact",
-                                                          "width": 64, "height": 512, "crop": "center"}},
-          "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": BASE}},
-          "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["3", 2]}},
-          "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
-    client = ComfyClient(fake_comfy.url)
-    try:
-        with pytest.raises(ComfyExecutionFailed) as info:
-            client.run(wf, timeout=30)
-    finally:
-        client.close()
-    assert info.value.node_type == "LatentUpscale"
-    assert "Input and output sizes should be greater than 0, but got input (H: 8, W: 0)" in str(info.value)
+    from fake_fixtures import execution_error
+    error = execution_error(fake_comfy, {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "LatentUpscale", "inputs": {"samples": ["1", 0], "upscale_method": "nearest-exact",
+                                                        "width": 64, "height": 512, "crop": "center"}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": BASE}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["3", 2]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}})
+    assert error.node_type == "LatentUpscale"
+    assert "Input and output sizes should be greater than 0, but got input (H: 8, W: 0)" in str(error)
 
 
 def test_a_tiny_denoise_keeps_the_schedule_within_comfyuis_limit(client, fake_comfy):

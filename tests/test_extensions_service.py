@@ -135,20 +135,14 @@ def test_canny_thresholds_that_cross_are_swapped(client, low, high):
 
 def test_the_fake_fails_canny_with_crossed_thresholds_as_comfyui_does(fake_comfy):
     """What the service now avoids, kept by the fake as real ComfyUI 0.3.40 does it."""
-    from dreamlayer.comfyui.client import ComfyClient, ComfyExecutionFailed
+    from fake_fixtures import execution_error
     (fake_comfy.input_dir / "c.png").write_bytes(png(gradient(16, 16)))
-    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "c.png"}},
-          "2": {"class_type": "Canny", "inputs": {"image": ["1", 0], "low_threshold": 0.9, "high_threshold": 0.8}},
-          "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
-    client = ComfyClient(fake_comfy.url)
-    try:
-        with pytest.raises(ComfyExecutionFailed) as info:
-            client.run(wf, timeout=30)
-    finally:
-        client.close()
-    assert info.value.node_type == "Canny"
-    assert info.value.exception_type == "kornia.core.exceptions.BaseError"
-    assert "low_threshold should be smaller than or equal to the high_threshold. Got: 0.9>0.8" in str(info.value)
+    error = execution_error(fake_comfy, {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "c.png"}},
+        "2": {"class_type": "Canny", "inputs": {"image": ["1", 0], "low_threshold": 0.9, "high_threshold": 0.8}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}})
+    assert (error.node_type, error.exception_type) == ("Canny", "kornia.core.exceptions.BaseError")
+    assert "low_threshold should be smaller than or equal to the high_threshold. Got: 0.9>0.8" in str(error)
 
 
 def test_union_models_get_their_type(client, fake_comfy):

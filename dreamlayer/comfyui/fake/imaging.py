@@ -95,17 +95,24 @@ def resize_planes(a: np.ndarray, height: int, width: int, method: str) -> np.nda
     return resize_bilinear(a, height, width)  # bilinear, and bislerp approximated by it
 
 
+def center_crop_margins(old_w: int, old_h: int, new_w: int, new_h: int) -> tuple:
+    """comfy.utils.common_upscale's crop="center": the (x, y) cut off each side to reach the
+    new aspect (Python's round, as there)."""
+    old_aspect, new_aspect = old_w / old_h, new_w / new_h
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return x, y
+
+
 def common_upscale(image: np.ndarray, width: int, height: int, method: str, crop: str) -> np.ndarray:
     """comfy.utils.common_upscale for channels-last images [B,H,W,C]."""
     planes = np.moveaxis(image, -1, 1)  # B,C,H,W
     if crop == "center":
         old_h, old_w = planes.shape[-2], planes.shape[-1]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        x, y = center_crop_margins(old_w, old_h, width, height)
         planes = planes[..., y:old_h - y, x:old_w - x]
     return np.moveaxis(resize_planes(planes, height, width, method), 1, -1).astype(np.float32)
 

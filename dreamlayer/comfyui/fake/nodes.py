@@ -485,23 +485,13 @@ class LatentUpscale(Node):
         else:
             width, height = max(64, width), max(64, height)
         if crop == "center":  # the real crop is of latent cells: of a very different aspect, none is left
-            kept_w, kept_h = _center_crop(lw, lh, width // 8, height // 8)
+            x, y = imaging.center_crop_margins(lw, lh, width // 8, height // 8)
+            kept_w, kept_h = lw - 2 * x, lh - 2 * y
             if kept_w <= 0 or kept_h <= 0:
                 raise RuntimeError(f"Input and output sizes should be greater than 0, but got input (H: {kept_h}, "
                                    f"W: {kept_w}) output (H: {height // 8}, W: {width // 8})")
         out["samples"] = imaging.common_upscale(s, (width // 8) * 8, (height // 8) * 8, upscale_method, crop)
         return (out,)
-
-
-def _center_crop(old_w, old_h, new_w, new_h) -> tuple:
-    """comfy.utils.common_upscale's crop="center": the sides kept to reach the new aspect."""
-    old_aspect, new_aspect = old_w / old_h, new_w / new_h
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return old_w - 2 * x, old_h - 2 * y
 
 
 def _check_output_size(in_h, in_w, out_h, out_w) -> None:
