@@ -228,10 +228,24 @@ class JobStore:
         """Cancel a job: idempotent; a finished job is left as it is. Waits briefly for the job to
         end, so the answer usually says "cancelled"."""
         job = self.get(job_id)
+        if self._mark_cancelled(job):
+            self._deliver_cancel(job)
+        # The worker ends the job once its inputs are cleaned up; usually that is at once.
+        if wait:
+            job.wait_finished(self.cancel_wait_s)
+        return job
+
+    def _mark_cancelled(self, job: Job) -> bool:
+        """True if the job was live and not yet asked to stop: it is now (no I/O)."""
         with job.changed:
             if job.status in TERMINAL or job.cancel_requested:
-                return job
+                return False
             job.cancel_requested = True
+        self.service.active.cancel(job.id)  # a job not started yet never will be
+        return True
+
+    def _deliver_cancel(self, job: Job) -> None:
+        """Cancel the job's run on ComfyUI; ComfyUI unreachable: the job is left as it was."""
         try:
             prompt_id, outcome = self.service.cancel_run(job.id)
         except BaseException:
@@ -241,32 +255,30 @@ class JobStore:
         if prompt_id is not None:
             job.cancelled_prompt = {prompt_id: outcome}
         log.info("job %s cancel: %s", job.id, outcome)
-        # The worker ends the job once its inputs are cleaned up; usually that is at once.
-        if wait:
-            job.wait_finished(self.cancel_wait_s)
-        return job
 
     def cancel_all(self) -> list:
         """Cancel every unfinished job; returns them. A job whose ComfyUI cannot be reached is
         left as it was, and the first such error raised once the others are cancelled."""
         with self._lock:
             live = [j for j in self._jobs.values() if j.finished_at is None]
-        for job in live:  # first all marked (no I/O): a worker freed meanwhile queues none of them
-            self.service.active.cancel(job.id)
+        # first all marked (no I/O): a worker freed meanwhile takes none of them for a fresh run
+        marked = [job for job in live if self._mark_cancelled(job)]
         cancelled, failed = [], None
 
         def cancel(job):
             try:
-                return self.cancel(job.id, wait=False), None
+                self._deliver_cancel(job)
+                return job, None
             except ComfyError as exc:
                 return None, exc
-        for job, exc in all_at_once(cancel, live):  # a hung backend must not hold up the others
+        for job, exc in all_at_once(cancel, marked):  # a hung backend must not hold up the others
             if exc is None:
                 cancelled.append(job)
             failed = failed or exc
         if failed is not None:
             raise failed
-        return cancelled
+        delivered = set(cancelled)  # and those asked to stop before: cancelled all the same
+        return [job for job in live if job in delivered or (job not in marked and job.cancel_requested)]
 
     def _queue_position(self, prompt_id: str):
         return queue_position(self.service, prompt_id)
