@@ -343,12 +343,16 @@ def test_a_run_asked_to_stop_is_not_started_again_on_another_backend(two, fake_c
     """The interrupt could not reach the (hung) backend of a run, which then lost it: the run
     ends there, instead of being retried on another backend as if nobody had asked to stop."""
     for backend in two.extensions["img2img"].pool.backends:
-        backend.client.runner.liveness_interval, backend.client.runner.unreachable_grace = 2.0, 1.0
+        # the interrupt (1 s to fail on the hung B) long before the run gives B up (5 + 3 x 1 s)
+        backend.client.runner.liveness_interval, backend.client.runner.unreachable_grace = 5.0, 1.0
     client = two.test_client()
     try:
         with ThreadPoolExecutor(2) as pool:
             on_a = occupy(pool, client, fake_comfy)
             on_b = occupy(pool, client, second)
+            active = two.extensions["img2img"].active
+            wait_until(lambda: active.prompt_of(second.running_prompt_id()) is not None,
+                       what="the service to know B's prompt")  # else the interrupt finds nothing to send
             second.freeze()
             assert client.post("/api/img2img/interrupt").status_code == 503  # B does not answer
             assert on_a.result(timeout=60).status_code == 409  # A is free for a retry now

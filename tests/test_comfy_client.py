@@ -1064,3 +1064,24 @@ def test_a_prompt_abandoned_while_comfyui_hangs_is_cancelled_once_it_answers(fak
             fake_comfy.thaw()
     wait_until(lambda: fake_comfy.interrupt_count == 1, what="the abandoned prompt to be interrupted")
     fake_comfy.wait_idle()
+
+
+def test_an_interrupt_lost_as_the_prompt_started_is_sent_again(fake_comfy, client):
+    """ComfyUI 0.3.40 clears its interrupt flag when a prompt starts: a cancel that found our
+    prompt "running" in /queue just before the worker began it sent an /interrupt that was lost,
+    and the prompt ran to its end (seen in the stress suite, with two cancels at once). Staged
+    here: the cancel's record of its /interrupt for B, and that /interrupt spent on A before B
+    starts."""
+    fake_comfy.hang_next()
+    fake_comfy.step_delay = 0.5  # B runs long enough to be seen running (a real prompt takes seconds)
+    a = Background(client, workflow(fake_comfy))
+    assert a.started.wait(WAIT)
+    b = Background(client, workflow(fake_comfy, seed=8), start_on="started")
+    assert b.queued.wait(WAIT)
+    with client.runner._active_lock:
+        client.runner._interrupted.add(b.prompt_id)  # what cancel() records when it sends /interrupt
+    requests.post(fake_comfy.url + "/interrupt", timeout=5)  # spent on A; B starts with the flag clear
+    a.join()
+    b.join()
+    assert isinstance(a.error, ComfyInterrupted), a.error
+    assert isinstance(b.error, ComfyInterrupted), (b.error, b.result)

@@ -16,7 +16,8 @@ import websocket  # websocket-client
 from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyTimeout,
                                        ComfyUnreachable)
 from dreamlayer.comfyui.http import ComfyHttp
-from dreamlayer.comfyui.protocol import Done, PromptWatch, RunResult, output_images, queue_ids, raise_for_history
+from dreamlayer.comfyui.protocol import (Done, Progress, PromptWatch, RunResult, output_images, queue_ids,
+                                         raise_for_history)
 from dreamlayer.comfyui.sockets import SocketPool
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class PromptRunner:
         self.ws_tick = ws_tick
         self.end_of_prompt_wait = end_of_prompt_wait
         self._active: dict = {}  # prompt_id -> Event set when cancel() removed it from the queue
+        self._interrupted: set = set()  # prompts cancel() sent /interrupt for (see _wait_ws)
         self._active_lock = threading.Lock()
 
     def run(self, prompt: dict, *, timeout: float, on_progress: Optional[Callable] = None,
@@ -90,6 +92,7 @@ class PromptRunner:
             if prompt_id is not None:
                 with self._active_lock:
                     self._active.pop(prompt_id, None)
+                    self._interrupted.discard(prompt_id)
             if ws is not None:
                 self.sockets.release(client_id, ws, reusable)
 
@@ -134,6 +137,8 @@ class PromptRunner:
                 return "removed"
             # it started running between our two reads: interrupt it below
         if prompt_id in queue_ids(queue, "queue_running"):
+            with self._active_lock:
+                self._interrupted.add(prompt_id)
             self.http.interrupt(prompt_id, timeout=timeout)
             return "interrupted"
         return "not_found"
@@ -194,6 +199,8 @@ class PromptRunner:
             event = run.watch.handle(frame)  # raises on execution_error / execution_interrupted
             if event is None:
                 continue
+            if isinstance(event, Progress) and event.kind == "started":
+                self._interrupt_again_if_asked(run.prompt_id)
             next_liveness = time.monotonic() + self.liveness_interval
             if isinstance(event, Done):
                 log.debug("prompt %s done (%s)", run.prompt_id, event.signal)
@@ -307,6 +314,23 @@ class PromptRunner:
         """The caller gets its error on time even if ComfyUI is slow to take the cancel."""
         threading.Thread(target=self._cancel_quietly, args=(prompt_id,),
                          name=f"comfy-cancel-{prompt_id[:8]}", daemon=True).start()
+
+    def _interrupt_again_if_asked(self, prompt_id: str) -> None:
+        """ComfyUI 0.3.40 clears its interrupt flag as a prompt starts (then sends execution_start):
+        an /interrupt sent while ours moved from the queue to the worker is lost, and the prompt
+        would run to its end. Seen starting after a cancel interrupted it: interrupted again."""
+        with self._active_lock:
+            asked = prompt_id in self._interrupted
+        if asked:
+            timeout = (self.http.connect_timeout, max(self.unreachable_grace, 0.5))
+            try:
+                # only if ours is the one running (/interrupt is global): a late frame must not
+                # stop the prompt that came after it
+                if prompt_id in queue_ids(self.http.get_queue(timeout=timeout), "queue_running"):
+                    self.http.interrupt(prompt_id, timeout=timeout)
+                    log.info("prompt %s started after its cancel: interrupted again", prompt_id)
+            except ComfyError as e:
+                log.warning("could not interrupt prompt %s again: %s", prompt_id, e)
 
     #: How long the cancel of an abandoned prompt keeps trying a ComfyUI that does not answer
     #: (hung, or restarting), and how often.

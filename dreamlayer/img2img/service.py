@@ -22,6 +22,7 @@ from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected, ComfyTimeout,
                                        ComfyUnreachable)
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
+from dreamlayer.comfyui.protocol import queue_ids
 from dreamlayer.img2img import inpainting, mask_shaping, planning
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import (CORE_FILE_INPUTS, WorkflowError, build_img2img_workflow,
@@ -45,14 +46,35 @@ class Img2ImgRequest:
     warnings: tuple = ()
 
 
-def all_at_once(function, items) -> list:
-    """``[function(item) for item in items]``, run side by side (each call mostly waits for a
-    ComfyUI); in order."""
+def cancel_each(cancel, items, backend_of, prompt_of) -> list:
+    """``[cancel(item) for item in items]``: the backends side by side (a hung one holds up no
+    other), each backend's pending prompts first. ComfyUI starts the next pending prompt when the
+    running one is interrupted, and 0.3.40 clears its interrupt flag as a prompt starts: cancelled
+    at the same time, a pending prompt could start between its cancel's two reads of the queue
+    and lose the /interrupt sent for it (it then ran to its end). Results in the order of ``items``."""
     items = list(items)
-    if len(items) <= 1:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(min(len(items), 16), thread_name_prefix="cancel") as pool:
-        return list(pool.map(function, items))
+    groups: dict = {}
+    for index, item in enumerate(items):
+        groups.setdefault(id(backend_of(item)), []).append(index)
+    results: list = [None] * len(items)
+
+    def run_group(indexes):
+        client = backend_of(items[indexes[0]])
+        pending = set()
+        if client is not None and len(indexes) > 1:
+            try:
+                pending = queue_ids(client.get_queue(), "queue_pending")
+            except ComfyError:
+                pass  # each cancel finds out for itself
+        for index in sorted(indexes, key=lambda i: prompt_of(items[i]) not in pending):
+            results[index] = cancel(items[index])
+    if len(groups) <= 1:
+        for indexes in groups.values():
+            run_group(indexes)
+    else:
+        with ThreadPoolExecutor(min(len(groups), 16), thread_name_prefix="cancel") as pool:
+            list(pool.map(run_group, groups.values()))
+    return results
 
 
 class ActiveRuns:
@@ -89,6 +111,17 @@ class ActiveRuns:
                 if run["prompt_id"] == prompt_id:
                     return run["client"]
         return None
+
+    def client_of(self, run_id: str):
+        """The client of the backend the run's prompt is on, or None."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            return run["client"] if run else None
+
+    def prompt_id_of(self, run_id: str):
+        with self._lock:
+            run = self._runs.get(run_id)
+            return run["prompt_id"] if run else None
 
     def cancelled(self, run_id: str) -> bool:
         with self._lock:
@@ -620,8 +653,8 @@ class Img2ImgService:
             except ComfyError as exc:
                 self.active.uncancel(run_id)
                 return prompt_id, None, exc
-        # all at once: a backend that does not answer must not hold up the others' cancels
-        for prompt_id, outcome, exc in all_at_once(cancel, running):
+        for prompt_id, outcome, exc in cancel_each(cancel, running, backend_of=lambda run: run[2],
+                                                   prompt_of=lambda run: run[1]):
             if exc is None:
                 outcomes[prompt_id] = outcome
             failed = failed or exc

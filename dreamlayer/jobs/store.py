@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dreamlayer.comfyui.errors import ComfyError, ComfyInterrupted
 from dreamlayer.errors import ApiError
 from dreamlayer.img2img.long_requests import Busy
-from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared, all_at_once
+from dreamlayer.img2img.service import Img2ImgService, Listener, Prepared, cancel_each
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,9 @@ class JobStore:
                 return job, None
             except ComfyError as exc:
                 return None, exc
-        for job, exc in all_at_once(cancel, marked):  # a hung backend must not hold up the others
+        active = self.service.active
+        for job, exc in cancel_each(cancel, marked, backend_of=lambda job: active.client_of(job.id),
+                                    prompt_of=lambda job: active.prompt_id_of(job.id)):
             if exc is None:
                 cancelled.append(job)
             failed = failed or exc

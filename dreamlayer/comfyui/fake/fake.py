@@ -248,7 +248,13 @@ class FakeComfyUI:
         accepted (by the kernel), but no HTTP request or WebSocket frame is answered or sent
         until thaw(); then everything held goes out."""
         self._thawed.clear()
-        self._loop.call_soon_threadsafe(self._thawed.wait)  # blocks the server's event loop
+        frozen = threading.Event()
+
+        def hang():  # blocks the server's event loop
+            frozen.set()
+            self._thawed.wait()
+        self._loop.call_soon_threadsafe(hang)
+        frozen.wait(10)  # not before: a request arriving meanwhile would still be answered
 
     def thaw(self) -> None:
         self._thawed.set()
