@@ -66,7 +66,7 @@ def test_stopping_cancels_the_prompts_it_leaves_on_comfyui(service, fake_comfy, 
     wait_until(fake_comfy.running_prompt_id, what="the job's prompt to run on ComfyUI")
     service.send_signal(signum)
     assert service.wait(30) == 0, service.log()[-3000:]
-    assert fake_comfy.interrupt_count == 1, service.log()[-3000:]
+    assert fake_comfy.interrupt_count >= 1, service.log()[-3000:]  # again if it was starting then
     wait_until(lambda: fake_comfy.running_prompt_id() is None, what="ComfyUI to stop the prompt")
 
 
