@@ -74,6 +74,10 @@ class ComfyClient:
         """Stop one prompt: "removed" (was pending), "interrupted" (was running), or "not_found"."""
         return self.runner.cancel(prompt_id)
 
+    def pending(self) -> set:
+        """The prompt ids pending in ComfyUI's queue, within a cancel's time limit."""
+        return self.runner.pending()
+
     def wait_for_history(self, prompt_id: str, timeout: float) -> dict:
         """Poll /history until the entry appears (ComfyTimeout after `timeout` seconds)."""
         return self.runner.wait_for_history(prompt_id, timeout)

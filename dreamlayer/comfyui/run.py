@@ -111,12 +111,20 @@ class PromptRunner:
         Each call waits at most unreachable_grace: a ComfyUI that cannot answer a cancel in that
         time is unreachable (a hung server must not hold up the cancels of the others).
         """
-        limit = max(self.unreachable_grace, 0.5)
         try:
-            return self._cancel(prompt_id, (min(self.http.connect_timeout, limit), limit))
+            return self._cancel(prompt_id, self._cancel_timeout())
         except ComfyTimeout as e:
             raise ComfyUnreachable(self.http.base_url, message=(
                 f"ComfyUI at {self.http.base_url} did not answer the cancel of prompt {prompt_id}: {e}")) from e
+
+    def _cancel_timeout(self) -> tuple:
+        """(connect, read) of each call of a cancel: at most unreachable_grace (0.5 s at least)."""
+        limit = max(self.unreachable_grace, 0.5)
+        return min(self.http.connect_timeout, limit), limit
+
+    def pending(self) -> set:
+        """The prompt ids pending in ComfyUI's queue, asked as a cancel asks (ComfyError)."""
+        return queue_ids(self.http.get_queue(timeout=self._cancel_timeout()), "queue_pending")
 
     def _cancel(self, prompt_id: str, timeout) -> str:
         queue = self.http.get_queue(timeout=timeout)
@@ -322,7 +330,7 @@ class PromptRunner:
         with self._active_lock:
             asked = prompt_id in self._interrupted
         if asked:
-            timeout = (self.http.connect_timeout, max(self.unreachable_grace, 0.5))
+            timeout = self._cancel_timeout()
             try:
                 # only if ours is the one running (/interrupt is global): a late frame must not
                 # stop the prompt that came after it

@@ -22,7 +22,6 @@ from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected, ComfyTimeout,
                                        ComfyUnreachable)
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
-from dreamlayer.comfyui.protocol import queue_ids
 from dreamlayer.img2img import inpainting, mask_shaping, planning
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import (CORE_FILE_INPUTS, WorkflowError, build_img2img_workflow,
@@ -63,7 +62,7 @@ def cancel_each(cancel, items, backend_of, prompt_of) -> list:
         pending = set()
         if client is not None and len(indexes) > 1:
             try:
-                pending = queue_ids(client.get_queue(), "queue_pending")
+                pending = client.pending()
             except ComfyError:
                 pass  # each cancel finds out for itself
         for index in sorted(indexes, key=lambda i: prompt_of(items[i]) not in pending):
