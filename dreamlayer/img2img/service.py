@@ -24,8 +24,7 @@ from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterr
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
 from dreamlayer.img2img import inpainting, mask_shaping, planning
 from dreamlayer.img2img.advanced_params import resolve_advanced
-from dreamlayer.img2img.workflow import (CORE_FILE_INPUTS, WorkflowError, build_img2img_workflow,
-                                        check_file_inputs, upload_inputs)
+from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow, check_file_inputs, upload_inputs
 from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
@@ -300,10 +299,9 @@ class Img2ImgService:
             return self._resolve_once(params)
 
     def _resolve_once(self, params):
-        if params.custom_workflow is not None:  # custom nodes' file inputs too, as ComfyUI marks them
-            try:
-                check_file_inputs(params.custom_workflow,
-                                  CORE_FILE_INPUTS | upload_inputs(self.client.object_info()))
+        if params.custom_workflow is not None:  # the core loaders were checked as it was parsed;
+            try:                                  # custom nodes' file inputs, as ComfyUI marks them
+                check_file_inputs(params.custom_workflow, upload_inputs(self.client.object_info()))
             except WorkflowError as exc:
                 raise InvalidParameter("custom_workflow", str(exc), code="invalid_custom_workflow") from None
         choices = self._choices(params)
