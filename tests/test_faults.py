@@ -358,17 +358,25 @@ def raw_multipart(port: int, params: dict) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
 @pytest.mark.parametrize("where", ["running", "waiting for a backend"])
-def test_a_client_that_hangs_up_has_its_generation_cancelled(fake_comfy, server_socket, service_config, where):
+def test_a_client_that_hangs_up_has_its_generation_cancelled(fake_comfy, server_socket, service_config, where,
+                                                             store, request):
     """Its prompt ran on to its end (up to COMFY_TIMEOUT_S) for nobody, holding up every request
-    behind it, and its images were served to nobody."""
+    behind it, and its images were served to nobody. With REDIS_URL too (the request is a job,
+    run by this replica when it is the next one, as here)."""
     import socket
     from dreamlayer.img2img.app import shutdown
     # one prompt at a time (others wait here); no timeout that would end the run in the test's time
     config = service_config.replace(prompts_per_backend=1, comfy_timeout_s=600)
+    if store == "redis":
+        config = config.replace(redis_url=request.getfixturevalue("redis_server").url, job_lease_s=2)
     app = create_app(config)
     server = production_server(app, server_socket, config)
-    pool = app.extensions["img2img"].pool
+    pool, jobs = app.extensions["img2img"].pool, app.extensions["img2img_jobs"]
+
+    def waiting() -> int:  # for the backend: in the service's line, or in the queue (REDIS_URL)
+        return jobs.health()["queued"] if store == "redis" else len(pool._line)
     fake_comfy.hang_next()
     try:
         with ThreadPoolExecutor(1) as others:
@@ -381,13 +389,13 @@ def test_a_client_that_hangs_up_has_its_generation_cancelled(fake_comfy, server_
                 if where == "running":
                     wait_until(fake_comfy.running_prompt_id, what="the request's prompt to run")
                 else:
-                    wait_until(lambda: len(pool._line) == 1, what="the request to wait for the backend")
+                    wait_until(lambda: waiting() == 1, what="the request to wait for the backend")
             # the client is gone
             if where == "running":
                 wait_until(lambda: fake_comfy.interrupt_count == 1 and fake_comfy.running_prompt_id() is None,
                            what="its prompt to be interrupted")
             else:
-                wait_until(lambda: not pool._line, what="it to stop waiting")
+                wait_until(lambda: waiting() == 0, what="it to stop waiting")
                 requests.post(f"{fake_comfy.url}/interrupt", timeout=5)
                 assert holder.result(timeout=60).status_code == 409
                 assert len(fake_comfy.prompts) == 1  # it never reached ComfyUI

@@ -70,11 +70,12 @@ def img2img():
     req = parse_request(request, max_mask_bytes=current_app.config["IMG2IMG"].max_mask_bytes)
     if not _wants_async(req):
         with current_app.extensions["img2img_long_requests"].held():  # or 503 busy
-            if getattr(jobs(), "distributed", False):  # REDIS_URL: any replica's worker may run it
-                return jsonify(jobs().generate(service().prepare(req), request=req))
-            run_id, svc = uuid.uuid4().hex, service()
-            with current_app.extensions["img2img_disconnects"].watching(request.environ,
-                                                                        lambda: _client_gone(svc, run_id)):
+            run_id, svc, store = uuid.uuid4().hex, service(), jobs()
+            watch = current_app.extensions["img2img_disconnects"]
+            if getattr(store, "distributed", False):  # REDIS_URL: any replica's worker may run it
+                with watch.watching(request.environ, lambda: _client_gone(store.abandon, run_id)):
+                    return jsonify(store.generate(svc.prepare(req), request=req, job_id=run_id))
+            with watch.watching(request.environ, lambda: _client_gone(svc.cancel_run, run_id)):
                 return jsonify(svc.execute(svc.prepare(req), run_id=run_id))
     job = jobs().submit(service().prepare(req))  # validated before the 202: bad input is a 4xx now
     base = f"{current_app.config['IMG2IMG'].public_base_url}/api/img2img/jobs/{job.id}"
@@ -83,10 +84,9 @@ def img2img():
     return jsonify(body), 202, {"Location": base, "Preference-Applied": "respond-async"}
 
 
-def _client_gone(svc: Img2ImgService, run_id: str) -> None:
-    prompt_id, outcome = svc.cancel_run(run_id)
-    log.info("run %s: the client went away; its generation is cancelled (prompt %s: %s)", run_id, prompt_id,
-             outcome)
+def _client_gone(cancel, run_id: str) -> None:
+    log.info("run %s: the client went away; its generation is cancelled", run_id)
+    cancel(run_id)
 
 
 @bp.get("/api/img2img/jobs/<job_id>")

@@ -114,12 +114,12 @@ class RedisJobStore:
                             code="job_expired", status=404)
         return ApiError(f"No job {job_id!r}", code="job_not_found", status=404)
 
-    def submit(self, prepared, *, quiet: bool = False) -> RedisJob:
+    def submit(self, prepared, *, quiet: bool = False, job_id: str | None = None) -> RedisJob:
         """Record the job and queue it, in one round trip. Its inputs (the validated request)
         travel with it, so that any worker can run it: pickled into a key of their own beside the
         record rather than into RQ's job, which would zlib-compress them (10 ms for a 512² image).
         ``quiet``: no progress events (a synchronous request)."""
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         inputs = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
         with queue_errors(self.url):
             with self.redis.pipeline() as pipe:  # one MULTI: no worker sees the job before its record
@@ -159,18 +159,20 @@ class RedisJobStore:
             self.records.announce({"interrupt": True})
         return jobs
 
-    def generate(self, prepared, request=None) -> dict:
+    def generate(self, prepared, request=None, job_id: str | None = None) -> dict:
         """A synchronous request: run it as a job and answer as the in-process path would (the
         same result, or the same error object with its status). When this replica runs queue
         workers and the job would be the next one anyway (nothing queued, a backend free), it
         runs here at once (QueueWorkers.run_here); otherwise it waits its turn in the queue.
-        ``request``: what ``prepared`` was made of, if known (run_here keeps it, smaller)."""
+        ``request``: what ``prepared`` was made of, if known (run_here keeps it, smaller);
+        ``job_id``: the job's id, chosen by the caller (to cancel it: ``abandon``)."""
+        job_id = job_id or uuid.uuid4().hex
         if self.local is not None:
             with queue_errors(self.url):
-                ran = self.local.run_here(uuid.uuid4().hex, prepared, request)
+                ran = self.local.run_here(job_id, prepared, request)
             if ran is not None:
                 return self._answer(ran.snapshot())
-        job = self.submit(prepared, quiet=True)
+        job = self.submit(prepared, quiet=True, job_id=job_id)
         # waiting for a backend (COMFY_TIMEOUT_S, as in-process), then each batch's run, and
         # time for a re-queue should its worker die
         budget = self.comfy_timeout_s * (1 + len(prepared.params.seeds())) + 3 * self.lease_s
@@ -182,6 +184,17 @@ class RedisJobStore:
             raise ComfyTimeout(budget, f"The job did not finish within {budget:g}s (no queue worker took it, "
                                        "or its runs took too long; see COMFY_TIMEOUT_S)")
         return self._answer(record)
+
+    def abandon(self, job_id: str) -> None:
+        """A synchronous request's client went away: cancel its job wherever it is (in the
+        queue, on any replica's worker, or run here before its record is written)."""
+        try:
+            self.cancel(job_id, wait=False)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            if self.local is not None:
+                self.local.cancel_here(job_id)
 
     @staticmethod
     def _answer(record: dict) -> dict:

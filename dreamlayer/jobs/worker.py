@@ -227,6 +227,11 @@ class QueueWorkers:
         if self.slots is not None:
             self.slots.wake()  # a job here waiting for a slot (taken ahead) that is cancelled stops waiting
 
+    def cancel_here(self, run_id: str) -> None:
+        """Cancel a run of this replica without an announcement (a job run here whose record is
+        not written yet, which RedisStore.cancel cannot find)."""
+        self._cancel(run_id)
+
     def _cancel(self, run_id: str, retry: bool = False) -> None:
         """Cancel a run of this replica (any other has none by that id: nothing happens). A
         ComfyUI that cannot be reached leaves the run uncancelled: tried again every second
