@@ -3,6 +3,7 @@ with an inpainting mask. A 200 means the fake's ComfyUI validation accepted the 
 import base64
 import io
 import json
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -265,6 +266,20 @@ def test_custom_workflow_may_load_a_file_of_comfyuis_input_folder(client, fake_c
     (fake_comfy.input_dir / name.removesuffix(" [input]")).write_bytes(png(gradient(8, 8)))
     wf = ok(post(client, {"custom_workflow": with_extra_loader(name)}))
     assert wf["x"]["inputs"]["image"] == name
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_custom_workflow_side_output_is_served_as_comfyui_made_it(client, fake_comfy, mask):
+    """A preview of a reference image is not the request's picture: it was scaled to the request's
+    size (and, with a mask, pasted into the input image) like the generated one."""
+    (fake_comfy.input_dir / "ref.png").write_bytes(png(gradient(8, 8)))
+    body = post(client, {"custom_workflow": with_extra_loader("ref.png")}, mask=mask).get_json()
+    sizes = []
+    for image in body["comfy_response"]["generated_images"]:
+        served = client.get(urlsplit(image["url"]).path)
+        assert served.status_code == 200, image
+        sizes.append(Image.open(io.BytesIO(served.data)).size)
+    assert sorted(sizes) == [(8, 8), (W, H)], sizes
 
 
 def test_upload_inputs_are_read_from_object_info():

@@ -204,6 +204,18 @@ def test_the_top_level_entry_point_re_exports_the_public_api():
     assert out.stdout.strip() == "dreamlayer.img2img.workflow"
 
 
+def test_reads_any_follows_links_upstream_through_cycles():
+    from dreamlayer.img2img.graph import reads_any
+    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+          "2": {"class_type": "Blur", "inputs": {"image": ["1", 0], "loop": ["3", 0]}},
+          "3": {"class_type": "Loop", "inputs": {"x": ["2", 0]}},
+          "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+          "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0], "gone": ["404", 0]}}}
+    assert reads_any(wf, "3", {"in.png"}) and reads_any(wf, "1", {"in.png", "m.png"})
+    assert not reads_any(wf, "5", {"in.png"}) and reads_any(wf, "5", {"ref.png"})
+    assert not reads_any(wf, "404", {"in.png"})
+
+
 def test_copy_workflow_shares_nothing_an_edit_can_reach():
     from dreamlayer.img2img.graph import copy_workflow
     wf = {"1": {"class_type": "A", "inputs": {"x": ["2", 0], "n": 3, "opts": {"deep": [1, 2]}},

@@ -85,3 +85,20 @@ def upstream(workflow: dict, node_id: str, class_types, seen=None):
             if found:
                 return found
     return None
+
+
+def reads_any(workflow: dict, node_id: str, values) -> bool:
+    """Whether ``node_id`` or any node upstream of it has one of ``values`` as an input value
+    (a file name, say)."""
+    seen, todo = set(), [node_id]
+    while todo:
+        nid = todo.pop()
+        if nid in seen or nid not in workflow:
+            continue
+        seen.add(nid)
+        for value in workflow[nid].get("inputs", {}).values():
+            if is_link(value):
+                todo.append(value[0])
+            elif isinstance(value, str) and value in values:
+                return True
+    return False

@@ -23,6 +23,7 @@ from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterr
                                        ComfyUnreachable)
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
 from dreamlayer.img2img import inpainting, mask_shaping, planning
+from dreamlayer.img2img.graph import reads_any
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow, check_file_inputs, upload_inputs
 from dreamlayer.errors import ApiError, InvalidParameter
@@ -481,8 +482,12 @@ class Img2ImgService:
                 if index == len(seeds) - 1:
                     lease.release()
                 batches.prompt_ids.append(result.prompt_id)
+                inputs = {image_ref, mask_ref} - {None}
                 for image in result.images:  # one at a time: if one fails, those before it are removed
-                    batches.outputs.append(self._serve(run_id, index, image, job, backend))
+                    # a custom workflow's output that uses neither the image nor the mask (a
+                    # preview of a reference image) is not the request's picture: served as saved
+                    side = params.custom_workflow is not None and not reads_any(workflow, image.node_id, inputs)
+                    batches.outputs.append(self._serve(run_id, index, image, job, backend, as_saved=side))
         except BaseException:
             for output in batches.outputs:
                 self.served.remove(output["filename"])
@@ -565,24 +570,24 @@ class Img2ImgService:
         finally:
             self.active.set_prompt(run_id, None)
 
-    def _serve(self, run_id: str, index: int, image, job: Prepared, backend) -> dict:
+    def _serve(self, run_id: str, index: int, image, job: Prepared, backend, *, as_saved: bool = False) -> dict:
         """Download one output, map it back onto the original (see inpainting.py), serve it. An
-        output that is final as ComfyUI saved it, in a shared output folder, is served as that
-        file (ServedImages: a hard link where possible, no read and no copy)."""
+        output that is final as ComfyUI saved it (or ``as_saved``), in a shared output folder, is
+        served as that file (ServedImages: a hard link where possible, no read and no copy)."""
         name = image.filename
         if image.type != "output" or image.subfolder or not SAFE_NAME.match(name) or not name.startswith("img2img_"):
             base = name.rsplit("/", 1)[-1]
             name = f"img2img_{run_id}_{index}_{base if SAFE_NAME.match(base) else 'image.png'}"
         path = self._output_path(image, backend)
-        if path is not None and self._final_as_saved(path, job):
+        if path is not None and (as_saved or self._final_as_saved(path, job)):
             try:
                 self.served.save_file(name, path)
                 return self._served(name)
             except OSError as exc:
                 log.warning("cannot serve ComfyUI output %s (%s); downloading it instead", path, exc)
                 path = None
-        data = inpainting.finish_png(self._output_bytes(image, backend, path), job.image, job.keep, job.plan)
-        self.served.save(name, data)
+        data = self._output_bytes(image, backend, path)
+        self.served.save(name, data if as_saved else inpainting.finish_png(data, job.image, job.keep, job.plan))
         return self._served(name)
 
     def _served(self, name: str) -> dict:
