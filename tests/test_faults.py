@@ -508,6 +508,31 @@ def test_an_event_stream_gives_its_place_back_when_its_client_leaves(fake_comfy,
         shutdown(app)
 
 
+def test_a_job_whose_cancel_comfyui_lost_ends_cancelled(fake_comfy, service_config):
+    """ComfyUI 0.3.40 clears its interrupt flag as a prompt starts: an /interrupt sent then is lost
+    and the prompt runs to its end. The job, asked to stop, ended "succeeded" with its images (seen
+    under load: an interrupt while a job's prompt was being queued). Staged: the job marked
+    cancelled as a cancel marks it, its /interrupt never reaching ComfyUI."""
+    from dreamlayer.img2img.app import shutdown
+    app = create_app(service_config)
+    client, store = app.test_client(), app.extensions["img2img_jobs"]
+    fake_comfy.step_delay = 0.2
+    try:
+        job_id = client.post("/api/img2img", content_type="multipart/form-data", data={
+            "params": json.dumps({**PARAMS, "async": True}),
+            "image": (io.BytesIO(png(gradient(32, 32))), "i.png")}).get_json()["job_id"]
+        wait_until(lambda: fake_comfy.running_prompt_id() and app.extensions["img2img"].active.prompt_id_of(job_id),
+                   what="its prompt to run, known to the service")
+        assert store._mark_cancelled(store.get(job_id))  # the cancel; its /interrupt lost
+        snapshot = wait_until(lambda: (s := client.get(f"/api/img2img/jobs/{job_id}").get_json())["status"]
+                              in ("succeeded", "failed", "cancelled") and s, what="the job to end")
+        assert snapshot["status"] == "cancelled", snapshot
+        assert fake_comfy.interrupt_count == 0 and len(fake_comfy.prompts) == 1  # it did run to its end
+        assert not list(service_config.served_images_dir.glob("*.png"))  # nothing served
+    finally:
+        shutdown(app)
+
+
 def test_unfinished_async_jobs_are_bounded(fake_comfy, service_config):
     """Each waiting job holds its inputs in memory: 150 jobs of a 2000x2000 image took 2.3 GB."""
     from dreamlayer.img2img.app import shutdown
@@ -526,10 +551,11 @@ def test_unfinished_async_jobs_are_bounded(fake_comfy, service_config):
         assert (busy.status_code, busy.get_json()["code"], busy.headers["Retry-After"]) == (503, "busy", "5")
         assert len(fake_comfy.prompts) <= 2
         client.post("/api/img2img/interrupt")
-        for job in (first, second):  # ended, one way or the other (the bound is what is tested)
+        for job in (first, second):
             url = f"/api/img2img/jobs/{job.get_json()['job_id']}"
-            wait_until(lambda: client.get(url).get_json()["status"] in ("succeeded", "failed", "cancelled"),
-                       what="the jobs to end")
+            snapshot = wait_until(lambda: (s := client.get(url).get_json())["status"]
+                                  in ("succeeded", "failed", "cancelled") and s, what="the jobs to end")
+            assert snapshot["status"] == "cancelled", snapshot
         assert submit(4).status_code == 202  # room again
     finally:
         shutdown(app)

@@ -555,8 +555,13 @@ class Img2ImgService:
 
         listener.before_prompt(index)
         try:
-            return client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
-                              on_progress=listener.progress)
+            result = client.run(workflow, timeout=self.config.comfy_timeout_s, on_queued=on_queued,
+                                on_progress=listener.progress)
+            if self.active.cancelled(run_id):
+                # cancelled, and ComfyUI ran it to its end all the same (the cancel came as it
+                # ended, or 0.3.40 lost the /interrupt as it started): the run stops as asked
+                raise ComfyInterrupted(prompt_id=result.prompt_id, message="The generation was interrupted")
+            return result
         except ComfyRejected:
             # Our cached object_info may be stale (a model removed from ComfyUI): refresh it so
             # the next request is checked against what ComfyUI really has.
