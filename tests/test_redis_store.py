@@ -762,3 +762,23 @@ def test_idle_workers_with_no_slot_look_for_one_rarely_until_a_job_is_queued(ser
         for slot in theirs:
             elsewhere.release(slot)
         shutdown(app)
+
+
+def test_a_failure_handled_while_redis_is_away_says_so_and_does_not_crash(caplog):
+    """RQ calls on_failure for a job whose end could not be written (Redis away): it logged
+    'queued again' and then raised on its own Redis calls (a second traceback, the worker
+    restarted) while nothing was queued — the job runs again when its lease runs out."""
+    import socket
+    import types
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from dreamlayer.jobs.rq_worker import on_failure
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = types.SimpleNamespace(id="j1", meta={"ttl_s": 60}, retries_left=1,
+                                connection=redis.Redis(port=port, retry=Retry(NoBackoff(), 0)))
+    with caplog.at_level("WARNING"):
+        assert on_failure(job, redis.exceptions.ConnectionError, redis.exceptions.ConnectionError("gone"), None)
+    assert "while Redis is away" in caplog.text and "queued again" not in caplog.text

@@ -53,13 +53,22 @@ current = threading.local()
 
 def on_failure(job, exc_type, exc_value, traceback) -> bool:
     """RQ exception handler: a job whose worker died (AbandonedJobError, found by the registry
-    cleanup) goes back to the queue once — say so in its record — or fails for good."""
+    cleanup) goes back to the queue once — say so in its record — or fails for good. With Redis
+    away nothing can be said: the job runs again once its lease has run out."""
+    try:
+        return _on_failure(job, exc_type, exc_value)
+    except REDIS_DOWN as exc:
+        log.warning("job %s: its worker stopped (%s) while Redis is away (%s); it runs again once its "
+                    "lease has run out", job.id, exc_type.__name__, exc)
+        return True
+
+
+def _on_failure(job, exc_type, exc_value) -> bool:
     ttl = (job.meta or {}).get("ttl_s", 3600)
     records = Records(job.connection, ttl)
     if issubclass(exc_type, AbandonedJobError):
         _forget_executions(job)
     if job.retries_left:
-        log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
         # attempt None: the lost run, should it still be alive (a paused process), writes nothing more
         fields = {"status": "queued", "prompt_id": None, "queue_position": None, "attempt": None}
         record = records.load(job.id) or {}
@@ -70,6 +79,7 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
             fields["lost_prompt_id"] = lost_prompt
         records.write(job.id, fields,
                       [("queued", {"type": "queued", "position": None, "prompt_id": None, "requeued": True})])
+        log.warning("job %s: its worker stopped (%s); queued again", job.id, exc_type.__name__)
     else:
         lost = issubclass(exc_type, AbandonedJobError)
         error = {"status": "error", "code": "worker_lost" if lost else "internal_error",
