@@ -11,6 +11,7 @@ back on the queue, once); and RQ's bookkeeping around a job takes fewer round tr
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -171,7 +172,10 @@ class QueueWorker(SimpleWorker):
         thread, self.pubsub_thread = self.pubsub_thread, None
         if thread is None:
             return
-        thread.stop()
+        if "timeout" in inspect.signature(thread.stop).parameters:
+            thread.stop(timeout=0)  # redis-py 8.2 joins the thread here: its wait ends below, not here
+        else:
+            thread.stop()
         if reachable:
             try:
                 self.pubsub.unsubscribe()  # ends its wait for a message at once
