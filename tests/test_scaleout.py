@@ -27,7 +27,7 @@ import requests
 
 from dreamlayer.comfyui.fake import FakeComfyUI
 from dreamlayer.config.env import VARIABLES
-from images import gradient, png
+from images import box_mask, gradient, png
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -674,6 +674,60 @@ def test_a_job_whose_worker_is_killed_twice_fails_with_worker_lost(replicas, bac
     # the third worker runs new work (the killed workers' slots were given back by their leases)
     assert finished(api, accepted(submit(api, seed=5)))["status"] == "succeeded"
     assert w3.queue_workers() == len(backends) + 1
+
+
+def test_the_files_a_lost_run_left_in_a_shared_input_folder_are_removed_before_its_job_goes_on(
+        tmp_path, redis_server, fake_comfy, reserve_port):
+    """A worker killed mid-job leaves the job's staged inputs in ComfyUI's input folder (shared
+    with the replicas) — and possibly a half-written one. The worker that finds the lost job
+    removes them before the job runs again (elsewhere, its run would not overwrite them) or is
+    given up (then nothing else would): nothing of the job is left in the folder at its end, and
+    nothing else there is touched."""
+    a = fake_comfy
+    a.step_delay = 0.2
+    group = Replicas(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port)
+    shared = {"COMFYUI_INPUT_DIR": a.input_dir, "COMFYUI_OUTPUT_DIR": a.output_dir, "IMG2IMG_QUEUE_WORKERS": 2}
+    try:
+        api = group.start("api", **shared)
+        w1 = group.start("worker", **shared)
+        mask = box_mask((32, 32), (8, 8, 24, 24))
+        resp = requests.post(f"{api.url}/api/img2img", data={"params": json.dumps({**PARAMS, "steps": 30, "async": True})},
+                             files={"image": ("i.png", png(gradient(32, 32))), "mask": ("m.png", png(mask))}, timeout=60)
+        job = accepted(resp)
+        wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+        staged = {f"img2img_{job}_image.png", f"img2img_{job}_mask.png"}
+        assert {p.name for p in a.input_dir.iterdir() if job in p.name} == staged
+        # what a kill in the middle of a write leaves (write_atomic's temporary name), and files
+        # that are not the job's
+        half = a.input_dir / f".tmp-999999-3-img2img_{job}_mask.png.part"
+        half.write_bytes(b"\x89PNG")
+        others = [a.input_dir / "photo.png", a.input_dir / f"img2img_{uuid.uuid4().hex}_image.png",
+                  a.input_dir / f".tmp-999999-4-img2img_{uuid.uuid4().hex}_image.png.part"]
+        for other in others:
+            other.write_bytes(b"\x89PNG")
+        w1.kill()
+
+        w2 = group.start("worker", **shared)
+        wait_runner(redis_server.url, job, [w2], "the second worker to run the job again")
+        wait_status(api, job, lambda s: s["status"] == "running" and (s["progress"]["value"] or 0) >= 1,
+                    "the job to run again and make progress")
+        # removed before the job was queued again: the files now are the second run's own
+        assert not half.exists()
+        assert {p.name for p in a.input_dir.iterdir() if job in p.name} == staged
+        w2.kill()
+        a.step_delay = 0.0
+
+        group.start("worker", **shared)
+        snap = finished(api, job)
+        assert snap["status"] == "failed" and snap["error"]["code"] == "worker_lost", snap
+        assert [p.name for p in a.input_dir.iterdir() if job in p.name] == []
+        assert all(other.exists() for other in others)
+    finally:
+        try:
+            group.stop_all()
+        finally:
+            for replica in group.started:  # shown only when the test failed
+                print(f"\n===== replica {replica.name} (exit {replica.proc.returncode}) =====\n{replica.log()[-20000:]}")
 
 
 # --- 4. Redis goes away and comes back ----------------------------------------------------------

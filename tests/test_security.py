@@ -276,6 +276,33 @@ def test_linking_a_file_again_under_its_name_leaves_no_temporary_link(tmp_path):
     assert [p.name for p in (tmp_path / "served").iterdir()] == ["img.png"]
 
 
+def test_a_lost_runs_clean_up_removes_only_its_own_files_and_never_follows_a_link(tmp_path):
+    """remove_prefixed (a killed run's leftovers, found by name): its files and half-written
+    ones go; another run's, a longer name's, a symlink's target and sub-folders stay; a prefix
+    that could match more than one run's files is refused."""
+    from dreamlayer.img2img import staging
+
+    run, other = "0" * 32, "1" * 32
+    folder = tmp_path / "input"
+    folder.mkdir()
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep")
+    mine = [f"img2img_{run}_image.png", f"img2img_{run}_mask.png", f".tmp-12-3-img2img_{run}_control0.png.part"]
+    kept = [f"img2img_{other}_image.png", f"img2img_{run}0_image.png", f".tmp-12-4-img2img_{other}_image.png.part",
+            f".tmp-img2img_{run}_x.png.part", "photo.png"]
+    for name in mine + kept:
+        (folder / name).write_bytes(b"png")
+    (folder / f"img2img_{run}_link.png").symlink_to(outside)
+    (folder / f"img2img_{run}_dir").mkdir()
+    assert staging.remove_prefixed(folder, f"img2img_{run}_") == 3
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + [f"img2img_{run}_link.png", f"img2img_{run}_dir"])
+    assert outside.read_bytes() == b"keep"
+    assert staging.remove_prefixed(tmp_path / "gone", f"img2img_{run}_") == 0
+    for prefix in ("", "img2img", "../img2img_x_", ".tmp-1-2-", "a/b_c_d_e"):
+        with pytest.raises(ValueError):
+            staging.remove_prefixed(folder, prefix)
+
+
 # --- no debug mode --------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow, check_file_inputs, upload_inputs
 from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
-from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file
+from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file, remove_prefixed
 from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
 from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
@@ -630,6 +630,20 @@ class Img2ImgService:
             except OSError as exc:
                 log.warning("cannot read ComfyUI output %s (%s); downloading it instead", path, exc)
         return backend.client.view(image)
+
+    def remove_lost_run_files(self, run_id: str) -> int:
+        """Remove what a run whose process died (SIGKILL, a lost machine) left on disks this
+        service shares: its staged inputs in the backends' input folders (its job may run again
+        on another backend, which would not overwrite them) and, with a served-images folder, the
+        images it had served. Every file of a run is named after it. Returns how many went."""
+        prefix = f"img2img_{run_id}_"
+        folders = [b.input_dir for b in self.pool.backends if b.input_dir is not None]
+        if isinstance(self.served, ServedImages):
+            folders.append(self.served.directory)
+        removed = sum(remove_prefixed(folder, prefix) for folder in dict.fromkeys(folders))
+        if removed:
+            log.info("run %s: removed %d file(s) its lost process left behind", run_id, removed)
+        return removed
 
     def cancel_run(self, run_id: str) -> tuple:
         """Cancel one run: (its prompt, "removed" / "interrupted" on ComfyUI), or (None,

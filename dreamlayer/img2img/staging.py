@@ -29,6 +29,7 @@ def _temp_name(name: str) -> str:
 
 
 _counter = itertools.count()
+_TEMP_NAME = re.compile(r"\.tmp-\d+-\d+-(.+)\.part\Z")  # _temp_name's: group 1 is the name
 
 
 def write_atomic(directory: Path, name: str, data: bytes) -> Path:
@@ -88,6 +89,29 @@ def remove_file(path: Path) -> None:
         pass
     except OSError as exc:
         log.warning("could not remove %s: %s", path, exc)
+
+
+def remove_prefixed(directory: Path, prefix: str) -> int:
+    """Remove the files of ``directory`` whose names start with ``prefix``, half-written ones
+    (write_atomic's temporary names) included: what a run killed mid-way left there, found by the
+    name the service gave it. Returns how many were removed. Only for rare clean-ups: it lists the
+    folder."""
+    if not SAFE_NAME.match(prefix) or prefix.startswith(".") or len(prefix) < 8:
+        raise ValueError(f"unsafe file name prefix {prefix!r}")
+    removed = 0
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            name = entry.name
+            temp = _TEMP_NAME.match(name)
+            named = (temp.group(1) if temp else name).startswith(prefix)
+            if named and entry.is_file(follow_symlinks=False):
+                remove_file(Path(entry.path))
+                removed += 1
+    return removed
 
 
 class InputStager:

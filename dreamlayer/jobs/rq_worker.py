@@ -25,7 +25,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from dreamlayer.jobs import slots as slot_mod
-from dreamlayer.jobs.records import REDIS_DOWN, Records
+from dreamlayer.jobs.records import REDIS_DOWN, TERMINAL, Records
 
 if TYPE_CHECKING:
     from dreamlayer.jobs.worker import QueueWorkers
@@ -67,13 +67,16 @@ def on_failure(job, exc_type, exc_value, traceback) -> bool:
 def _on_failure(job, exc_type, exc_value) -> bool:
     ttl = (job.meta or {}).get("ttl_s", 3600)
     records = Records(job.connection, ttl)
+    record, cleaner = records.load(job.id) or {}, getattr(current, "cleaner", None)
     if issubclass(exc_type, AbandonedJobError):
         _forget_executions(job)
+        if cleaner is not None and record.get("status") not in TERMINAL:
+            # its staged inputs: a run again on another backend would not overwrite them
+            cleaner.forget_files(job.id)
     if job.retries_left:
         # attempt None: the lost run, should it still be alive (a paused process), writes nothing more
         fields = {"status": "queued", "prompt_id": None, "queue_position": None, "attempt": None}
-        record = records.load(job.id) or {}
-        lost_prompt, cleaner = record.get("prompt_id"), getattr(current, "cleaner", None)
+        lost_prompt = record.get("prompt_id")
         # the lost run's prompt may still run on its backend, for nobody, while jobs wait for that
         # backend: cancelled now by the worker cleaning up, else by the job's next run
         if lost_prompt and not (cleaner is not None and cleaner.forget_prompt(lost_prompt, record.get("backend"))):

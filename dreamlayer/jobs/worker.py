@@ -416,6 +416,15 @@ class QueueWorkers:
         if prompt_id:
             self.forget_prompt(prompt_id, record.get("backend"))
 
+    def forget_files(self, job_id: str) -> None:
+        """Remove the files a lost run of the job left on the disks this replica shares with
+        the others (Img2ImgService.remove_lost_run_files); a failure is logged, not raised: the
+        job is run again or given up all the same."""
+        try:
+            self.service.remove_lost_run_files(job_id)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: could not remove the files its lost run left behind: %s", job_id, exc)
+
     def forget_prompt(self, prompt_id: str, url) -> bool:
         """Cancel a lost run's prompt (only it) on the backend at ``url``, so that its GPU does not
         run it for nobody while jobs wait; True once ComfyUI answered (cancelled, or gone)."""
