@@ -157,6 +157,7 @@ def test_fill_mode_warns_when_denoise_is_raised(client):
 
 def test_http_upload_mode_without_shared_disk(fake_comfy, service_config, tmp_path):
     from dreamlayer.img2img.app import create_app
+    from dreamlayer.img2img.temp_uploads import PLACEHOLDER
     app = create_app(service_config.replace(comfyui_input_dir=None, comfyui_dir=None))
     resp = post_multipart(app.test_client(), png(gradient(32, 32)), PARAMS, png(box_mask((32, 32), (0, 0, 8, 8))))
     assert resp.status_code == 200, resp.get_json()
@@ -164,8 +165,14 @@ def test_http_upload_mode_without_shared_disk(fake_comfy, service_config, tmp_pa
     names = [n["inputs"]["image"] for n in wf.values() if n["class_type"] in ("LoadImage", "LoadImageMask")]
     assert all(n.startswith("dreamlayer_img2img/") and n.endswith(".png [temp]") for n in names)
     # into ComfyUI's temp folder (emptied by ComfyUI at start and exit), never its input folder
-    assert sorted(p.parent.name for p in fake_comfy.temp_dir.rglob("*.png")) == ["dreamlayer_img2img"] * 2
+    uploads = sorted(fake_comfy.temp_dir.rglob("*.png"))
+    assert [p.parent.name for p in uploads] == ["dreamlayer_img2img"] * 2
     assert list(fake_comfy.input_dir.rglob("*.png")) == []
+    # once the run has ended they are made small (ComfyUI has no route to delete them), after the
+    # answer: the generation read the real ones
+    app.extensions["img2img"].shrinker.join()
+    assert [p.read_bytes() for p in uploads] == [PLACEHOLDER] * 2
+    assert Image.open(uploads[0]).size == (1, 1)
 
 
 # --- validation ----------------------------------------------------------------------------

@@ -245,15 +245,17 @@ def _queue_workers(config: Config, service: Img2ImgService):
 
 def shutdown(app: Flask, deadline: float | None = None) -> None:
     """Stop what create_app started: queue workers (their running jobs may finish, within 10 s or
-    until ``deadline``, a time.monotonic()), the backend prober, the job store, the ComfyUI
-    clients' idle connections (and the thread that keeps their spare WebSockets)."""
+    until ``deadline``, a time.monotonic()), the backend prober, the job store, the thread that
+    makes ended runs' HTTP uploads small, the ComfyUI clients' idle connections (and the thread
+    that keeps their spare WebSockets)."""
     workers = app.extensions.get("img2img_workers")
     if workers is not None:
         workers.stop(deadline=deadline)
-    pool = app.extensions["img2img"].pool
-    pool.close()
+    service = app.extensions["img2img"]
+    service.pool.close()
     app.extensions["img2img_jobs"].shutdown()
-    for backend in pool.backends:
+    service.shrinker.close()  # a finished run's uploads are made small first (2 s at most)
+    for backend in service.pool.backends:
         backend.client.close()
 
 

@@ -30,6 +30,7 @@ from dreamlayer.errors import ApiError, InvalidParameter
 from dreamlayer.img2img.params import parse_params, resolve_choices
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file, remove_prefixed
 from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
+from dreamlayer.img2img.temp_uploads import UploadShrinker
 from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class Img2ImgService:
         self._catalog = self.pool.primary
         self.served = served
         self.active = ActiveRuns()
+        self.shrinker = UploadShrinker()  # a run's HTTP uploads, made small once it has ended
         self._last_refresh = float("-inf")
         self._warned_output_dir = False
 
@@ -448,7 +450,7 @@ class Img2ImgService:
         """Stage the inputs on the leased backend and run every batch there; inputs are removed
         whatever happens."""
         backend = lease.backend
-        with InputStager(backend.client, backend.input_dir) as stager:
+        with InputStager(backend.client, backend.input_dir, self.shrinker) as stager:
             image_ref = stager.put(f"img2img_{run_id}_image.png", files.image)
             mask_ref = None
             if files.mask is not None:

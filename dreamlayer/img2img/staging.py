@@ -118,10 +118,12 @@ class InputStager:
     """Puts one request's input files where ComfyUI's LoadImage can find them; a context manager
     that removes them again (success or failure)."""
 
-    def __init__(self, client, input_dir: Path | None):
+    def __init__(self, client, input_dir: Path | None, shrinker=None):
         self.client = client
         self.input_dir = Path(input_dir) if input_dir is not None else None
+        self.shrinker = shrinker  # temp_uploads.UploadShrinker: HTTP uploads made small at the end
         self._written: list = []
+        self._uploaded: list = []
 
     def put(self, name: str, data: bytes) -> str:
         """Stage ``data`` as ``name``; returns the value for LoadImage's ``image`` input."""
@@ -134,11 +136,15 @@ class InputStager:
         answer = self.client.upload_image(data, name, subfolder=HTTP_UPLOAD_SUBFOLDER, type="temp",
                                           overwrite=True)
         sub = answer.get("subfolder") or ""
+        self._uploaded.append((sub, answer["name"]))
         return (f"{sub}/{answer['name']}" if sub else answer["name"]) + " [temp]"
 
     def cleanup(self) -> None:
         while self._written:
             remove_file(self._written.pop())
+        if self._uploaded and self.shrinker is not None:
+            self.shrinker.shrink(self.client, self._uploaded)
+        self._uploaded = []
 
     def __enter__(self):
         return self
