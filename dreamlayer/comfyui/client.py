@@ -90,8 +90,9 @@ class ComfyClient:
     # ---------------------------------------------------------------- endpoints (see ComfyHttp)
 
     def upload_image(self, data: bytes, filename: str, *, subfolder: str = "", type: str = "input",
-                     overwrite: bool = True) -> dict:
-        return self.http.upload_image(data, filename, subfolder=subfolder, type=type, overwrite=overwrite)
+                     overwrite: bool = True, quiet: bool = False) -> dict:
+        return self.http.upload_image(data, filename, subfolder=subfolder, type=type, overwrite=overwrite,
+                                      quiet=quiet)
 
     def queue_prompt(self, prompt: dict, client_id: str, *, timeout=None) -> str:
         return self.http.queue_prompt(prompt, client_id, timeout=timeout)

@@ -86,13 +86,15 @@ class ComfyHttp:
             raise self._bad(resp, what)
 
     def upload_image(self, data: bytes, filename: str, *, subfolder: str = "", type: str = "input",
-                     overwrite: bool = True) -> dict:
-        """POST /upload/image, for servers that share no disk with us. Returns {"name","subfolder","type"}."""
+                     overwrite: bool = True, quiet: bool = False) -> dict:
+        """POST /upload/image, for servers that share no disk with us. Returns {"name","subfolder","type"}.
+        ``quiet``: logged at DEBUG (an ended run's upload made small)."""
         mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         form = {"type": type, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
         resp = self._request("POST", "/upload/image", files={"image": (filename, data, mime)}, data=form)
         result = self._json(resp, "POST /upload/image")
-        log.info("uploaded %s (%d bytes) to ComfyUI as %s", filename, len(data), result.get("name"))
+        log.log(logging.DEBUG if quiet else logging.INFO, "uploaded %s (%d bytes) to ComfyUI as %s", filename,
+                len(data), result.get("name"))
         return result
 
     def queue_prompt(self, prompt: dict, client_id: str, *, timeout=None) -> str:

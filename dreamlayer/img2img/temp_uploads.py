@@ -66,7 +66,7 @@ class UploadShrinker:
                 return
             client, subfolder, name = item
             try:
-                client.upload_image(PLACEHOLDER, name, subfolder=subfolder, type="temp", overwrite=True)
+                client.upload_image(PLACEHOLDER, name, subfolder=subfolder, type="temp", overwrite=True, quiet=True)
             except Exception as exc:  # noqa: BLE001 - best effort: the backend may be gone
                 log.debug("could not make the upload %s/%s small on %s: %s", subfolder, name,
                           getattr(client, "base_url", "?"), exc)
