@@ -217,6 +217,36 @@ def test_request_shape_errors(client):
     _check_error(client.post("/api/img2img", json={"prompt": "x", "input_image": "%%%"}), 400, "invalid_base64")
 
 
+def _multipart_with_raw_params(client, params: bytes, *, as_file: bool = False):
+    """A multipart request whose 'params' part holds exactly these bytes."""
+    filename = b'; filename="params.json"' if as_file else b""
+    body = (b'--b0und\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png(gradient(32, 32)) + b"\r\n"
+            b'--b0und\r\nContent-Disposition: form-data; name="params"' + filename + b"\r\n\r\n"
+            + params + b"\r\n--b0und--\r\n")
+    return client.post("/api/img2img", data=body, content_type="multipart/form-data; boundary=b0und")
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["field", "file part"])
+def test_multipart_params_that_are_not_utf8_are_refused_not_replaced(client, fake_comfy, as_file):
+    """Werkzeug decodes form fields with errors="replace": a Latin-1 prompt would reach ComfyUI
+    with U+FFFD in place of its accents."""
+    latin1 = json.dumps({"prompt": "caf\u00e9 au lait", "steps": 2}, ensure_ascii=False).encode("latin-1")
+    data = _check_error(_multipart_with_raw_params(client, latin1, as_file=as_file), 400, "invalid_params")
+    assert "UTF-8" in data["message"]
+    assert fake_comfy.prompts == [] and leftovers(fake_comfy) == []
+
+
+def test_multipart_params_in_utf8_reach_comfyui_as_sent(client, fake_comfy):
+    prompt = "caf\u00e9, \u732b and a real U+FFFD: \ufffd"
+    raw = json.dumps({"prompt": prompt, "steps": 2}, ensure_ascii=False).encode("utf-8")
+    resp = _multipart_with_raw_params(client, raw)
+    assert resp.status_code == 200, body(resp)
+    texts = [n["inputs"]["text"] for _, p, _ in fake_comfy.prompts for n in p.values()
+             if n["class_type"] == "CLIPTextEncode"]
+    assert prompt in texts
+
+
 def test_upload_errors(client, fake_comfy):
     img = png(gradient(32, 32))
     _check_error(post_multipart(client, b"not an image", PARAMS), 400, "invalid_image")

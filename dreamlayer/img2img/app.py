@@ -36,7 +36,7 @@ from dreamlayer.http_range import ignore_unusable_range
 from dreamlayer.img2img import graceful_stop
 from dreamlayer.img2img.service import Img2ImgService
 from dreamlayer.jobs.store import JobStore, sse
-from dreamlayer.img2img.request import parse_request
+from dreamlayer.img2img.request import FormRequest, parse_request
 from dreamlayer.img2img.staging import ServedImages
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ def create_app(config: Config | None = None, *, client: comfy_client.ComfyClient
         config = Config.from_env(env)
         env.log_warnings()
     app = Flask(__name__, static_folder=None)
+    app.request_class = FormRequest  # invalid UTF-8 in a multipart field is refused, not replaced
     app.url_map.merge_slashes = False  # no HTML redirects; "//etc/passwd" is simply not found
     app.debug = False  # Flask would read FLASK_DEBUG from the environment: never a debugger here
     app.config.update(IMG2IMG=config, MAX_CONTENT_LENGTH=config.max_content_length,

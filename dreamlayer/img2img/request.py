@@ -5,9 +5,12 @@ parts are ignored; sizes are checked on the bytes actually received.
 """
 from __future__ import annotations
 
+import codecs
 import json
+import re
 
 from flask import Request
+from werkzeug.formparser import FormDataParser, MultiPartParser
 
 from dreamlayer.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from dreamlayer.img2img.service import Img2ImgRequest
@@ -25,6 +28,63 @@ def _loads(text, what: str, code: str):
         raise BadRequest(f"{what} is nested too deeply to be parsed", code=code) from None
     except ValueError as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc})", code=code) from None
+
+
+#: A codec that decodes UTF-8 like Werkzeug's form parser, except that an invalid byte becomes a
+#: lone surrogate (U+DC80-U+DCFF) instead of U+FFFD, whatever ``errors`` it is given: Werkzeug
+#: decodes form fields with "replace", which would hide a mis-encoded prompt as U+FFFD characters
+#: that the client never sent (a real U+FFFD in valid UTF-8 stays what it is).
+_MARKED_UTF8 = "dreamlayer_marked_utf_8"
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _marked_utf8(name: str):
+    if name != _MARKED_UTF8:
+        return None
+    utf8 = codecs.lookup("utf-8")
+    return codecs.CodecInfo(utf8.encode, lambda data, errors="strict": codecs.utf_8_decode(
+        data, "surrogateescape", True), name=_MARKED_UTF8)
+
+
+codecs.register(_marked_utf8)
+
+
+class _MarkingMultiPartParser(MultiPartParser):
+    def get_part_charset(self, headers) -> str:
+        charset = super().get_part_charset(headers)
+        return _MARKED_UTF8 if charset in ("utf-8", "ascii", "us-ascii") else charset
+
+
+class _MarkingFormDataParser(FormDataParser):
+    """Werkzeug's parser with the multipart fields decoded by ``_marked_utf8`` (see above)."""
+
+    def _parse_multipart(self, stream, mimetype, content_length, options):
+        parser = _MarkingMultiPartParser(stream_factory=self.stream_factory,
+                                         max_form_memory_size=self.max_form_memory_size,
+                                         max_form_parts=self.max_form_parts, cls=self.cls)
+        boundary = options.get("boundary", "").encode("ascii")
+        if not boundary:
+            raise ValueError("Missing boundary")
+        form, files = parser.parse(stream, boundary, content_length)
+        return stream, form, files
+
+
+class FormRequest(Request):
+    """The app's request class: its multipart text fields keep invalid UTF-8 visible."""
+
+    form_data_parser_class = _MarkingFormDataParser
+
+
+def _utf8_text(raw, what: str, code: str) -> str:
+    """A text field as sent, or 400 when its bytes are not UTF-8."""
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"{what} is not UTF-8 (byte {exc.start}): send it in UTF-8", code=code) from None
+    if not raw.isascii() and (bad := _BAD_BYTE.search(raw)):
+        raise BadRequest(f"{what} is not UTF-8 (character {bad.start()}): send it in UTF-8", code=code)
+    return raw
 
 
 def _read_limited(storage, limit: int, what: str, code: str) -> bytes:
@@ -55,11 +115,11 @@ def parse_multipart(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
     raw = request.form.get("params")
     if raw is None:
         if "params" in request.files:
-            raw = request.files["params"].read().decode("utf-8", "replace")
+            raw = request.files["params"].read()
         else:
             raise BadRequest("The multipart request has no 'params' field: send the parameters as a JSON "
                              "object string in 'params'", code="missing_params")
-    params = _loads(raw, "'params'", "invalid_params")
+    params = _loads(_utf8_text(raw, "'params'", "invalid_params"), "'params'", "invalid_params")
     if not isinstance(params, dict):
         raise BadRequest("'params' must be a JSON object", code="invalid_params")
     return Img2ImgRequest(image=image, mask=mask, params=params)

@@ -352,6 +352,9 @@ def _shape_cases():
         Case("params-null", "params", form("null", img), 400, "invalid_params"),
         Case("params-number", "params", form("42", img), 400, "invalid_params"),
         Case("params-nested-100000", "params", form("[" * 100_000, img), 400, "invalid_params"),
+        # Werkzeug would decode these with U+FFFD in place of the accent: refused instead
+        Case("params-latin1", "params", form(None, img, extra=[("params", '{"prompt": "caf\u00e9"}'.encode("latin-1"),
+                                                                None, None)]), 400, "invalid_params", says=("UTF-8",)),
         # JSON body not JSON / not an object
         Case("json-not-json", "params", raw_body("application/json", b"{prompt: x"), 400, "invalid_json"),
         Case("json-empty-body", "params", raw_body("application/json", b""), 400, "invalid_json"),
