@@ -27,6 +27,8 @@ import requests
 
 from dreamlayer.comfyui.fake import FakeComfyUI
 from dreamlayer.config.env import VARIABLES
+from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
+from dreamlayer.img2img.temp_uploads import PLACEHOLDER
 from images import box_mask, gradient, png
 from waiting import wait_until
 
@@ -722,6 +724,56 @@ def test_the_files_a_lost_run_left_in_a_shared_input_folder_are_removed_before_i
         assert snap["status"] == "failed" and snap["error"]["code"] == "worker_lost", snap
         assert [p.name for p in a.input_dir.iterdir() if job in p.name] == []
         assert all(other.exists() for other in others)
+    finally:
+        try:
+            group.stop_all()
+        finally:
+            for replica in group.started:  # shown only when the test failed
+                print(f"\n===== replica {replica.name} (exit {replica.proc.returncode}) =====\n{replica.log()[-20000:]}")
+
+
+def test_the_uploads_a_lost_run_left_on_a_backend_without_a_shared_disk_are_made_small_before_its_job_goes_on(
+        tmp_path, redis_server, fake_comfy, reserve_port):
+    """The same over HTTP: the job's inputs were uploaded into the backend's temp folder, which
+    ComfyUI empties only when it restarts and no route deletes from. The worker that finds the
+    lost job overwrites them with a tiny PNG before the job runs again (under the same names) or
+    is given up; another run's upload there is left alone."""
+    a = fake_comfy
+    a.step_delay = 0.2
+    group = Replicas(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port)
+    workers = {"IMG2IMG_QUEUE_WORKERS": 2}  # no COMFYUI_INPUT_DIR: inputs go over POST /upload/image
+    try:
+        api = group.start("api", **workers)
+        w1 = group.start("worker", **workers)
+        mask = box_mask((32, 32), (8, 8, 24, 24))
+        resp = requests.post(f"{api.url}/api/img2img", data={"params": json.dumps({**PARAMS, "steps": 30, "async": True})},
+                             files={"image": ("i.png", png(gradient(32, 32))), "mask": ("m.png", png(mask))}, timeout=60)
+        job = accepted(resp)
+        wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+        temp = a.temp_dir / HTTP_UPLOAD_SUBFOLDER
+        uploads = [temp / f"img2img_{job}_image.png", temp / f"img2img_{job}_mask.png"]
+        assert sorted(p for p in temp.iterdir() if job in p.name) == sorted(uploads)
+        whole = {p: p.read_bytes() for p in uploads}
+        assert PLACEHOLDER not in whole.values()
+        other = temp / f"img2img_{uuid.uuid4().hex}_image.png"  # another run's, still in use
+        other.write_bytes(png(gradient(16, 16)))
+        w1.kill()
+
+        w2 = group.start("worker", **workers)
+        wait_runner(redis_server.url, job, [w2], "the second worker to run the job again")
+        wait_status(api, job, lambda s: s["status"] == "running" and (s["progress"]["value"] or 0) >= 1,
+                    "the job to run again and make progress")
+        # made small before the job was queued again, never after: the second run's are whole
+        assert {p: p.read_bytes() for p in uploads} == whole
+        w2.kill()
+        a.step_delay = 0.0
+
+        group.start("worker", **workers)
+        snap = finished(api, job)
+        assert snap["status"] == "failed" and snap["error"]["code"] == "worker_lost", snap
+        assert sorted(p for p in temp.iterdir() if job in p.name) == sorted(uploads)
+        assert all(p.read_bytes() == PLACEHOLDER for p in uploads)
+        assert other.read_bytes() == png(gradient(16, 16))
     finally:
         try:
             group.stop_all()

@@ -2,11 +2,13 @@
 ComfyUI over real HTTP."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from dreamlayer.comfyui.client import ComfyClient
+from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.img2img.staging import InputStager
-from dreamlayer.img2img.temp_uploads import PLACEHOLDER, UploadShrinker
+from dreamlayer.img2img.temp_uploads import PLACEHOLDER, UploadShrinker, shrink_lost_uploads
 from images import gradient, png
 
 
@@ -43,4 +45,32 @@ def test_a_backend_that_went_away_is_skipped_without_holding_anything_up(fake_co
         assert (fake_comfy.temp_dir / "dreamlayer_img2img" / "img2img_ghi_image.png").read_bytes() == PLACEHOLDER
     finally:
         shrinker.close()
+        client.close()
+
+
+def test_a_lost_runs_uploads_are_made_small_where_they_are_and_nothing_is_created_elsewhere(fake_comfy):
+    """shrink_lost_uploads, for a run whose process died: HEAD /view finds what it had uploaded
+    (a ControlNet image may be missing between others), and a backend without its image never
+    had its inputs: nothing is written there."""
+    client, sub = ComfyClient(fake_comfy.url), "dreamlayer_img2img"
+    names = [f"img2img_lost_{n}.png" for n in ("image", "mask", "control0", "control1")]
+    folder = fake_comfy.temp_dir / sub
+    try:
+        for name in (names[0], names[1], names[3]):
+            client.upload_image(png(gradient(16, 16)), name, subfolder=sub, type="temp")
+        other = "img2img_other_image.png"
+        client.upload_image(png(gradient(16, 16)), other, subfolder=sub, type="temp")
+        assert shrink_lost_uploads(client, names, sub) == 3
+        assert [(folder / n).read_bytes() == PLACEHOLDER for n in (names[0], names[1], names[3])] == [True] * 3
+        assert not (folder / names[2]).exists() and (folder / other).read_bytes() != PLACEHOLDER
+
+        elsewhere = [f"img2img_never_{n}.png" for n in ("image", "mask")]
+        assert shrink_lost_uploads(client, elsewhere, sub) == 0
+        assert not any((folder / n).exists() for n in elsewhere)
+
+        fake_comfy.refuse_connections()
+        with pytest.raises(ComfyError):  # the caller logs it and goes on
+            shrink_lost_uploads(client, names, sub)
+    finally:
+        fake_comfy.accept_connections()
         client.close()

@@ -103,6 +103,9 @@ class ComfyClient:
     def view(self, image: OutputImage) -> bytes:
         return self.http.view(image)
 
+    def has_file(self, filename: str, *, subfolder: str = "", type: str = "output") -> bool:
+        return self.http.has_file(filename, subfolder=subfolder, type=type)
+
     def get_queue(self, *, timeout=None) -> dict:
         return self.http.get_queue(timeout=timeout)
 

@@ -129,6 +129,15 @@ class ComfyHttp:
             raise ComfyBadResponse(f"ComfyUI answered GET /history with {str(body)[:200]}")
         return body.get(prompt_id)
 
+    def has_file(self, filename: str, *, subfolder: str = "", type: str = "output") -> bool:
+        """HEAD /view (ComfyUI's GET routes answer HEAD too): whether the file is there."""
+        params = {"filename": filename, "subfolder": subfolder, "type": type}
+        resp = self._request("HEAD", "/view", params=params)
+        if resp.status_code == 404:
+            return False
+        self._ok(resp, "HEAD /view")
+        return True
+
     def view(self, image: OutputImage) -> bytes:
         """GET /view: the file's bytes."""
         params = {"filename": image.filename, "subfolder": image.subfolder, "type": image.type}

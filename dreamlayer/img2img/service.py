@@ -27,10 +27,11 @@ from dreamlayer.img2img.graph import reads_any
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow, check_file_inputs, upload_inputs
 from dreamlayer.errors import ApiError, InvalidParameter
-from dreamlayer.img2img.params import parse_params, resolve_choices
+from dreamlayer.img2img.params import MAX_CONTROLNET_UNITS, parse_params, resolve_choices
+from dreamlayer.config.img2img import HTTP_UPLOAD_SUBFOLDER
 from dreamlayer.img2img.staging import SAFE_NAME, InputStager, ServedImages, output_file, remove_prefixed
 from dreamlayer.img2img.png_writer import comfy_mask_png, png_bytes
-from dreamlayer.img2img.temp_uploads import UploadShrinker
+from dreamlayer.img2img.temp_uploads import UploadShrinker, shrink_lost_uploads
 from dreamlayer.img2img.uploads import decode_base64_image, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
@@ -643,6 +644,16 @@ class Img2ImgService:
         if isinstance(self.served, ServedImages):
             folders.append(self.served.directory)
         removed = sum(remove_prefixed(folder, prefix) for folder in dict.fromkeys(folders))
+        # its uploads to backends that share no disk: in their temp folders, under names staged
+        # in this order (_execute_on); no route lists or deletes them, so they are made small
+        names = [f"{prefix}image.png", f"{prefix}mask.png"] + [f"{prefix}control{i}.png"
+                                                              for i in range(MAX_CONTROLNET_UNITS)]
+        for backend in self.pool.backends:
+            if backend.input_dir is None:
+                try:
+                    removed += shrink_lost_uploads(backend.client, names, HTTP_UPLOAD_SUBFOLDER)
+                except ComfyError as exc:  # down: it empties its temp folder when it starts again
+                    log.warning("run %s: could not make its uploads on %s small: %s", run_id, backend.url, exc)
         if removed:
             log.info("run %s: removed %d file(s) its lost process left behind", run_id, removed)
         return removed

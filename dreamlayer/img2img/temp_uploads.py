@@ -6,6 +6,8 @@ ComfyUI that runs for weeks, every request would leave its inputs there (a store
 3 MB). Once a run has ended, each of its uploads is overwritten — same name, ``overwrite=true``
 — with a 1×1 PNG, so what is left until ComfyUI's next start is a few dozen bytes per request.
 That is done by one background thread, after the answer: it costs the request nothing.
+A run whose process died (SIGKILL) never gets there: ``shrink_lost_uploads`` does it for the
+worker that finds the lost job, before the job runs again.
 """
 from __future__ import annotations
 
@@ -88,3 +90,19 @@ class UploadShrinker:
             except queue.Full:
                 return
             thread.join(timeout)
+
+
+def shrink_lost_uploads(client, names: list, subfolder: str) -> int:
+    """Overwrite a lost run's uploads (``names`` in the order they are staged, the image first)
+    with PLACEHOLDER where they are on this backend; returns how many were. Synchronous: the
+    caller does it before the job runs again under the same names (a late overwrite would hit
+    the new run's inputs). A backend without the first name never had the run's inputs."""
+    shrunk = 0
+    for i, name in enumerate(names):
+        if not client.has_file(name, subfolder=subfolder, type="temp"):
+            if i == 0:
+                break
+            continue
+        client.upload_image(PLACEHOLDER, name, subfolder=subfolder, type="temp", overwrite=True, quiet=True)
+        shrunk += 1
+    return shrunk

@@ -418,7 +418,8 @@ class QueueWorkers:
 
     def forget_files(self, job_id: str) -> None:
         """Remove the files a lost run of the job left on the disks this replica shares with
-        the others (Img2ImgService.remove_lost_run_files); a failure is logged, not raised: the
+        the others, and make its HTTP uploads small (Img2ImgService.remove_lost_run_files); a
+        failure is logged, not raised: the
         job is run again or given up all the same."""
         try:
             self.service.remove_lost_run_files(job_id)

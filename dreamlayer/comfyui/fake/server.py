@@ -393,8 +393,11 @@ def build_app(fake) -> web.Application:
         ("GET", "/view", routes.view_image),
         ("GET", "/view_metadata/{folder_name}", routes.view_metadata),
     ]
-    for method, path, handler in table:
-        app.router.add_route(method, "/api" + path, handler)
-    for method, path, handler in table:
-        app.router.add_route(method, path, handler)
+    # ComfyUI registers its routes with a RouteTableDef, whose GET routes answer HEAD too
+    for prefix in ("/api", ""):
+        for method, path, handler in table:
+            if method == "GET":
+                app.router.add_get(prefix + path, handler)
+            else:
+                app.router.add_route(method, prefix + path, handler)
     return app
