@@ -22,7 +22,7 @@ from rq.utils import now
 
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.img2img.service import Img2ImgRequest
-from dreamlayer.jobs import slots as slot_mod
+from dreamlayer.jobs import retry_log, slots as slot_mod
 from dreamlayer.jobs.mirrored import MirroredJob, Pending
 from dreamlayer.jobs.records import REDIS_DOWN, Records, connect
 from dreamlayer.jobs.redis_store import PERFORM, QUEUE_NAME, job_options
@@ -78,6 +78,7 @@ class QueueWorkers:
         self._lock = threading.Lock()
 
     def start(self) -> "QueueWorkers":
+        retry_log.install()  # RQ's retry lines while Redis is away, summarised
         for i in range(self.count):
             thread = threading.Thread(target=self._work, name=f"img2img-queue-worker-{i}", daemon=True)
             thread.start()
