@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from dreamlayer.jobs.retry_log import NEW_OUTAGE_AFTER_S, SUMMARY_EVERY_S, RedisRetryLog
+from dreamlayer.jobs.retry_log import NEW_OUTAGE_AFTER_S, SUMMARY_EVERY_S, RedisRetryLog, install
 
 RQ_LINE = "Worker %s: could not connect to Redis instance: %s retrying in %d seconds..."
 
@@ -35,7 +35,7 @@ def test_one_warning_when_the_retries_start_then_one_a_minute_with_what_was_left
                 shown.append(record)
     assert len(shown) == 1 and shown[0].levelno == logging.WARNING
     # shown at the minute, by the first worker of that round: the 29 rounds before it were left out
-    assert f"(still; {4 * (int(SUMMARY_EVERY_S // 2) - 1)} such line(s)" in shown[0].getMessage()
+    assert f"(still; {4 * (int(SUMMARY_EVERY_S // 2) - 1)} such line(s) left out)" in shown[0].getMessage()
 
 
 def test_retries_far_apart_are_a_new_outage_and_other_lines_pass_untouched():
@@ -49,3 +49,18 @@ def test_retries_far_apart_are_a_new_outage_and_other_lines_pass_untouched():
     assert log.filter(again) and "(1 such line(s) of the last outage left out)" in again.getMessage()
     other = _record("Worker %s: found an unhandled exception, quitting...", ("w1",))
     assert log.filter(other) and other.levelno == logging.ERROR and other.msg.endswith("quitting...")
+
+
+def test_the_queue_workers_own_restarts_count_with_rqs_lines_and_both_loggers_are_filtered():
+    """While Redis is away RQ stops a worker after a few retries and the service restarts it
+    every few seconds, saying so: those lines are summarised with RQ's, in one count."""
+    clock = Clock()
+    log = RedisRetryLog(clock)
+    ours = logging.LogRecord("dreamlayer.jobs.worker", logging.WARNING, __file__, 1,
+                             "queue worker stopped: could not connect to Redis (%s); restarting in %.1fs",
+                             ("Error 111 connecting to 127.0.0.1:6379. Connection refused.", 5.0), None)
+    assert log.filter(_record())
+    clock.now += 5
+    assert not log.filter(ours)
+    installed = install()
+    assert all(installed in logging.getLogger(name).filters for name in ("rq.worker", "dreamlayer.jobs.worker"))

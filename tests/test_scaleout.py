@@ -821,7 +821,7 @@ def test_redis_down_is_a_quick_503_and_the_replicas_recover_when_it_returns(repl
     assert status(r1, earlier)["status"] == "succeeded"
     for replica in (r1, r2):  # RQ's retry lines (each worker's, every 2 s) summarised: a WARNING an outage
         retries = [line for line in replica.log().splitlines() if "could not connect to redis" in line.lower()]
-        assert all(" WARNING rq.worker: " in line for line in retries) and len(retries) <= 2, retries
+        assert all(" WARNING " in line for line in retries) and len(retries) <= 2, retries
     assert image(r2, kept_image) == image(r1, kept_image)
 
 

@@ -3,8 +3,10 @@
 While Redis is away every RQ worker logs each of its retries at ERROR — its command channel every
 2 s, its wait for a job with a growing back-off — so a replica with 3 queue workers wrote about
 4 lines a second through an outage (a chaos run: 1,023 in 4.5 minutes), burying everything else.
-The service answers 503 ``queue_unavailable`` meanwhile and recovers by itself, so one WARNING
-when the retries start, then one a minute with how many were left out, says all there is.
+Its queue workers, which RQ stops after a few failed retries, are restarted every few seconds,
+each saying so. The service answers 503 ``queue_unavailable`` meanwhile and recovers by itself, so
+one WARNING when the retries start, then one a minute with how many were left out, says all there
+is.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import logging
 import threading
 import time
 
-#: RQ's worker logger, whose retry lines this filters.
-RQ_WORKER_LOGGER = "rq.worker"
-#: What RQ 3.0's retry lines say (its pubsub exception handler and its dequeue loop).
+#: RQ's worker logger, whose retry lines this filters, and ours, whose queue workers restart
+#: every few seconds while Redis is away (worker.QueueWorkers._work).
+LOGGERS = ("rq.worker", "dreamlayer.jobs.worker")
+#: What RQ 3.0's retry lines say (its pubsub exception handler and its dequeue loop), and ours.
 RETRY_TEXT = "could not connect to redis"
 #: One line at most this often while the retries go on...
 SUMMARY_EVERY_S = 60.0
@@ -47,7 +50,7 @@ class RedisRetryLog(logging.Filter):
             left_out, self._left_out, self._last_shown = self._left_out, 0, now
         record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         if not new_outage:
-            record.msg = f"{record.msg} (still; {left_out} such line(s) of RQ's workers left out)"
+            record.msg = f"{record.msg} (still; {left_out} such line(s) left out)"
         elif left_out:
             record.msg = f"{record.msg} ({left_out} such line(s) of the last outage left out)"
         return True
@@ -58,9 +61,11 @@ _install_lock = threading.Lock()
 
 
 def install() -> RedisRetryLog:
-    """Filter RQ's worker logger (once per process: its workers share the logger)."""
-    logger = logging.getLogger(RQ_WORKER_LOGGER)
+    """Filter RQ's worker logger and ours, with one shared count (once per process: its workers
+    share the loggers)."""
     with _install_lock:
-        if _installed not in logger.filters:
-            logger.addFilter(_installed)
+        for name in LOGGERS:
+            logger = logging.getLogger(name)
+            if _installed not in logger.filters:
+                logger.addFilter(_installed)
     return _installed

@@ -130,6 +130,9 @@ class QueueWorkers:
                     with self._lock:
                         self.workers.remove(worker)
                 backoff = 0.2
+            except REDIS_DOWN as exc:  # summarised with RQ's own retry lines (retry_log)
+                log.warning("queue worker stopped: could not connect to Redis (%s); restarting in %.1fs",
+                            exc, backoff)
             except Exception as exc:  # noqa: BLE001 - a worker thread must come back
                 log.warning("queue worker stopped (%s); restarting in %.1fs", exc, backoff)
             self.stopping.wait(backoff)
