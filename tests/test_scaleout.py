@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -198,18 +199,25 @@ class Replicas:
         assert not errors, "\n".join(errors)
 
 
-@pytest.fixture
-def replicas(tmp_path, redis_server, backends, reserve_port):
-    group = Replicas(tmp_path / "replicas", redis_server.url, tuple(b.url for b in backends), reserve_port)
+@contextmanager
+def replica_group(folder, redis_url: str, urls: tuple, reserve_port):
+    """Replicas that are all stopped at the end, their logs printed (shown only when the test failed)."""
+    group = Replicas(folder, redis_url, urls, reserve_port)
     try:
         yield group
     finally:
         try:
             group.stop_all()
         finally:
-            for replica in group.started:  # shown only when the test failed
+            for replica in group.started:
                 print(f"\n===== replica {replica.name} (pid {replica.proc.pid}, exit {replica.proc.returncode})"
                       f" =====\n{replica.log()[-20000:]}")
+
+
+@pytest.fixture
+def replicas(tmp_path, redis_server, backends, reserve_port):
+    with replica_group(tmp_path / "replicas", redis_server.url, tuple(b.url for b in backends), reserve_port) as group:
+        yield group
 
 
 # --- talking to the service --------------------------------------------------------------------
@@ -227,6 +235,16 @@ def submit(replica: Replica, params=None, *, sync=False, seed=None):
 def accepted(resp) -> str:
     assert resp.status_code == 202, resp.text
     return resp.json()["job_id"]
+
+
+def running_masked_job(api: Replica) -> str:
+    """An async job with a mask (two staged inputs), once it has made progress on its backend."""
+    mask = box_mask((32, 32), (8, 8, 24, 24))
+    resp = requests.post(f"{api.url}/api/img2img", data={"params": json.dumps({**PARAMS, "steps": 30, "async": True})},
+                         files={"image": ("i.png", png(gradient(32, 32))), "mask": ("m.png", png(mask))}, timeout=60)
+    job = accepted(resp)
+    wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+    return job
 
 
 def status(replica: Replica, job_id: str) -> dict:
@@ -687,16 +705,11 @@ def test_the_files_a_lost_run_left_in_a_shared_input_folder_are_removed_before_i
     nothing else there is touched."""
     a = fake_comfy
     a.step_delay = 0.2
-    group = Replicas(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port)
     shared = {"COMFYUI_INPUT_DIR": a.input_dir, "COMFYUI_OUTPUT_DIR": a.output_dir, "IMG2IMG_QUEUE_WORKERS": 2}
-    try:
+    with replica_group(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port) as group:
         api = group.start("api", **shared)
         w1 = group.start("worker", **shared)
-        mask = box_mask((32, 32), (8, 8, 24, 24))
-        resp = requests.post(f"{api.url}/api/img2img", data={"params": json.dumps({**PARAMS, "steps": 30, "async": True})},
-                             files={"image": ("i.png", png(gradient(32, 32))), "mask": ("m.png", png(mask))}, timeout=60)
-        job = accepted(resp)
-        wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+        job = running_masked_job(api)
         staged = {f"img2img_{job}_image.png", f"img2img_{job}_mask.png"}
         assert {p.name for p in a.input_dir.iterdir() if job in p.name} == staged
         # what a kill in the middle of a write leaves (write_atomic's temporary name), and files
@@ -724,12 +737,6 @@ def test_the_files_a_lost_run_left_in_a_shared_input_folder_are_removed_before_i
         assert snap["status"] == "failed" and snap["error"]["code"] == "worker_lost", snap
         assert [p.name for p in a.input_dir.iterdir() if job in p.name] == []
         assert all(other.exists() for other in others)
-    finally:
-        try:
-            group.stop_all()
-        finally:
-            for replica in group.started:  # shown only when the test failed
-                print(f"\n===== replica {replica.name} (exit {replica.proc.returncode}) =====\n{replica.log()[-20000:]}")
 
 
 def test_the_uploads_a_lost_run_left_on_a_backend_without_a_shared_disk_are_made_small_before_its_job_goes_on(
@@ -740,16 +747,11 @@ def test_the_uploads_a_lost_run_left_on_a_backend_without_a_shared_disk_are_made
     is given up; another run's upload there is left alone."""
     a = fake_comfy
     a.step_delay = 0.2
-    group = Replicas(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port)
     workers = {"IMG2IMG_QUEUE_WORKERS": 2}  # no COMFYUI_INPUT_DIR: inputs go over POST /upload/image
-    try:
+    with replica_group(tmp_path / "replicas", redis_server.url, (a.url,), reserve_port) as group:
         api = group.start("api", **workers)
         w1 = group.start("worker", **workers)
-        mask = box_mask((32, 32), (8, 8, 24, 24))
-        resp = requests.post(f"{api.url}/api/img2img", data={"params": json.dumps({**PARAMS, "steps": 30, "async": True})},
-                             files={"image": ("i.png", png(gradient(32, 32))), "mask": ("m.png", png(mask))}, timeout=60)
-        job = accepted(resp)
-        wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+        job = running_masked_job(api)
         temp = a.temp_dir / HTTP_UPLOAD_SUBFOLDER
         uploads = [temp / f"img2img_{job}_image.png", temp / f"img2img_{job}_mask.png"]
         assert sorted(p for p in temp.iterdir() if job in p.name) == sorted(uploads)
@@ -774,12 +776,6 @@ def test_the_uploads_a_lost_run_left_on_a_backend_without_a_shared_disk_are_made
         assert sorted(p for p in temp.iterdir() if job in p.name) == sorted(uploads)
         assert all(p.read_bytes() == PLACEHOLDER for p in uploads)
         assert other.read_bytes() == png(gradient(16, 16))
-    finally:
-        try:
-            group.stop_all()
-        finally:
-            for replica in group.started:  # shown only when the test failed
-                print(f"\n===== replica {replica.name} (exit {replica.proc.returncode}) =====\n{replica.log()[-20000:]}")
 
 
 # --- 4. Redis goes away and comes back ----------------------------------------------------------
