@@ -1,6 +1,7 @@
 """The HTTP hop alone, for the floor comparison of benchmarks/run.py: a Flask app whose one view
 reads the request's body and answers a small JSON object, served by waitress with the service's
-own settings (img2img.app.server_options), in a process of its own.
+own settings (img2img.app.server_options) and malloc set as the service sets it (allocator.py),
+in a process of its own.
 
 Its client time is what putting any Flask service on waitress between a client and ComfyUI costs
 a request before the service does any work (sending the body, waitress's parsing and hand-over
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from flask import Flask, jsonify, request  # noqa: E402
 from waitress.server import create_server  # noqa: E402
 
+from dreamlayer import allocator  # noqa: E402
 from dreamlayer.config.env import Environment  # noqa: E402
 from dreamlayer.config.img2img import Config  # noqa: E402
 from dreamlayer.img2img.app import server_options  # noqa: E402
@@ -38,6 +40,7 @@ def create_app() -> Flask:
 
 
 def main() -> int:
+    allocator.tune_for_requests(Environment().snapshot())
     options = server_options(Config.from_env(Environment({})))
     options.update(host="127.0.0.1", port=0)
     server = create_server(create_app(), **options)

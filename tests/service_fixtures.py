@@ -7,15 +7,24 @@ found free, released and bound again later.
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+import requests
 from waitress import wasyncore
 from waitress.server import create_server
 
+from dreamlayer.config.env import VARIABLES
 from dreamlayer.config.img2img import Config
 from dreamlayer.img2img.app import create_app, shutdown
+from waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -144,3 +153,40 @@ def live_server(app, server_socket):
     server = LiveServer(app, server_socket).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def service_process(tmp_path, fake_comfy, reserve_port):
+    """Starts ``python img2img_server.py`` in its own process on the fake ComfyUI (inputs over
+    HTTP; ``env`` adds variables), answering /health; killed at the end if still running."""
+    started = []
+
+    def start(**extra_env):
+        names = {v.name for v in VARIABLES} | {old for v in VARIABLES for old in v.deprecated}
+        env = {k: v for k, v in os.environ.items() if k not in names and not k.lower().endswith("_proxy")}
+        port, work = reserve_port(), tmp_path / f"service{len(started)}"
+        work.mkdir()
+        env.update(COMFY_API_URL=fake_comfy.url, IMG2IMG_PORT=str(port), SERVED_IMAGES_DIR=str(work / "served"),
+                   DREAMLAYER_SETTINGS_FILE=str(work / "settings.json"), PYTHONUNBUFFERED="1", **extra_env)
+        log = open(work / "service.log", "wb")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "img2img_server.py")], env=env, cwd=work,
+                                stdout=log, stderr=subprocess.STDOUT)
+        started.append((proc, log))
+        proc.url = f"http://127.0.0.1:{port}"
+        proc.log = lambda: (work / "service.log").read_text(errors="replace")
+
+        def healthy():
+            try:
+                return requests.get(f"{proc.url}/health", timeout=2).ok
+            except requests.ConnectionError:
+                assert proc.poll() is None, proc.log()
+                return False
+        wait_until(healthy, what="the service to answer /health")
+        return proc
+
+    yield start
+    for proc, log in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()

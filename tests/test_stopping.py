@@ -4,53 +4,23 @@ cancelled rather than run for nobody (found with the launcher stopped mid-genera
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
-from dreamlayer.config.env import VARIABLES
 from images import gradient, png
 from waiting import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"prompt": "a red cube", "steps": 4, "seed": 3}
 
 
 @pytest.fixture
-def service(tmp_path, fake_comfy, reserve_port):
+def service(service_process):
     """img2img_server.py in its own process on the fake ComfyUI (inputs over HTTP)."""
-    names = {v.name for v in VARIABLES} | {old for v in VARIABLES for old in v.deprecated}
-    env = {k: v for k, v in os.environ.items() if k not in names and not k.lower().endswith("_proxy")}
-    port = reserve_port()
-    env.update(COMFY_API_URL=fake_comfy.url, IMG2IMG_PORT=str(port), SERVED_IMAGES_DIR=str(tmp_path / "served"),
-               DREAMLAYER_SETTINGS_FILE=str(tmp_path / "settings.json"), PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "service.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "img2img_server.py")], env=env, cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT)
-    proc.url = f"http://127.0.0.1:{port}"
-    proc.log = lambda: (tmp_path / "service.log").read_text(errors="replace")
-
-    def healthy():
-        try:
-            return requests.get(f"{proc.url}/health", timeout=2).ok
-        except requests.ConnectionError:
-            assert proc.poll() is None, proc.log()
-            return False
-    wait_until(healthy, what="the service to answer /health")
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        log.close()
+    return service_process()
 
 
 def submit(url, params):

@@ -20,7 +20,7 @@ from functools import lru_cache
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file, stream_with_context
 from flask_cors import CORS
 
-from dreamlayer import PROJECT_ROOT
+from dreamlayer import PROJECT_ROOT, allocator
 from dreamlayer.comfyui import client as comfy_client
 from dreamlayer.comfyui.errors import ComfyError
 from dreamlayer.comfyui.pool import Backend, BackendPool
@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     env.log_warnings()
     from waitress.server import create_server
 
+    allocator.tune_for_requests(env.snapshot())  # before the threads start: they take their arenas at once
     app = create_app(config)
     if config.redis_url and config.role == "worker":
         return _work_until_stopped(app, config)
