@@ -15,6 +15,19 @@ from dreamlayer.img2img.service import Prepared
 from images import gradient, png
 
 MAXPIX = 10_000_000
+INFLATERS = {"zlib-ng": png_reader.zlib}
+try:
+    from isal import isal_zlib
+    INFLATERS["isal"] = isal_zlib
+except ImportError:  # not on this machine's architecture: zlib-ng's alone
+    pass
+
+
+@pytest.fixture(autouse=True, params=sorted(INFLATERS))
+def inflater(request, monkeypatch):
+    """Every test with each inflate the service may use (ISA-L where installed, zlib-ng else)."""
+    monkeypatch.setattr(png_reader, "_inflate_lib", INFLATERS[request.param])
+    return request.param
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
@@ -96,6 +109,32 @@ def fallback_cases():
 @pytest.mark.parametrize("name,data", list(fallback_cases()), ids=[n for n, _ in fallback_cases()])
 def test_what_it_does_not_fully_check_is_left_to_pillow(name, data):
     assert png_reader.read(data, max_pixels=MAXPIX) is None
+
+
+def test_a_bomb_is_inflated_no_further_than_its_announced_rows(monkeypatch, inflater):
+    """64 MB of rows behind an 8x4 header (64 KB compressed): the inflate stops one byte past
+    the 100 bytes announced, and Pillow judges the file."""
+    lib, inflated = INFLATERS[inflater], []
+
+    class Counting:
+        error = lib.error
+
+        @staticmethod
+        def decompressobj():
+            real = lib.decompressobj()
+
+            class Obj:
+                def decompress(self, data, max_length):
+                    rows = real.decompress(data, max_length)
+                    inflated.append(len(rows))
+                    return rows
+
+                def __getattr__(self, name):
+                    return getattr(real, name)
+            return Obj()
+    monkeypatch.setattr(png_reader, "_inflate_lib", Counting)
+    assert png_reader.read(build(8, 4, 2, bytes(64 << 20)), max_pixels=MAXPIX) is None
+    assert inflated == [8 * 4 * 3 + 4 + 1]
 
 
 def test_more_pixels_than_allowed_is_left_to_pillow_before_any_inflate():
