@@ -217,6 +217,62 @@ def test_request_shape_errors(client):
     _check_error(client.post("/api/img2img", json={"prompt": "x", "input_image": "%%%"}), 400, "invalid_base64")
 
 
+class _ShortReads(io.RawIOBase):
+    """A WSGI input that returns at most ``step`` bytes per read, as a socket-backed one may."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = pos if whence == 0 else len(self.data) if whence == 2 else self.pos + pos
+        return self.pos
+
+    def readinto(self, b):
+        chunk = self.data[self.pos:self.pos + min(len(b), self.step)]
+        b[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def _json_payload() -> bytes:
+    return json.dumps({**PARAMS, "mask_blur": 0, "input_image": base64.b64encode(png(gradient(64, 48))).decode(),
+                       "mask_image": base64.b64encode(png(box_mask((64, 48), BOX))).decode()}).encode()
+
+
+@pytest.mark.parametrize("how", ["short reads", "no Content-Length"])
+def test_a_json_body_is_read_whole_however_the_server_hands_it_over(client, fake_comfy, how):
+    payload = _json_payload()
+    if how == "short reads":
+        resp = client.post("/api/img2img", input_stream=_ShortReads(payload, 64), content_length=len(payload),
+                           content_type="application/json")
+    else:  # chunked: the WSGI server gives no CONTENT_LENGTH
+        env = {"wsgi.input_terminated": True}
+        resp = client.post("/api/img2img", input_stream=io.BytesIO(payload), content_type="application/json",
+                           environ_overrides=env, headers={"Transfer-Encoding": "chunked"})
+    data = body(resp)
+    assert resp.status_code == 200, data
+    out = client.get(f"/images/{data['comfy_response']['generated_images'][0]['filename']}")
+    assert Image.open(io.BytesIO(out.data)).size == (64, 48)  # the whole image and mask arrived
+    assert leftovers(fake_comfy) == []
+
+
+def test_a_json_body_shorter_than_its_content_length_is_a_400(client, fake_comfy):
+    payload = _json_payload()
+    resp = client.post("/api/img2img", input_stream=_ShortReads(payload[:-100], 64), content_length=len(payload),
+                       content_type="application/json")
+    assert resp.status_code == 400 and body(resp)["status"] == "error", resp.data
+    assert fake_comfy.node_runs == [] and leftovers(fake_comfy) == []
+
+
 def _multipart_with_raw_params(client, params: bytes, *, as_file: bool = False):
     """A multipart request whose 'params' part holds exactly these bytes."""
     filename = b'; filename="params.json"' if as_file else b""

@@ -230,3 +230,25 @@ def test_a_prepared_job_holds_no_lazy_image_but_its_own(app):
     (control,) = job.control_images
     assert job.image_png is not None and job.image.tile  # still lazy: never decoded so far
     assert control.tile == [] and job.keep.tile == []  # decoded
+
+
+def test_a_files_png_header_gives_its_size_or_nothing(tmp_path):
+    good = png(gradient(40, 30))
+    ihdr_crc = good.index(b"IHDR") + 17
+    for name, data, size in [
+        ("good", good, (40, 30)),
+        ("jpeg", _jpeg(), None),
+        ("truncated header", good[:30], None),
+        ("IHDR CRC wrong", good[:ihdr_crc] + bytes([good[ihdr_crc] ^ 1]) + good[ihdr_crc + 1:], None),
+        ("another first chunk", good[:12] + b"tEXt" + good[16:], None),
+        ("zero width", build(0, 4, 2, b""), None),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        assert png_reader.file_size(tmp_path / name) == size, name
+    assert png_reader.file_size(tmp_path / "missing") is None
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    gradient(40, 30).save(buf, format="JPEG")
+    return buf.getvalue()

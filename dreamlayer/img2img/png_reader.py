@@ -80,6 +80,22 @@ def read(data: bytes, *, max_pixels: int) -> StoredPng | None:
     return StoredPng((width, height), mode, stored_png((width, height), color, rows))
 
 
+def file_size(path) -> tuple | None:
+    """(width, height) from a PNG file's header — its signature and an IHDR chunk whose CRC is
+    right — or None for anything else. A few bytes read, where Pillow's open costs 0.2 ms."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+    except OSError:
+        return None
+    if len(head) != 33 or head[:8] != PNG_SIGNATURE or head[8:16] != b"\0\0\0\rIHDR":
+        return None
+    if zlib.crc32(head[12:29]) != struct.unpack_from(">I", head, 29)[0]:
+        return None
+    width, height = struct.unpack_from(">II", head, 16)
+    return (width, height) if width and height else None
+
+
 def _chunks(view: memoryview) -> list | None:
     """[(type, body)] up to IEND, each CRC checked; None if malformed or followed by anything."""
     chunks, pos, end = [], 8, len(view)

@@ -125,8 +125,24 @@ def parse_multipart(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
     return Img2ImgRequest(image=image, mask=mask, params=params)
 
 
+def _body(request: Request) -> bytes:
+    """The whole body, in one read of its declared length where there is one (get_data reads it
+    in 64 KiB pieces into a buffer that is then copied: 0.4 ms of a 512x512 request's 0.7 MB)."""
+    length = request.content_length
+    if not length:
+        return request.get_data(cache=False)
+    stream = request.stream  # MAX_CONTENT_LENGTH and the client hanging up: as for get_data
+    data = stream.read(length)
+    while len(data) < length:  # an input stream that returns less than asked
+        more = stream.read(length - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 def parse_json(request: Request, *, max_mask_bytes: int) -> Img2ImgRequest:
-    body = _loads(request.get_data(cache=False), "The body", "invalid_json")
+    body = _loads(_body(request), "The body", "invalid_json")
     if not isinstance(body, dict):
         raise BadRequest("The JSON body must be an object", code="invalid_params")
     value = body.get("input_image")

@@ -22,7 +22,7 @@ from dreamlayer.comfyui.client import ComfyClient
 from dreamlayer.comfyui.errors import (ComfyBadResponse, ComfyError, ComfyInterrupted, ComfyRejected, ComfyTimeout,
                                        ComfyUnreachable)
 from dreamlayer.comfyui.pool import Backend, BackendPool, NoBackendLeft
-from dreamlayer.img2img import inpainting, mask_shaping, planning
+from dreamlayer.img2img import inpainting, mask_shaping, planning, png_reader
 from dreamlayer.img2img.graph import reads_any
 from dreamlayer.img2img.advanced_params import resolve_advanced
 from dreamlayer.img2img.workflow import WorkflowError, build_img2img_workflow, check_file_inputs, upload_inputs
@@ -604,12 +604,10 @@ class Img2ImgService:
 
     @staticmethod
     def _final_as_saved(path, job: Prepared) -> bool:
-        """Whether ComfyUI's output file needs no work from us (read from its header only)."""
-        try:
-            with Image.open(path) as out:
-                return out.format == "PNG" and not inpainting.needs_work(out.size, job.keep, job.plan)
-        except (OSError, SyntaxError, ValueError):
-            return False  # finish_png / the download path reports what is wrong with it
+        """Whether ComfyUI's output file needs no work from us (read from its PNG header only;
+        anything else goes the way of finish_png / the download, which report what is wrong)."""
+        size = png_reader.file_size(path)
+        return size is not None and not inpainting.needs_work(size, job.keep, job.plan)
 
     def _output_path(self, image, backend):
         """ComfyUI's output file in its output folder when this machine shares it
