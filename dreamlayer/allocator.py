@@ -7,7 +7,7 @@ above the (dynamic, about 2× the largest buffer) trim threshold, so glibc hands
 the kernel — and the next request takes a page fault on every 4 KiB it touches again: about 3 ms
 of a 512² request with a mask on the benchmark's machine, and a larger resident set (one arena
 per thread). So the service's process keeps one arena (Python allocates under the GIL anyway),
-serves buffers up to 4 MiB from it and keeps up to 8 MiB of freed memory for the next request
+serves buffers up to 4 MiB from it and keeps up to 32 MiB of freed memory for the next request
 (docs/performance.md, item 27). Larger buffers (a 4096² upload) are still mapped and unmapped
 one by one, as glibc does by default.
 

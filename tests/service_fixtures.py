@@ -19,6 +19,7 @@ import requests
 from waitress import wasyncore
 from waitress.server import create_server
 
+from dreamlayer.allocator import GLIBC_MALLOC_VARIABLES
 from dreamlayer.config.env import VARIABLES
 from dreamlayer.config.img2img import Config
 from dreamlayer.img2img.app import create_app, shutdown
@@ -163,7 +164,8 @@ def service_process(tmp_path, fake_comfy, reserve_port):
 
     def start(**extra_env):
         names = {v.name for v in VARIABLES} | {old for v in VARIABLES for old in v.deprecated}
-        env = {k: v for k, v in os.environ.items() if k not in names and not k.lower().endswith("_proxy")}
+        env = {k: v for k, v in os.environ.items() if k not in names and not k.lower().endswith("_proxy")
+               and k not in GLIBC_MALLOC_VARIABLES and k != "GLIBC_TUNABLES"}  # malloc as the service sets it
         port, work = reserve_port(), tmp_path / f"service{len(started)}"
         work.mkdir()
         env.update(COMFY_API_URL=fake_comfy.url, IMG2IMG_PORT=str(port), SERVED_IMAGES_DIR=str(work / "served"),
