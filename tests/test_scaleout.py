@@ -82,6 +82,7 @@ def clean_environ() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in names and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a replica that hangs can be made to say where (Replica.stop)
     return env
 
 
@@ -156,9 +157,15 @@ class Replica:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
-            raise AssertionError(f"replica {self.name} ignored SIGTERM for 30 s:\n{self.log()[-4000:]}")
+            # SIGABRT: faulthandler (PYTHONFAULTHANDLER, set for every replica) writes every
+            # thread's stack to the log before the process ends, so the failure says where it hung
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+            raise AssertionError(f"replica {self.name} ignored SIGTERM for 30 s:\n{self.log()[-12000:]}")
 
 
 class Replicas:
@@ -926,6 +933,28 @@ def test_sigterm_lets_the_running_job_finish_before_the_replica_exits(replicas, 
     assert snap["status"] == "succeeded", snap
     assert snap["progress"]["value"] == 20
     assert not [d for _, k, d in events(api, job) if k == "queued" and d.get("requeued")]
+
+
+@pytest.mark.parametrize("role", ["both", "worker"])
+def test_a_sigterm_taken_by_another_thread_than_the_main_one_stops_the_replica(replicas, role):
+    """The kernel hands a process's signal to any of its threads; Python runs the handler in the
+    main thread only. kill() with a thread's id makes that thread take it: a worker replica whose
+    main thread slept in Event.wait() never woke (a stress run saw one ignore SIGTERM so)."""
+    replica = replicas.start(role)
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{replica.pid}/task") if int(t) != replica.pid)
+    assert threads, "the replica runs threads besides its main one"
+    for thread in reversed(threads):  # the newest that still runs
+        try:
+            os.kill(thread, signal.SIGTERM)
+            break
+        except ProcessLookupError:
+            continue
+    try:
+        replica.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"replica {role} ignored a SIGTERM its thread {thread} took") from None
+    assert replica.proc.returncode == 0, replica.log()[-3000:]
+    assert "SIGTERM" in replica.log()
 
 
 def test_sigterm_lets_a_synchronous_request_in_progress_answer(replicas, backends, redis_server):

@@ -9,8 +9,6 @@ import gc
 import hmac
 import io
 import mimetypes
-import signal
-import threading
 import uuid
 import time
 import logging
@@ -371,15 +369,12 @@ def server_options(config: Config) -> dict:
 def _work_until_stopped(app: Flask, config: Config) -> int:
     """IMG2IMG_ROLE=worker: no HTTP server, only the queue workers, until SIGTERM or Ctrl-C (a
     running job finishes first; a killed worker's job is run again by another)."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     workers = app.extensions["img2img_workers"]
     log.info("img2img queue worker: %d worker threads on %s, ComfyUI at %s", workers.count,
              describe_redis(config.redis_url), ", ".join(config.comfy_api_urls))
     gc.freeze()
-    stop.wait()
-    log.info("stopping the queue workers (running jobs finish first)")
+    signum = graceful_stop.wait_for_signal()
+    log.info("%s: stopping the queue workers (running jobs finish first)", signum.name)
     shutdown(app)
     return 0
 

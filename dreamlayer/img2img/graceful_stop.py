@@ -8,6 +8,7 @@ answer finished after that is never sent, so a synchronous request running then 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -45,6 +46,33 @@ def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     return state
+
+
+def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> int:
+    """Block the main thread until one of these signals comes; return its number. The signals'
+    handlers are the previous ones again afterwards (a second SIGTERM ends the process at once).
+
+    Not ``Event.wait()`` with a handler that sets the event: the kernel hands a process's signal
+    to any of its threads, and when another than the main one takes it, a main thread asleep on a
+    lock is not woken (a queue-worker replica ignored SIGTERM so); and a handler that takes the
+    event's lock can deadlock against the wait it interrupts. Python's C-level handler writes the
+    signal's number to the wakeup pipe from whichever thread it runs in; a blocking read of the
+    pipe returns then, and a signal that came before the read is waiting in the pipe."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        while True:
+            for signum in os.read(read_end, 64):
+                if signum in previous:
+                    return signal.Signals(signum)
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _socket_map(server) -> dict:
