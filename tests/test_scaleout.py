@@ -957,6 +957,27 @@ def test_a_sigterm_taken_by_another_thread_than_the_main_one_stops_the_replica(r
     assert "SIGTERM" in replica.log()
 
 
+def test_a_second_sigterm_stops_a_worker_replica_at_once(replicas, backends, redis_server):
+    """docs/scaling.md: the first SIGTERM lets the running job finish; a second one ends the
+    replica there and then (its job is run again after its lease, as if it had died)."""
+    a, b = backends
+    a.step_delay = b.step_delay = 0.2
+    api = replicas.start("api")
+    worker = replicas.start("worker")
+    job = accepted(submit(api, {"steps": 100}))  # 20 s at this pace
+    wait_runner(redis_server.url, job, [worker], "the worker to run the job")
+    wait_status(api, job, lambda s: (s["progress"]["value"] or 0) >= 1, "the job to make progress")
+    worker.proc.terminate()
+    wait_until(lambda: "stopping the queue workers" in worker.log(), what="the first SIGTERM's log line")
+    worker.proc.terminate()
+    try:
+        worker.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the second SIGTERM did not end the worker replica") from None
+    assert worker.proc.returncode == -signal.SIGTERM, worker.log()[-3000:]
+    assert status(api, job)["status"] != "succeeded"
+
+
 def test_sigterm_lets_a_synchronous_request_in_progress_answer(replicas, backends, redis_server):
     """SIGTERM while a synchronous request runs: the replica stops accepting connections but the
     request still gets its answer (waitress alone ended its socket loop at once, so an answer
