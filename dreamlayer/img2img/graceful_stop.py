@@ -8,8 +8,8 @@ answer finished after that is never sent, so a synchronous request running then 
 from __future__ import annotations
 
 import logging
-import os
 import signal
+import socket
 import threading
 import time
 
@@ -58,21 +58,21 @@ def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> int:
     event's lock can deadlock against the wait it interrupts. Python's C-level handler writes the
     signal's number to the wakeup pipe from whichever thread it runs in; a blocking read of the
     pipe returns then, and a signal that came before the read is waiting in the pipe."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
+    read_end, write_end = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
+    write_end.setblocking(False)
     previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
-    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    previous_fd = signal.set_wakeup_fd(write_end.fileno(), warn_on_full_buffer=False)
     try:
         while True:
-            for signum in os.read(read_end, 64):
+            for signum in read_end.recv(64):
                 if signum in previous:
                     return signal.Signals(signum)
     finally:
         signal.set_wakeup_fd(previous_fd)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        os.close(read_end)
-        os.close(write_end)
+        read_end.close()
+        write_end.close()
 
 
 def _socket_map(server) -> dict:
