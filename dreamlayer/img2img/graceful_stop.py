@@ -48,7 +48,7 @@ def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) 
     return state
 
 
-def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> int:
+def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
     """Block the main thread until one of these signals comes; return its number. The signals'
     handlers are the previous ones again afterwards (a second SIGTERM ends the process at once).
 
@@ -56,21 +56,22 @@ def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> int:
     to any of its threads, and when another than the main one takes it, a main thread asleep on a
     lock is not woken (a queue-worker replica ignored SIGTERM so); and a handler that takes the
     event's lock can deadlock against the wait it interrupts. Python's C-level handler writes the
-    signal's number to the wakeup pipe from whichever thread it runs in; a blocking read of the
-    pipe returns then, and a signal that came before the read is waiting in the pipe."""
+    signal's number to the wakeup socket from whichever thread it runs in; a blocking read of it
+    returns then, and a signal that came before the read is waiting there."""
     read_end, write_end = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
     write_end.setblocking(False)
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
     previous_fd = signal.set_wakeup_fd(write_end.fileno(), warn_on_full_buffer=False)
+    # only now: a signal that comes once its handler is set must find the socket
+    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
     try:
         while True:
             for signum in read_end.recv(64):
                 if signum in previous:
                     return signal.Signals(signum)
     finally:
-        signal.set_wakeup_fd(previous_fd)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_fd)
         read_end.close()
         write_end.close()
 
