@@ -302,9 +302,16 @@ def main(argv=None) -> int:
     from waitress.server import create_server
 
     allocator.tune_for_requests(env.snapshot())  # before the threads start: they take their arenas at once
-    app = create_app(config)
     if config.redis_url and config.role == "worker":
-        return _work_until_stopped(app, config)
+        # caught before the queue workers start taking jobs: a stop then lets their jobs finish
+        signals = graceful_stop.SignalWait()
+        try:
+            app = create_app(config)
+        except BaseException:
+            signals.close()
+            raise
+        return _work_until_stopped(app, config, signals)
+    app = create_app(config)
     client = app.extensions["img2img"].client
     mode = (f"copying uploads into {config.comfyui_input_dir}" if config.comfyui_input_dir
             else "uploading inputs over HTTP (no shared disk)")
@@ -366,14 +373,14 @@ def server_options(config: Config) -> dict:
                 channel_request_lookahead=1)
 
 
-def _work_until_stopped(app: Flask, config: Config) -> int:
+def _work_until_stopped(app: Flask, config: Config, signals: graceful_stop.SignalWait) -> int:
     """IMG2IMG_ROLE=worker: no HTTP server, only the queue workers, until SIGTERM or Ctrl-C (a
     running job finishes first; a killed worker's job is run again by another)."""
     workers = app.extensions["img2img_workers"]
     log.info("img2img queue worker: %d worker threads on %s, ComfyUI at %s", workers.count,
              describe_redis(config.redis_url), ", ".join(config.comfy_api_urls))
     gc.freeze()
-    signum = graceful_stop.wait_for_signal()
+    signum = signals.wait()
     log.info("%s: stopping the queue workers (running jobs finish first)", signum.name)
     shutdown(app)
     return 0

@@ -48,9 +48,11 @@ def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) 
     return state
 
 
-def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
-    """Block the main thread until one of these signals comes; return its number. The signals'
-    handlers are the previous ones again afterwards (a second SIGTERM ends the process at once).
+class SignalWait:
+    """SIGTERM and Ctrl-C (SIGINT) caught from its creation on; ``wait()`` blocks the main thread
+    until one came and returns it. Create it before any thread that takes work starts (a signal
+    before that ends the process at once); the previous handlers come back when ``wait()``
+    returns (a second SIGTERM then ends the process at once).
 
     Not ``Event.wait()`` with a handler that sets the event: the kernel hands a process's signal
     to any of its threads, and when another than the main one takes it, a main thread asleep on a
@@ -58,22 +60,31 @@ def wait_for_signal(signums=(signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
     event's lock can deadlock against the wait it interrupts. Python's C-level handler writes the
     signal's number to the wakeup socket from whichever thread it runs in; a blocking read of it
     returns then, and a signal that came before the read is waiting there."""
-    read_end, write_end = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
-    write_end.setblocking(False)
-    previous_fd = signal.set_wakeup_fd(write_end.fileno(), warn_on_full_buffer=False)
-    # only now: a signal that comes once its handler is set must find the socket
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
-    try:
-        while True:
-            for signum in read_end.recv(64):
-                if signum in previous:
-                    return signal.Signals(signum)
-    finally:
-        for signum, handler in previous.items():
+
+    def __init__(self, signums=(signal.SIGTERM, signal.SIGINT)):
+        self._read, self._write = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
+        self._write.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        # only now: a signal that comes once its handler is set must find the socket
+        self._previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
+
+    def wait(self) -> signal.Signals:
+        try:
+            while True:
+                for signum in self._read.recv(64):
+                    if signum in self._previous:
+                        return signal.Signals(signum)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The previous handlers and wakeup fd again."""
+        for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        signal.set_wakeup_fd(previous_fd)
-        read_end.close()
-        write_end.close()
+        self._previous = {}
+        signal.set_wakeup_fd(self._previous_fd)
+        self._read.close()
+        self._write.close()
 
 
 def _socket_map(server) -> dict:
