@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -77,3 +80,29 @@ def test_a_request_still_running_after_the_grace_period_is_cancelled_and_answers
     assert (resp.status_code, resp.json()["code"]) == (409, "interrupted"), resp.text
     assert service.wait(30) == 0, service.log()[-3000:]
     assert fake_comfy.interrupt_count == 1
+
+
+SIGNAL_WAIT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from dreamlayer.img2img.graceful_stop import SignalWait
+waiter = SignalWait()
+os.kill(os.getpid(), signal.SIGTERM)
+{then}
+os.kill(os.getpid(), signal.SIGTERM)
+print("survived the second", flush=True)
+"""
+
+
+@pytest.mark.parametrize("then, said", [
+    ("print('caught', flush=True)", "caught"),  # a start still under way: the first one waits
+    ("print(waiter.wait().name, flush=True)", "SIGTERM"),  # wait() returns it, then handlers are back
+])
+def test_a_worker_replicas_signals_the_first_is_kept_for_wait_the_second_ends_the_process(then, said):
+    """graceful_stop.SignalWait (IMG2IMG_ROLE=worker): a SIGTERM that comes while the replica
+    starts is kept for wait(); a second one ends the process by SIGTERM's own action, before
+    wait() (a start that hangs can be stopped) or after it."""
+    script = SIGNAL_WAIT.format(root=str(Path(__file__).resolve().parent.parent), then=then)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == [said], proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM, proc.stderr

@@ -51,8 +51,8 @@ def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) 
 class SignalWait:
     """SIGTERM and Ctrl-C (SIGINT) caught from its creation on; ``wait()`` blocks the main thread
     until one came and returns it. Create it before any thread that takes work starts (a signal
-    before that ends the process at once); the previous handlers come back when ``wait()``
-    returns (a second SIGTERM then ends the process at once).
+    before that ends the process at once). A second signal ends the process at once, whether it
+    comes before ``wait()`` (a start that hangs) or after: the previous handlers take it.
 
     Not ``Event.wait()`` with a handler that sets the event: the kernel hands a process's signal
     to any of its threads, and when another than the main one takes it, a main thread asleep on a
@@ -65,8 +65,19 @@ class SignalWait:
         self._read, self._write = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
         self._write.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._seen = False
         # only now: a signal that comes once its handler is set must find the socket
-        self._previous = {signum: signal.signal(signum, lambda *_: None) for signum in signums}
+        self._previous = {signum: signal.signal(signum, self._caught) for signum in signums}
+
+    def _caught(self, signum, frame) -> None:
+        if self._seen:  # the second: handled as if we were not here
+            self._restore_handlers()
+            signal.raise_signal(signum)
+        self._seen = True
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def wait(self) -> signal.Signals:
         try:
@@ -79,9 +90,7 @@ class SignalWait:
 
     def close(self) -> None:
         """The previous handlers and wakeup fd again."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        self._restore_handlers()
         signal.set_wakeup_fd(self._previous_fd)
         self._read.close()
         self._write.close()
