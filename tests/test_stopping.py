@@ -106,3 +106,28 @@ def test_a_worker_replicas_signals_the_first_is_kept_for_wait_the_second_ends_th
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == [said], proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGTERM, proc.stderr
+
+
+SIGNAL_WAIT_FAILED_START = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from dreamlayer.img2img.graceful_stop import SignalWait
+signal.signal(signal.SIGTERM, lambda signum, frame: print("own handler", flush=True))
+try:
+    with SignalWait() as waiter:
+        raise RuntimeError("the start failed")
+except RuntimeError:
+    pass
+print("wakeup fd", signal.set_wakeup_fd(-1), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_worker_replica_whose_start_fails_gets_its_previous_signal_handling_back():
+    """Leaving SignalWait's block by an exception (create_app failed) puts back the handlers and
+    the wakeup fd that were there before: a later SIGTERM is not swallowed by a wait that never
+    comes."""
+    script = SIGNAL_WAIT_FAILED_START.format(root=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["wakeup fd -1", "own handler"], proc.stdout + proc.stderr

@@ -304,13 +304,8 @@ def main(argv=None) -> int:
     allocator.tune_for_requests(env.snapshot())  # before the threads start: they take their arenas at once
     if config.redis_url and config.role == "worker":
         # caught before the queue workers start taking jobs: a stop then lets their jobs finish
-        signals = graceful_stop.SignalWait()
-        try:
-            app = create_app(config)
-        except BaseException:
-            signals.close()
-            raise
-        return _work_until_stopped(app, config, signals)
+        with graceful_stop.SignalWait() as signals:
+            return _work_until_stopped(create_app(config), config, signals)
     app = create_app(config)
     client = app.extensions["img2img"].client
     mode = (f"copying uploads into {config.comfyui_input_dir}" if config.comfyui_input_dir

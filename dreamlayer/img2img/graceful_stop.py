@@ -59,13 +59,17 @@ class SignalWait:
     lock is not woken (a queue-worker replica ignored SIGTERM so); and a handler that takes the
     event's lock can deadlock against the wait it interrupts. Python's C-level handler writes the
     signal's number to the wakeup socket from whichever thread it runs in; a blocking read of it
-    returns then, and a signal that came before the read is waiting there."""
+    returns then, and a signal that came before the read is waiting there.
+
+    A context manager: leaving the block (also by an exception while the process starts) puts the
+    previous handlers back."""
 
     def __init__(self, signums=(signal.SIGTERM, signal.SIGINT)):
         self._read, self._write = socket.socketpair()  # a socket: Windows takes no pipe as the wakeup fd
         self._write.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
         self._seen = False
+        self._closed = False
         # only now: a signal that comes once its handler is set must find the socket
         self._previous = {signum: signal.signal(signum, self._caught) for signum in signums}
 
@@ -88,8 +92,17 @@ class SignalWait:
         finally:
             self.close()
 
+    def __enter__(self) -> "SignalWait":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
-        """The previous handlers and wakeup fd again."""
+        """The previous handlers and wakeup fd again (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         self._restore_handlers()
         signal.set_wakeup_fd(self._previous_fd)
         self._read.close()
