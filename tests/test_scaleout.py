@@ -176,9 +176,9 @@ class Replicas:
         self.reserve_port = reserve_port
         self.started: list = []
 
-    def start(self, role: str = "both", **extra) -> Replica:
+    def start(self, role: str = "both", *, ready: bool = True, **extra) -> Replica:
         """A replica with this IMG2IMG_ROLE (and any other settings), ready: /health answers and
-        its queue workers are registered."""
+        its queue workers are registered (ready=False: only started)."""
         name = f"{role}-{len(self.started) + 1}"
         folder = self.folder / name
         port = self.reserve_port()
@@ -192,6 +192,8 @@ class Replicas:
         replica = Replica(name, folder, env, port if role != "worker" else None, role, self.redis_url)
         self.started.append(replica)
         replica.start()
+        if not ready:
+            return replica
         # the default: one queue worker per backend slot (COMFY_PROMPTS_PER_BACKEND (1) x backends)
         # plus a spare
         return replica.wait_ready(workers=int(extra.get("IMG2IMG_QUEUE_WORKERS", len(urls) + 1)))
@@ -953,6 +955,31 @@ def test_a_sigterm_taken_by_another_thread_than_the_main_one_stops_the_replica(r
         replica.proc.wait(30)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"replica {role} ignored a SIGTERM its thread {thread} took") from None
+    assert replica.proc.returncode == 0, replica.log()[-3000:]
+    assert "SIGTERM" in replica.log()
+
+
+def test_a_sigterm_while_a_replica_starts_stops_it_once_started_and_gracefully(replicas, backends):
+    """A replica's queue workers take jobs as soon as they are registered, before its HTTP server
+    exists (ComfyUI's health check, the server's socket): a SIGTERM then ended the process by the
+    signal's default action, with whatever job a worker had just taken. Now it is kept and the
+    replica stops as it would once started (exit 0, its log says so)."""
+    a, b = backends
+    a.freeze()  # the start waits in ComfyUI's health check (up to 3 s), the queue workers registered
+    b.freeze()
+    try:
+        replica = replicas.start("both", ready=False)
+        wait_until(lambda: replica.queue_workers() == len(backends) + 1, what="the replica's queue workers")
+        replica.proc.terminate()
+        wait_until(lambda: "SIGTERM" in replica.log() or replica.proc.poll() is not None,
+                   what="the replica to take the SIGTERM")
+    finally:
+        a.thaw()
+        b.thaw()
+    try:
+        replica.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the replica did not stop after a SIGTERM while starting") from None
     assert replica.proc.returncode == 0, replica.log()[-3000:]
     assert "SIGTERM" in replica.log()
 

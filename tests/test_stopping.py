@@ -131,3 +131,35 @@ def test_a_worker_replica_whose_start_fails_gets_its_previous_signal_handling_ba
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["wakeup fd -1", "own handler"], proc.stdout + proc.stderr
+
+
+GRACEFUL_STOP_WHILE_STARTING = """
+import logging, os, signal, sys
+sys.path.insert(0, {root!r})
+from waitress.server import create_server
+from dreamlayer.img2img.graceful_stop import GracefulStop
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+stopping = GracefulStop()
+os.kill(os.getpid(), signal.SIGTERM)  # while "starting": kept
+{then}
+server = create_server(lambda environ, start_response: [], host="127.0.0.1", port=0)
+stopping.serve(server, lambda: print("on_stop", flush=True))
+server.run()
+print("stopped", stopping.deadline is not None, flush=True)
+"""
+
+
+@pytest.mark.parametrize("then, lines, code", [
+    ("", ["SIGTERM while starting: the service stops once it has started", "on_stop",
+          "SIGTERM: no new connections or jobs; requests in progress have 10 s to answer", "stopped True"], 0),
+    ("os.kill(os.getpid(), signal.SIGTERM)",  # a second one while starting: ends the process there
+     ["SIGTERM while starting: the service stops once it has started"], -signal.SIGTERM),
+])
+def test_a_sigterm_while_the_service_starts_stops_it_once_its_server_exists(then, lines, code):
+    """graceful_stop.GracefulStop is created before the queue workers start: a SIGTERM before the
+    server exists is kept and stops the server as soon as it is given (its run() returns); a
+    second one ends the process at once."""
+    script = GRACEFUL_STOP_WHILE_STARTING.format(root=str(Path(__file__).resolve().parent.parent), then=then)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert sorted(proc.stdout.splitlines()) == sorted(lines), proc.stdout + proc.stderr

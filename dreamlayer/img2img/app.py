@@ -306,6 +306,9 @@ def main(argv=None) -> int:
         # caught before the queue workers start taking jobs: a stop then lets their jobs finish
         with graceful_stop.SignalWait() as signals:
             return _work_until_stopped(create_app(config), config, signals)
+    # caught before the queue workers start (with REDIS_URL they take jobs at once): a SIGTERM
+    # while the service starts then stops it gracefully once it has, and their jobs finish
+    stopping = graceful_stop.GracefulStop()
     app = create_app(config)
     client = app.extensions["img2img"].client
     mode = (f"copying uploads into {config.comfyui_input_dir}" if config.comfyui_input_dir
@@ -321,10 +324,10 @@ def main(argv=None) -> int:
     # SIGTERM / Ctrl-C: no new connections or jobs, requests in progress answer (docs/scaling.md)
     # (without REDIS_URL, requests still running after the grace period are cancelled, so that
     # they answer 409 before their connections close; with it, their jobs run on elsewhere)
-    stopping = graceful_stop.stop_on_sigterm(server, workers.request_stop if workers else lambda: None,
-                                             on_overdue=None if config.redis_url else lambda: _cancel_leftovers(app))
+    stopping.serve(server, workers.request_stop if workers else lambda: None,
+                   on_overdue=None if config.redis_url else lambda: _cancel_leftovers(app))
     server.run()  # until the graceful stop closes it
-    deadline = stopping["deadline"]
+    deadline = stopping.deadline
     if deadline is not None:
         server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
     if not config.redis_url:

@@ -27,25 +27,54 @@ GRACE_S = 10.0
 LAST_WORDS_S = 3.0
 
 
-def stop_on_sigterm(server, on_stop, grace_s: float = GRACE_S, on_overdue=None) -> dict:
-    """Handle SIGTERM and Ctrl-C (SIGINT) so; ``on_stop()`` runs first (the queue workers stop
-    taking jobs); ``on_overdue()``, if given, once the grace period is over with requests still
-    running (it cancels their generations, so that they answer). Returns a dict whose "deadline"
-    (time.monotonic()) is set once the signal came. A second signal ends the process at once."""
-    state: dict = {"deadline": None}
+class GracefulStop:
+    """SIGTERM and Ctrl-C (SIGINT) caught from its creation on: create it before the queue workers
+    start (with REDIS_URL they take jobs at once), while the server does not exist yet. A signal
+    that comes before ``serve()`` is kept and starts the stop as soon as the server is given; a
+    second one ends the process at once, as a second signal does later.
 
-    def on_signal(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        state["deadline"] = time.monotonic() + grace_s
+    The stop: ``on_stop()`` runs first (the queue workers stop taking jobs); ``on_overdue()``, if
+    given, once the grace period is over with requests still running (it cancels their
+    generations, so that they answer). ``deadline`` (time.monotonic()) is set once it began."""
+
+    def __init__(self, grace_s: float = GRACE_S):
+        self.grace_s = grace_s
+        self.deadline = None
+        self._pending = None  # a signal that came before serve()
+        self._stop = None  # (server, on_stop, on_overdue) once serve() was called
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def serve(self, server, on_stop, on_overdue=None) -> None:
+        """The server to stop (not run yet); a signal that came before starts its stop now."""
+        self._stop = (server, on_stop, on_overdue)  # before the check: a handler may run in between
+        if self._pending is not None:
+            self._begin(self._pending)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop is not None:
+            self._begin(signum)
+        elif self._pending is None:
+            self._pending = signum
+            log.info("%s while starting: the service stops once it has started", signal.Signals(signum).name)
+        else:  # the second, while starting (a start that hangs): as if we were not here
+            _default_handlers()
+            signal.raise_signal(signum)
+
+    def _begin(self, signum) -> None:
+        _default_handlers()  # a second signal ends the process at once
+        self._pending = None
+        self.deadline = time.monotonic() + self.grace_s
         log.info("%s: no new connections or jobs; requests in progress have %g s to answer",
-                 signal.Signals(signum).name, grace_s)
-        threading.Thread(target=_drain, args=(server, on_stop, state["deadline"], on_overdue),
+                 signal.Signals(signum).name, self.grace_s)
+        server, on_stop, on_overdue = self._stop
+        threading.Thread(target=_drain, args=(server, on_stop, self.deadline, on_overdue),
                          name="graceful-stop", daemon=True).start()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    return state
+
+def _default_handlers() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SignalWait:
