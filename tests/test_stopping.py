@@ -82,6 +82,16 @@ def test_a_request_still_running_after_the_grace_period_is_cancelled_and_answers
     assert fake_comfy.interrupt_count == 1
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(template: str, **fields) -> subprocess.CompletedProcess:
+    """A Python script (template with ``{root}`` and ``fields``) in a process of its own: the
+    signals it sends itself and the handlers it sets touch nothing of the test run's."""
+    script = template.format(root=str(ROOT), **fields)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
 SIGNAL_WAIT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -102,8 +112,7 @@ def test_a_worker_replicas_signals_the_first_is_kept_for_wait_the_second_ends_th
     """graceful_stop.SignalWait (IMG2IMG_ROLE=worker): a SIGTERM that comes while the replica
     starts is kept for wait(); a second one ends the process by SIGTERM's own action, before
     wait() (a start that hangs can be stopped) or after it."""
-    script = SIGNAL_WAIT.format(root=str(Path(__file__).resolve().parent.parent), then=then)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = run_script(SIGNAL_WAIT, then=then)
     assert proc.stdout.split() == [said], proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGTERM, proc.stderr
 
@@ -127,8 +136,7 @@ def test_a_worker_replica_whose_start_fails_gets_its_previous_signal_handling_ba
     """Leaving SignalWait's block by an exception (create_app failed) puts back the handlers and
     the wakeup fd that were there before: a later SIGTERM is not swallowed by a wait that never
     comes."""
-    script = SIGNAL_WAIT_FAILED_START.format(root=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = run_script(SIGNAL_WAIT_FAILED_START)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["wakeup fd -1", "own handler"], proc.stdout + proc.stderr
 
@@ -159,7 +167,6 @@ def test_a_sigterm_while_the_service_starts_stops_it_once_its_server_exists(then
     """graceful_stop.GracefulStop is created before the queue workers start: a SIGTERM before the
     server exists is kept and stops the server as soon as it is given (its run() returns); a
     second one ends the process at once."""
-    script = GRACEFUL_STOP_WHILE_STARTING.format(root=str(Path(__file__).resolve().parent.parent), then=then)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = run_script(GRACEFUL_STOP_WHILE_STARTING, then=then)
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert sorted(proc.stdout.splitlines()) == sorted(lines), proc.stdout + proc.stderr
